@@ -1,0 +1,48 @@
+"""The ``mmcli`` application: wires one module per command. Imports no torch."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mmcli import __version__
+from mmcli.cli import info
+
+app = typer.Typer(
+    name="mmcli",
+    help=(
+        "Multimodal (image, text, audio) representation learning from the terminal: "
+        "preprocess -> extract -> fuse-train -> distill -> eval / retrieve."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
+app.command("info")(info.info)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)

@@ -1,0 +1,97 @@
+"""Image decoding: any PIL format -> RGB uint8 [3, size, size].
+
+Steps, the same in ``preprocess`` and in ``retrieve --image``: decode (JPEG at a reduced
+DCT scale when that still leaves the shorter side >= size), apply the EXIF orientation,
+convert to RGB (alpha composited over white; grayscale, palette, CMYK, 16-bit
+converted), resize the shorter side to ``size`` (bicubic, antialiased) and take the
+center crop. Resize and crop are done in one resampling pass over the crop box.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class ImageDecodeError(Exception):
+    """The file could not be read as an image."""
+
+
+def to_rgb(im):
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        arr = np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def center_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The source-pixel box that 'resize shorter side to size, center-crop size x size' keeps."""
+    side = min(width, height)
+    left = (width - side) / 2.0
+    top = (height - side) / 2.0
+    return (left, top, left + side, top + side)
+
+
+def load_image(path: str | os.PathLike, size: int = 224):
+    """Decode ``path`` into a uint8 numpy array [3, size, size]. Raises ImageDecodeError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                w, h = im.size
+                scale = size / min(w, h)
+                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            im = ImageOps.exif_transpose(im)
+            im = to_rgb(im)
+            box = center_box(im.width, im.height, size)
+            im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("cannot decode image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"cannot decode image ({e})") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    size: int = 224
+
+    def __call__(self, path: str | os.PathLike):
+        return load_image(path, self.size)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "image_size": self.size,
+            "resize": "shorter-side bicubic antialiased",
+            "crop": "center",
+            "layout": "NCHW uint8 RGB",
+        }
+
+
+def image_transform_from_spec(spec: dict[str, Any]) -> ImageTransform:
+    return ImageTransform(size=int(spec.get("image_size", 224)))

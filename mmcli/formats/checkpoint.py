@@ -1,0 +1,108 @@
+"""Model checkpoints: safetensors weights + JSON metadata that rebuilds the model.
+
+Metadata (all strings): ``mmcli.format`` (version), ``mmcli.kind`` = ``model``,
+``mmcli.model`` (JSON: the model config, enough to rebuild the module with no code
+and no pickle), and optional ``mmcli.train`` (JSON: training arguments),
+``mmcli.state`` (JSON: step, epoch) and ``mmcli.metrics`` (JSON: best metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmcli.errors import BadInput
+from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
+from mmcli.formats.tensorfile import FORMAT_VERSION, META_FORMAT, META_KIND, read_header
+
+MODEL_KIND = "model"
+
+
+@dataclass
+class Checkpoint:
+    config: dict[str, Any]
+    state_dict: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _unshare(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """safetensors refuses tensors that share memory: give each its own contiguous copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state_dict.items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes()) if v.numel() else None
+        if key is not None and key in seen:
+            v = v.clone()
+        elif key is not None:
+            seen.add(key)
+        out[k] = v.contiguous().cpu()
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Write a checkpoint atomically (``-`` for stdout)."""
+    from safetensors.torch import save
+
+    metadata = {
+        META_FORMAT: FORMAT_VERSION,
+        META_KIND: MODEL_KIND,
+        "mmcli.model": json.dumps(ckpt.config, sort_keys=True),
+        "mmcli.train": json.dumps(ckpt.train, sort_keys=True, default=str),
+        "mmcli.state": json.dumps(ckpt.state, sort_keys=True),
+        "mmcli.metrics": json.dumps(ckpt.metrics, sort_keys=True),
+    }
+    atomic_write_bytes(path, save(_unshare(ckpt.state_dict), metadata=metadata))
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint's config and metadata, reading only the header (no torch)."""
+    _, metadata, _ = read_header(path)
+    return _from_metadata(metadata, str(path))
+
+
+def _from_metadata(metadata: dict[str, str], where: str) -> Checkpoint:
+    if metadata.get(META_KIND) != MODEL_KIND or "mmcli.model" not in metadata:
+        kind = metadata.get(META_KIND)
+        raise BadInput(
+            f"not an mmcli model checkpoint (kind: {kind or 'plain safetensors'})",
+            where=where,
+            hint="pass a checkpoint written by mmcli fuse-train or distill",
+        )
+    try:
+        return Checkpoint(
+            config=json.loads(metadata["mmcli.model"]),
+            train=json.loads(metadata.get("mmcli.train", "{}")),
+            state=json.loads(metadata.get("mmcli.state", "{}")),
+            metrics=json.loads(metadata.get("mmcli.metrics", "{}")),
+        )
+    except json.JSONDecodeError:
+        raise BadInput("corrupt checkpoint metadata", where=where) from None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> Checkpoint:
+    """Read a checkpoint: weights (on ``device``) and metadata. Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    where = str(path)
+    if is_stdio(path):
+        data = read_bytes(path)
+    else:
+        if not os.path.exists(path):
+            raise BadInput("checkpoint not found", where=where, hint="check the path")
+        with open(path, "rb") as f:
+            data = f.read()
+    from mmcli.formats.tensorfile import _parse_header
+
+    _, metadata, _ = _parse_header(data, where)
+    ckpt = _from_metadata(metadata, where)
+    try:
+        ckpt.state_dict = {k: v.to(device) for k, v in load(data).items()}
+    except SafetensorError as e:
+        raise BadInput(f"corrupt checkpoint ({e})", where=where) from None
+    return ckpt

@@ -1,0 +1,119 @@
+"""Summaries of any mmcli file (``mmcli info``), from headers only: no torch import."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from mmcli.formats.atomic import is_stdio, read_bytes
+from mmcli.formats.tensorfile import (
+    DTYPES,
+    ITEM_SUFFIX,
+    LABELS,
+    META_KIND,
+    RESERVED,
+    ShardFile,
+    _parse_header,
+    read_header,
+    resolve_sources,
+)
+
+
+def _describe_model(path: str, tensors: dict, metadata: dict[str, str]) -> dict[str, Any]:
+    params = sum(math.prod(t.shape) for t in tensors.values())
+    out: dict[str, Any] = {"path": path, "kind": "model", "parameters": params, "tensors": len(tensors)}
+    for key in ("model", "train", "state", "metrics"):
+        raw = metadata.get(f"mmcli.{key}")
+        if raw:
+            out[key] = json.loads(raw)
+    return out
+
+
+def _label_counts(shards: list[ShardFile]) -> dict[str, int] | None:
+    names = shards[0].label_names
+    if not names:
+        return None
+    import numpy as np
+
+    counts = np.zeros(len(names) + 1, dtype=np.int64)
+    for s in shards:
+        if s.has_labels():
+            counts += np.bincount(np.asarray(s.numpy(LABELS)) + 1, minlength=len(names) + 1)
+    out = {name: int(c) for name, c in zip(names, counts[1:])}
+    if counts[0]:
+        out["(none)"] = int(counts[0])
+    return out
+
+
+def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
+    first = shards[0]
+    tables = {}
+    for name in first.tables:
+        info = first.tensors[name]
+        rows = sum(s.rows(name) for s in shards)
+        tables[name] = {
+            "rows": rows,
+            "dtype": DTYPES[info.dtype][1],
+            "shape": list(info.shape[1:]),
+            "bytes": sum(s.tensors[name].end - s.tensors[name].begin for s in shards),
+            "spec": first.specs.get(name, {}),
+        }
+    extra = {
+        k[len("mmcli.") :]: v
+        for k, v in first.metadata.items()
+        if k.startswith("mmcli.")
+        and k not in ("mmcli.format", "mmcli.kind", "mmcli.tables", "mmcli.labels", "mmcli.source", "mmcli.shard")
+    }
+    return {
+        "paths": [s.path for s in shards],
+        "kind": first.kind,
+        "format": first.metadata.get("mmcli.format"),
+        "shards": len(shards),
+        "items": sum(s.num_items for s in shards),
+        "labels": _label_counts(shards),
+        "tables": tables,
+        "source": first.source or None,
+        "metadata": {k: _maybe_json(v) for k, v in extra.items()},
+    }
+
+
+def _maybe_json(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, TypeError):
+        return v
+
+
+def describe(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One summary per set of files: tensor/feature shard sets and model checkpoints.
+
+    Shards are grouped by kind and tables (a run folder holding a checkpoint and feature
+    shards gives one summary for each).
+    """
+    paths = resolve_sources(sources)
+    groups: dict[tuple, list[ShardFile]] = {}
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        if is_stdio(path):
+            data = read_bytes(path)
+            tensors, metadata, _ = _parse_header(data, "<stdin>")
+            if metadata.get(META_KIND) == "model":
+                out.append(_describe_model("<stdin>", tensors, metadata))
+                continue
+            shard = ShardFile("<stdin>", data=data)
+        else:
+            tensors, metadata, _ = read_header(path)
+            if metadata.get(META_KIND) == "model":
+                out.append(_describe_model(path, tensors, metadata))
+                continue
+            shard = ShardFile(path)
+        key = (shard.kind, tuple(sorted(shard.tables)), json.dumps(shard.specs, sort_keys=True))
+        groups.setdefault(key, []).append(shard)
+    out.extend(_describe_set(g) for g in groups.values())
+    return out
+
+
+__all__ = ["describe", "ITEM_SUFFIX", "RESERVED"]
