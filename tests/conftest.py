@@ -1,0 +1,50 @@
+"""Shared test helpers.
+
+``cli`` runs mmcli in-process (typer's CliRunner, stdout and stderr kept apart);
+``run_mmcli`` runs it as a real subprocess (for pipes, exit codes, torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+@pytest.fixture
+def cli():
+    """cli("info", path, "--json") -> click Result (exit_code, stdout, stderr)."""
+    from mmcli.cli.app import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke
+
+
+def mmcli_subprocess(*args, input: bytes | None = None, timeout: float = 300, env=None, cwd=None):
+    """Run ``python -m mmcli ARGS`` and return the CompletedProcess (bytes stdout/stderr)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mmcli", *map(str, args)],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def run_mmcli():
+    return mmcli_subprocess
