@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mmcli import __version__
-from mmcli.cli import info
+from mmcli.cli import info, preprocess
 
 app = typer.Typer(
     name="mmcli",
@@ -37,6 +37,7 @@ def _root(
     pass
 
 
+app.command("preprocess")(preprocess.preprocess)
 app.command("info")(info.info)
 
 

@@ -25,7 +25,9 @@ Quiet = Annotated[
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 Device = Annotated[
     str,
-    typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.", rich_help_panel="Compute"),
+    typer.Option(
+        help="auto (CUDA when available), cpu, cuda or cuda:N.", rich_help_panel="Compute"
+    ),
 ]
 Precision = Annotated[
     Literal["fp32", "bf16", "fp16"],
@@ -89,7 +91,9 @@ class _RichBar:
 
 
 @contextlib.contextmanager
-def _rich_progress(description: str = "", total: int | None = None, unit: str = "it") -> Iterator[Any]:
+def _rich_progress(
+    description: str = "", total: int | None = None, unit: str = "it"
+) -> Iterator[Any]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -174,7 +178,9 @@ def command(quiet: bool = False, debug: bool = False) -> Iterator[Context]:
         if debug:
             raise
         msg = _known_runtime_error(e)
-        error_line(msg or f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        error_line(
+            msg or f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)"
+        )
         raise typer.Exit(1) from None
 
 

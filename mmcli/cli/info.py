@@ -10,7 +10,10 @@ from mmcli.cli.common import Debug, command
 
 def info(
     paths: Annotated[
-        list[str], typer.Argument(help="Tensor/feature files, shard folders, globs, checkpoints, or - for stdin.")
+        list[str],
+        typer.Argument(
+            help="Tensor/feature files, shard folders, globs, checkpoints, or - for stdin."
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     debug: Debug = False,
@@ -43,6 +46,24 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+_SPEC_KEYS = (
+    "encoder",
+    "dim",
+    "normalized",
+    "space",
+    "image_size",
+    "tokenizer",
+    "context_length",
+    "sample_rate",
+    "seconds",
+)
+
+
+def _short_spec(spec: dict) -> str:
+    """The few spec entries a person looks for (--json shows them all)."""
+    return ", ".join(f"{k}={spec[k]}" for k in _SPEC_KEYS if k in spec and spec[k] is not None)
+
+
 def _render(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -59,8 +80,12 @@ def _render(s: dict) -> None:
     console.print(f"[bold]{where}[/]  kind {s['kind']}, format {s['format']}, {s['items']:,} items")
     if s.get("source"):
         src = s["source"]
-        sha = (src.get("sha256") or "")[:12]
-        console.print(f"source: {src.get('manifest')}" + (f" (sha256 {sha}...)" if sha else ""))
+        if src.get("input"):
+            sha = (src.get("input_sha256") or "")[:12]
+            extra = ", ".join(x for x in (src.get("format"), sha and f"sha256 {sha}...") if x)
+            console.print(f"input: {src['input']}" + (f" ({extra})" if extra else ""))
+        if src.get("manifest") and src.get("manifest") != src.get("input"):
+            console.print(f"manifest: {src['manifest']}")
     if s.get("labels"):
         labels = s["labels"]
         shown = ", ".join(f"{k} {v}" for k, v in list(labels.items())[:12])
@@ -70,14 +95,17 @@ def _render(s: dict) -> None:
     for col in ("table", "rows", "dtype", "shape", "size", "spec"):
         table.add_column(col, justify="right" if col in ("rows", "size") else "left")
     for name, t in s["tables"].items():
-        spec = ", ".join(
-            f"{k}={json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}"
-            for k, v in t["spec"].items()
-        )
+        spec = _short_spec(t["spec"])
         table.add_row(
-            name, f"{t['rows']:,}", t["dtype"], "×".join(map(str, t["shape"])) or "-",
-            _fmt_bytes(t["bytes"]), spec,
+            name,
+            f"{t['rows']:,}",
+            t["dtype"],
+            "×".join(map(str, t["shape"])) or "-",
+            _fmt_bytes(t["bytes"]),
+            spec,
         )
     console.print(table)
+    if s.get("stats"):
+        console.print("stats: " + ", ".join(f"{k} {v:,}" for k, v in s["stats"].items()))
     for k, v in s.get("metadata", {}).items():
         console.print(f"{k}: {json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}")

@@ -65,9 +65,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         yield stream
         stream.flush()
         return
-    with atomic_path(path) as tmp, open(
-        tmp, mode, encoding=None if binary else encoding, newline=None if binary else "\n"
-    ) as f:
+    with (
+        atomic_path(path) as tmp,
+        open(
+            tmp, mode, encoding=None if binary else encoding, newline=None if binary else "\n"
+        ) as f,
+    ):
         yield f
 
 

@@ -24,7 +24,12 @@ from mmcli.formats.tensorfile import (
 
 def _describe_model(path: str, tensors: dict, metadata: dict[str, str]) -> dict[str, Any]:
     params = sum(math.prod(t.shape) for t in tensors.values())
-    out: dict[str, Any] = {"path": path, "kind": "model", "parameters": params, "tensors": len(tensors)}
+    out: dict[str, Any] = {
+        "path": path,
+        "kind": "model",
+        "parameters": params,
+        "tensors": len(tensors),
+    }
     for key in ("model", "train", "state", "metrics"):
         raw = metadata.get(f"mmcli.{key}")
         if raw:
@@ -65,8 +70,22 @@ def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
         k[len("mmcli.") :]: v
         for k, v in first.metadata.items()
         if k.startswith("mmcli.")
-        and k not in ("mmcli.format", "mmcli.kind", "mmcli.tables", "mmcli.labels", "mmcli.source", "mmcli.shard")
+        and k
+        not in (
+            "mmcli.format",
+            "mmcli.kind",
+            "mmcli.tables",
+            "mmcli.labels",
+            "mmcli.source",
+            "mmcli.shard",
+        )
+        and k not in ("mmcli.errors", "mmcli.stats")  # per shard: summed below
     }
+    stats: dict[str, int] = {}
+    for shard in shards:
+        for key, value in (shard.extra("stats", {}) or {}).items():
+            if isinstance(value, int):
+                stats[key] = stats.get(key, 0) + value
     return {
         "paths": [s.path for s in shards],
         "kind": first.kind,
@@ -76,6 +95,7 @@ def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
         "labels": _label_counts(shards),
         "tables": tables,
         "source": first.source or None,
+        "stats": stats or None,
         "metadata": {k: _maybe_json(v) for k, v in extra.items()},
     }
 

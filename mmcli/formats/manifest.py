@@ -11,14 +11,13 @@ current directory for stdin). Unknown keys are kept untouched.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, is_stdio
@@ -102,16 +101,15 @@ def _check_fields(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def _open_text(path: str | os.PathLike) -> tuple[io.TextIOBase, Path, str]:
+def _open_binary(path: str | os.PathLike) -> tuple[BinaryIO, Path, str]:
     if is_stdio(path):
-        stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="strict")
-        return stream, Path.cwd(), "<stdin>"
+        return sys.stdin.buffer, Path.cwd(), "<stdin>"
     p = Path(path)
     if not p.exists():
         raise BadInput("manifest not found", where=str(path), hint="check the path")
     if p.is_dir():
         raise BadInput("expected a manifest file, got a folder", where=str(path))
-    return open(p, encoding="utf-8-sig"), p.resolve().parent, p.name
+    return open(p, "rb"), p.resolve().parent, p.name
 
 
 def read_manifest(
@@ -126,23 +124,18 @@ def read_manifest(
     :class:`BadInput` naming the line, or with ``on_error="skip"`` are appended to
     ``errors`` as ``{"line", "id", "reason"}`` and skipped.
     """
-    stream, base, source = _open_text(path)
+    stream, base, source = _open_binary(path)
     seen: dict[str, int] = {}
     try:
-        lineno = 0
-        while True:
+        for lineno, raw in enumerate(stream, start=1):
             try:
-                raw = stream.readline()
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
                 raise BadInput(
                     f"not valid UTF-8 ({e.reason})",
-                    where=f"line {lineno + 1} of {source}",
+                    where=f"line {lineno} of {source}",
                     hint="save the manifest as UTF-8",
                 ) from None
-            if not raw:
-                break
-            lineno += 1
-            line = raw.strip()
             if not line:
                 continue
             reason, obj = None, None
@@ -170,7 +163,7 @@ def read_manifest(
             seen[obj["id"]] = lineno
             yield Item(id=obj["id"], fields=obj, line=lineno, base=base, source=source)
     finally:
-        if stream is not sys.stdin:
+        if stream is not sys.stdin.buffer:
             stream.close()
 
 

@@ -385,7 +385,8 @@ class ShardFile:
 def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Expand a file, a folder of shards, a glob or a list of them into file paths.
 
-    ``-`` stays ``-`` (stdin). Shard sets named ``NAME-i-of-N`` must be complete.
+    ``-`` stays ``-`` (stdin). Shard sets found in a folder or by a glob must be
+    complete (``NAME-i-of-N`` for every i); a shard named explicitly is read alone.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -397,16 +398,16 @@ def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
             continue
         p = Path(s)
         if p.is_dir():
-            found = sorted(
-                str(f) for f in p.glob("*.safetensors") if not f.name.startswith(".")
-            )
+            found = sorted(str(f) for f in p.glob("*.safetensors") if not f.name.startswith("."))
             if not found:
                 raise BadInput("no .safetensors files in folder", where=s)
+            _check_complete(found)
             paths.extend(found)
         elif any(c in s for c in "*?["):
             found = sorted(globlib.glob(s))
             if not found:
                 raise BadInput("the pattern matches no files", where=s)
+            _check_complete(found)
             paths.extend(found)
         elif p.exists():
             paths.append(s)
@@ -414,7 +415,6 @@ def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
             raise BadInput("file not found", where=s, hint="check the path")
     if paths.count("-") > (1 if paths == ["-"] else 0):
         raise BadInput("stdin ('-') can only be read alone, as one tensor file")
-    _check_complete(paths)
     return paths
 
 

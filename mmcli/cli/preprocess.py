@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+
+from mmcli.cli.common import Debug, OnError, Quiet, Resume, Workers, command
+
+Format = Literal["auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder"]
+_LAYOUT = "Dataset layout"
+_PROC = "Processing"
+
+
+def preprocess(
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="Manifest JSONL (or - for stdin), dataset folder, Karpathy/COCO JSON or CSV/TSV."
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Output folder for the shards (or - for one tensor file on stdout)."
+        ),
+    ],
+    format: Annotated[
+        Format,
+        typer.Option(
+            "--format",
+            "-f",
+            help="Input layout; auto detects it and says what it found.",
+            rich_help_panel=_LAYOUT,
+        ),
+    ] = "auto",
+    split: Annotated[
+        str | None, typer.Option(help="Keep only the items of this split (train, val, test, ...).")
+    ] = None,
+    images_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder the image file names of a Karpathy/COCO JSON are relative to.",
+            rich_help_panel=_LAYOUT,
+        ),
+    ] = None,
+    image_col: Annotated[
+        str | None, typer.Option(help="CSV column with image paths.", rich_help_panel=_LAYOUT)
+    ] = None,
+    text_col: Annotated[
+        str | None, typer.Option(help="CSV column with captions.", rich_help_panel=_LAYOUT)
+    ] = None,
+    audio_col: Annotated[
+        str | None, typer.Option(help="CSV column with audio paths.", rich_help_panel=_LAYOUT)
+    ] = None,
+    label_col: Annotated[
+        str | None, typer.Option(help="CSV column with class labels.", rich_help_panel=_LAYOUT)
+    ] = None,
+    id_col: Annotated[
+        str | None,
+        typer.Option(
+            help="CSV column with item ids (default: the image/audio path).",
+            rich_help_panel=_LAYOUT,
+        ),
+    ] = None,
+    split_col: Annotated[
+        str | None, typer.Option(help="CSV column with the split.", rich_help_panel=_LAYOUT)
+    ] = None,
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--modality",
+            "-m",
+            help="Keep only these modalities (repeatable; default: all present).",
+        ),
+    ] = None,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            min=8,
+            help="Images: shorter side resized to this, then center-cropped square.",
+            rich_help_panel=_PROC,
+        ),
+    ] = 224,
+    context_length: Annotated[
+        int,
+        typer.Option(
+            min=3, help="Text: tokens per caption, BOS and EOS included.", rich_help_panel=_PROC
+        ),
+    ] = 77,
+    lowercase: Annotated[
+        bool,
+        typer.Option(
+            "--lowercase", help="Text: lowercase captions before tokenizing.", rich_help_panel=_PROC
+        ),
+    ] = False,
+    sample_rate: Annotated[
+        int, typer.Option(min=1, help="Audio: resample to this rate (Hz).", rich_help_panel=_PROC)
+    ] = 16000,
+    audio_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.01, help="Audio: crop or zero-pad to this length.", rich_help_panel=_PROC
+        ),
+    ] = 5.0,
+    shard_size: Annotated[
+        int, typer.Option(min=1, help="Items per shard.", rich_help_panel=_PROC)
+    ] = 1000,
+    workers: Workers = 0,
+    on_error: OnError = "skip",
+    resume: Resume = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an earlier run in OUT (only mmcli's files)."),
+    ] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Raw images, captions and audio -> normalized tensor shards (safetensors).
+
+    Writes OUT/data-00000-of-000NN.safetensors (uint8 images [N,3,S,S], int32 byte
+    tokens [rows,L], float16 audio [N,samples]), OUT/manifest.jsonl (the kept items,
+    in row order), OUT/errors.jsonl (what was skipped and why) and OUT/preprocess.json.
+
+    Examples:
+
+        mmcli preprocess data/manifest.jsonl -o out/tensors --image-size 64 --workers 2
+
+        mmcli preprocess dataset_flickr8k.json --images-dir Flicker8k_Dataset --split test -o flickr8k-test
+
+        mmcli preprocess data/manifest.jsonl -o - | mmcli info -
+    """
+    with command(quiet=quiet, debug=debug) as ctx:
+        from mmcli.data.importers import ImportOptions
+        from mmcli.preprocess import PreprocessConfig
+        from mmcli.preprocess import preprocess as run
+
+        config = PreprocessConfig(
+            image_size=image_size,
+            context_length=context_length,
+            lowercase=lowercase,
+            sample_rate=sample_rate,
+            audio_seconds=audio_seconds,
+            shard_size=shard_size,
+            workers=workers,
+            on_error=on_error,
+            split=split,
+            modalities=modality or None,
+        )
+        opts = ImportOptions(
+            images_dir=images_dir,
+            image_col=image_col,
+            text_col=text_col,
+            audio_col=audio_col,
+            label_col=label_col,
+            id_col=id_col,
+            split_col=split_col,
+        )
+        s = run(
+            input,
+            out,
+            fmt=format,
+            config=config,
+            import_options=opts,
+            resume=resume,
+            overwrite=overwrite,
+            progress=ctx.progress,
+        )
+        rows = ", ".join(f"{v:,} {k}" for k, v in s["rows"].items())
+        ctx.info(
+            f"preprocessed {s['kept']:,} of {s['items']:,} items ({rows}) into {s['shards']} shard(s) "
+            f"in {s['seconds']:.1f} s ({s['items_per_s'] or 0:,.0f} items/s); skipped {s['skipped']}"
+            + (f", see {out}/errors.jsonl" if s["skipped"] and out != "-" else "")
+            + (
+                f"; {s['truncated_captions']} captions truncated to {context_length} tokens"
+                if s["truncated_captions"]
+                else ""
+            )
+        )
