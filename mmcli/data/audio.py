@@ -32,6 +32,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
     """Decode ``path`` into float32 numpy [round(sample_rate * seconds)]. Raises AudioDecodeError."""
     import soundfile as sf
 
+    if not os.path.exists(path):
+        raise AudioDecodeError("file not found")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except FileNotFoundError:

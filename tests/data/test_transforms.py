@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from mmcli.data.audio import AudioDecodeError, load_audio
+from mmcli.data.image import ImageDecodeError, load_image
+from mmcli.data.text import BOS, EOS, OFFSET, PAD, ByteTokenizer, tokenizer_from_spec
+
+
+def test_byte_tokenizer_layout_and_chinese():
+    tok = ByteTokenizer(context_length=12)
+    ids, cut = tok.encode("红色")
+    assert not cut
+    assert ids[0] == BOS and ids[7] == EOS and ids[8:] == [PAD] * 4
+    assert bytes(i - OFFSET for i in ids[1:7]).decode() == "红色"
+    assert tok.decode(ids) == "红色"
+
+
+def test_truncation_never_splits_a_character():
+    tok = ByteTokenizer(
+        context_length=9
+    )  # room for 7 bytes: two 3-byte characters fit, not a third
+    ids, cut = tok.encode("一二三四")
+    assert cut and tok.decode(ids) == "一二" and ids[7] == EOS
+
+
+def test_whitespace_and_unicode_normalisation():
+    tok = ByteTokenizer(context_length=20)
+    assert tok.encode("  a \t b\n")[0] == tok.encode("a b")[0]
+    assert tok.encode("e\u0301")[0] == tok.encode("\u00e9")[0]  # NFC
+
+
+def test_batch_and_spec_round_trip():
+    tok = ByteTokenizer(context_length=16, lowercase=True)
+    arr, truncated = tok.encode_batch(["Hello", "x" * 40])
+    assert arr.shape == (2, 16) and arr.dtype == np.int32 and truncated == 1
+    assert tokenizer_from_spec(tok.spec()) == tok
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mode, ext",
+    [
+        ("RGB", "jpg"),
+        ("RGB", "png"),
+        ("RGB", "webp"),
+        ("RGB", "bmp"),
+        ("L", "png"),
+        ("P", "gif"),
+        ("RGBA", "png"),
+        ("CMYK", "jpg"),
+        ("I;16", "png"),
+        ("LA", "png"),
+    ],
+)
+def test_every_format_and_mode_decodes_to_rgb(tmp_path, mode, ext):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).convert(mode)
+    out = load_image(_save(img, tmp_path / f"x.{ext}"), size=16)
+    assert out.shape == (3, 16, 16) and out.dtype == np.uint8
+
+
+def test_resize_shorter_side_then_center_crop(tmp_path):
+    # 40x20 image: left quarter red, middle half green, right quarter blue
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = (255, 0, 0)
+    arr[:, 10:30] = (0, 255, 0)
+    arr[:, 30:] = (0, 0, 255)
+    out = load_image(_save(Image.fromarray(arr), tmp_path / "x.png"), size=10)
+    assert out.shape == (3, 10, 10)
+    assert (out[1] > 200).all() and (out[0] < 50).all()  # only the green centre survives
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)  # left half red, right half blue
+    arr[:, 20:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display: red ends up on top
+    path = _save(img, tmp_path / "x.jpg", exif=exif, quality=95)
+    out = load_image(path, size=20)
+    assert out[0, :5].mean() > 200 and out[2, -5:].mean() > 200
+
+
+def test_transparent_png_is_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    out = load_image(_save(img, tmp_path / "x.png"), size=8)
+    assert (out == 255).all()
+
+
+def test_corrupt_images(tmp_path):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = (_save(img, tmp_path / "ok.jpg")).read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for name in ("trunc.jpg", "junk.png", "missing.png"):
+        with pytest.raises(ImageDecodeError):
+            load_image(tmp_path / name, size=16)
+
+
+def test_audio_downmix_resample_pad_and_crop(tmp_path):
+    t = np.arange(8000) / 8000
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], axis=1) * 0.5
+    sf.write(tmp_path / "a.wav", stereo, 8000)
+    wave = load_audio(tmp_path / "a.wav", sample_rate=16000, seconds=2.0)
+    assert wave.shape == (32000,) and wave.dtype == np.float32
+    assert np.abs(wave[16500:]).max() == 0  # zero padding after the 1 s of sound
+    spectrum = np.abs(np.fft.rfft(wave[:16000]))
+    assert abs(np.argmax(spectrum) * 16000 / 16000 - 440) <= 2  # pitch survives resampling
+    assert load_audio(tmp_path / "a.wav", sample_rate=8000, seconds=0.5).shape == (4000,)
+
+
+@pytest.mark.parametrize("fmt", ["FLAC", "OGG"])
+def test_audio_formats(tmp_path, fmt):
+    sf.write(tmp_path / f"a.{fmt.lower()}", np.zeros(1600, np.float32) + 0.1, 16000, format=fmt)
+    assert load_audio(tmp_path / f"a.{fmt.lower()}", 16000, 0.1).shape == (1600,)
+
+
+def test_unreadable_audio(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00junk")
+    with pytest.raises(AudioDecodeError):
+        load_audio(tmp_path / "bad.wav")
+    with pytest.raises(AudioDecodeError, match="file not found"):
+        load_audio(tmp_path / "nope.wav")
