@@ -3,7 +3,7 @@
 
     python examples/toydata.py OUT_DIR [--items 2000] [--seed 0] [--image-size 96x96]
         [--image-format png|jpg] [--audio-seconds 1.0] [--sample-rate 16000] [--no-audio]
-        [--two-shape-fraction 0.5] [--quiet]
+        [--two-shape-fraction 0.7] [--quiet]
 
 writes ``OUT_DIR/manifest.jsonl``, ``OUT_DIR/images/<id>.png`` and ``OUT_DIR/audio/<id>.wav``,
 prints the manifest path on stdout and a one-line summary on stderr. From Python::
@@ -13,18 +13,27 @@ prints the manifest path on stdout and a one-line summary on stderr. From Python
 
 Each item is a scene of one or two coloured shapes on a light background:
 
-* ``one-shape`` items: one shape with a colour, a size (small/large) and a position
-  (left/right/top/bottom/center).
-* ``two-shape`` items: two shapes of different colours side by side. Every such scene is
-  generated in both *bindings* ("a red circle to the left of a blue square" and "a blue
-  circle to the left of a red square") with the same geometry, so the other binding is a
-  real hard negative. ``swap_text`` holds the caption of the swapped scene and
-  ``swap_id`` the id of the item that shows it.
+* ``one-shape`` items: one shape with a colour, a size (small/medium/large) and one of
+  nine positions (left/right/top/bottom/center and the four corners, "top left", ...):
+  5 x 6 x 3 x 9 = 810 distinct scenes.
+* ``two-shape`` items: a (size, colour, shape) object to the left of another one, with
+  different shapes and different colours, sizes small/large: 20 x 30 x 4 = 2,400 distinct
+  scenes. Every layout is generated in both colour *bindings* ("a small red circle to the
+  left of a large blue square" and "a small blue circle to the left of a large red
+  square") with the same geometry, so the other binding is a real hard negative.
+  ``swap_text`` holds the caption of the swapped scene and ``swap_id`` the id of the item
+  that shows it; two-shape items therefore come in pairs.
+
+Every item of a dataset shows a different combination of the attributes its captions
+describe (sampled without replacement, so ``items`` is bounded by the two spaces above),
+and every caption names all of them, so each caption describes exactly one image.
 
 The audio sonifies the scene: colour -> pitch, shape -> waveform, size -> loudness and
-left-to-right order -> time order (the left object sounds in the first half, the right
-one in the second). Splits are assigned per combination, so both bindings (and both
-left/right arrangements) of a two-shape combination always land in the same split.
+left-to-right -> time order (the left object of a pair sounds in the first half, the
+right one in the second). A single shape sounds throughout, loudest early, in the middle
+or late for a left, central or right position, with a fast tremolo at the top, a slow one
+at the bottom and none in the middle row. Splits are 80/10/10 (per subset), and both
+bindings of a layout always land in the same split.
 
 Only numpy, Pillow, soundfile and the standard library are needed (no torch).
 """
@@ -40,7 +49,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from itertools import combinations, product
+from itertools import combinations, permutations, product
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +67,19 @@ COLORS = {  # name -> RGB, well separated from each other and from the light bac
     "blue": (40, 80, 220),
     "purple": (140, 60, 190),
 }
-SIZES = ("small", "large")  # one-shape scenes; both objects of a two-shape scene are "medium"
-POSITIONS = ("left", "right", "top", "bottom", "center")
+SIZES = ("small", "medium", "large")  # one-shape scenes
+PAIR_SIZES = ("small", "large")  # each object of a two-shape scene
+POSITIONS = (
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+)
 
 COLOR_ZH = {
     "red": "红色",
@@ -76,15 +96,40 @@ SHAPE_ZH = {
     "star": "五角星",
     "cross": "十字形",
 }
-SIZE_ZH = {"small": "小", "large": "大", "medium": ""}
-POSITION_EN = {
+SIZE_ZH = {"small": "小", "medium": "中号", "large": "大"}  # always followed by 的
+POSITION_EN = {  # the canonical phrase
     "left": "on the left",
     "right": "on the right",
     "top": "at the top",
     "bottom": "at the bottom",
     "center": "in the center",
+    "top left": "in the top left corner",
+    "top right": "in the top right corner",
+    "bottom left": "in the bottom left corner",
+    "bottom right": "in the bottom right corner",
 }
-POSITION_ZH = {"left": "左边", "right": "右边", "top": "上方", "bottom": "下方", "center": "中间"}
+POSITION_EN_ALT = {  # a second wording, used by some paraphrases
+    "left": "on the left side",
+    "right": "on the right side",
+    "top": "near the top",
+    "bottom": "near the bottom",
+    "center": "at the center",
+    "top left": "at the top left",
+    "top right": "at the top right",
+    "bottom left": "at the bottom left",
+    "bottom right": "at the bottom right",
+}
+POSITION_ZH = {
+    "left": "左边",
+    "right": "右边",
+    "top": "上方",
+    "bottom": "下方",
+    "center": "中间",
+    "top left": "左上角",
+    "top right": "右上角",
+    "bottom left": "左下角",
+    "bottom right": "右下角",
+}
 
 # Sonification. Pitches are a fourth (5 semitones) apart from A3, so no colour's
 # fundamental is a harmonic of another's; each waveform keeps its fundamental dominant.
@@ -97,62 +142,124 @@ WAVEFORMS = {
     "cross": "pulse",
 }
 GAIN = {"small": 0.5, "medium": 0.75, "large": 1.0}  # size -> loudness
-TONE_RMS = 0.25  # RMS of a tone at gain 1
+TONE_RMS = 0.16  # RMS of a tone at gain 1 (peaks stay below ~0.85)
 NOISE_STD = 0.004
 FADE_SECONDS = 0.01
+# One-shape position: the horizontal column sets where in the clip the tone swells
+# (fraction of the clip), the vertical row a tremolo rate (Hz, 0 = steady).
+SWELL_AT = {"left": 1 / 6, "center": 0.5, "right": 5 / 6}
+SWELL_FLOOR, SWELL_WIDTH = 0.3, 0.12
+TREMOLO_HZ = {"top": 12.0, "middle": 0.0, "bottom": 5.0}
+TREMOLO_DEPTH = 0.6
 
 MAX_CAPTION_BYTES = 75  # mmcli's byte tokenizer: context 77 incl. BOS/EOS
 SPLIT_PATTERN = ("train",) * 4 + ("val",) + ("train",) * 4 + ("test",)  # 80/10/10 for any prefix
 SUPERSAMPLE = 4
 
-# Scene geometry, as fractions of the image (x of width, y of height, radius of the short side).
-_CENTRES = {
-    "left": (0.28, 0.5),
-    "right": (0.72, 0.5),
-    "top": (0.5, 0.28),
-    "bottom": (0.5, 0.72),
-    "center": (0.5, 0.5),
-}
-_RADIUS = {"small": 0.12, "large": 0.21, "medium": 0.17}
-_PAIR_X = (0.27, 0.73)
-_JITTER_XY = 0.03
+# Scene geometry, as fractions of the image (x of width, y of height, radius of the short
+# side). The largest shape reaches 1.13 radii from its centre (a rotated triangle), so a
+# large shape in a corner keeps a margin of ~2.5% of the image and the two objects of a
+# pair never cross the vertical midline.
+_GRID = (0.26, 0.5, 0.74)
+_RADIUS = {"small": 0.08, "medium": 0.125, "large": 0.175}
+_PAIR_X = (0.25, 0.75)
+_JITTER_XY = 0.02
 _JITTER_R = 0.08
 _JITTER_DEG = 10.0
 
+
+def column(position: str) -> str:
+    """'left', 'center' or 'right': the horizontal part of a position."""
+    words = position.split()
+    return "left" if "left" in words else "right" if "right" in words else "center"
+
+
+def row(position: str) -> str:
+    """'top', 'middle' or 'bottom': the vertical part of a position."""
+    words = position.split()
+    return "top" if "top" in words else "bottom" if "bottom" in words else "middle"
+
+
+def _centre(position: str) -> tuple[float, float]:
+    x = _GRID[("left", "center", "right").index(column(position))]
+    y = _GRID[("top", "middle", "bottom").index(row(position))]
+    return x, y
+
+
+# ------------------------------------------------------------------- combination spaces
+
+
+def one_shape_combos() -> list[tuple[str, str, str, str]]:
+    """Every one-shape scene: (shape, colour, size, position), 810 of them."""
+    return list(product(SHAPES, COLORS, SIZES, POSITIONS))
+
+
+def two_shape_layouts() -> list[tuple[str, str, str, str, str, str]]:
+    """Every two-shape layout (s1, z1, s2, z2, ca, cb): left object s1 of size z1, right
+    object s2 of size z2, colours {ca, cb}. Each layout is shown in both bindings (ca on
+    the left and cb on the left), so 1,200 layouts give the 2,400 two-shape scenes."""
+    return [
+        (s1, z1, s2, z2, ca, cb)
+        for (s1, s2), z1, z2, (ca, cb) in product(
+            permutations(SHAPES, 2), PAIR_SIZES, PAIR_SIZES, combinations(COLORS, 2)
+        )
+    ]
+
+
+MAX_ONE_SHAPE = len(SHAPES) * len(COLORS) * len(SIZES) * len(POSITIONS)  # 810
+MAX_TWO_SHAPE = (  # 2,400
+    len(SHAPES) * (len(SHAPES) - 1) * len(COLORS) * (len(COLORS) - 1) * len(PAIR_SIZES) ** 2
+)
+
+
+def _subset_counts(items: int, two_shape_fraction: float) -> tuple[int, int]:
+    """(one-shape, two-shape) item counts; the two-shape count is even (binding pairs)."""
+    n_two = min(2 * round(items * two_shape_fraction / 2), items - items % 2)
+    return items - n_two, n_two
+
+
+def max_items(two_shape_fraction: float = 0.7) -> int:
+    """The most items a dataset can have at this fraction with every scene distinct."""
+    for n in range(MAX_ONE_SHAPE + MAX_TWO_SHAPE, 0, -1):
+        n_one, n_two = _subset_counts(n, two_shape_fraction)
+        if n_one <= MAX_ONE_SHAPE and n_two <= MAX_TWO_SHAPE:
+            return n
+    return 0
+
+
 # ------------------------------------------------------------------------------ captions
 
-EN_ONE = (  # the first one is the canonical description
+EN_ONE = (  # the first one is the canonical description; pos2 is the alternative wording
     "a {size} {color} {shape} {pos}",
-    "a {color} {shape}",
-    "a {size} {color} {shape}",
-    "a picture of a {color} {shape}",
-    "a picture of a {size} {color} {shape} {pos}",
+    "{pos} there is a {size} {color} {shape}",
+    "a picture of a {size} {color} {shape} {pos2}",
     "there is a {size} {color} {shape} {pos}",
-    "a {color} {shape} {pos} on a light background",
-    "a drawing of a {size} {color} {shape}",
-    "{pos}, a {size} {color} {shape}",
+    "a drawing of a {size} {color} {shape} {pos2}",
+    "a {size} {color} {shape} {pos} of the image",
+    "{pos2}: a {size} {color} {shape}",
+    "a {size} {color} {shape} {pos} on a light background",
 )
 ZH_ONE = (
-    "一个{color}的{size}{shape}在{pos}",
-    "一个{color}的{shape}",
-    "图片{pos}有一个{color}的{size}{shape}",
     "{pos}有一个{size}的{color}{shape}",
+    "一个{size}的{color}{shape}在{pos}",
+    "图片{pos}是一个{size}的{color}{shape}",
+    "{pos}画着一个{size}的{color}{shape}",
 )
-EN_TWO = (  # c1/s1 is the left object, c2/s2 the right one; the first is canonical
-    "a {c1} {s1} to the left of a {c2} {s2}",
-    "a {c2} {s2} to the right of a {c1} {s1}",
-    "a {c1} {s1} and a {c2} {s2}",
-    "a {c1} {s1} next to a {c2} {s2}",
-    "a picture of a {c1} {s1} next to a {c2} {s2}",
-    "a {c1} {s1} on the left and a {c2} {s2} on the right",
-    "on the left a {c1} {s1}, on the right a {c2} {s2}",
-    "there is a {c1} {s1} left of a {c2} {s2}",
+EN_TWO = (  # o1 is the left object ("small red circle"), o2 the right one; first is canonical
+    "a {o1} to the left of a {o2}",
+    "a {o2} to the right of a {o1}",
+    "a {o1} on the left and a {o2} on the right",
+    "on the left a {o1}, on the right a {o2}",
+    "a picture of a {o1} left of a {o2}",
+    "there is a {o1} to the left of a {o2}",
+    "a {o2} on the right and a {o1} on the left",
+    "a {o1} with a {o2} to its right",
 )
-ZH_TWO = (
-    "一个{c1}的{s1}在一个{c2}的{s2}左边",
-    "一个{c2}的{s2}在一个{c1}的{s1}右边",
-    "左边是一个{c1}的{s1}，右边是一个{c2}的{s2}",
-    "图中有一个{c1}的{s1}和一个{c2}的{s2}",
+ZH_TWO = (  # o1/o2 as in EN_TWO ("小的红色圆形")
+    "一个{o1}在一个{o2}左边",
+    "一个{o2}在一个{o1}右边",
+    "左边是{o1}，右边是{o2}",
+    "图中{o1}在左，{o2}在右",
 )
 EN_PER_ITEM = 3  # canonical + 2 sampled paraphrases
 ZH_PER_ITEM = 1
@@ -196,11 +303,16 @@ def english_captions(objects: list[Obj]) -> list[str]:
             "color": o.color,
             "shape": o.shape,
             "pos": POSITION_EN[o.position],
+            "pos2": POSITION_EN_ALT[o.position],
         }
         return [fix_articles(t.format(**fields)) for t in EN_ONE]
     a, b = objects
-    fields = {"c1": a.color, "s1": a.shape, "c2": b.color, "s2": b.shape}
+    fields = {"o1": f"{a.size} {a.color} {a.shape}", "o2": f"{b.size} {b.color} {b.shape}"}
     return [fix_articles(t.format(**fields)) for t in EN_TWO]
+
+
+def _zh_object(o: Obj) -> str:
+    return f"{SIZE_ZH[o.size]}的{COLOR_ZH[o.color]}{SHAPE_ZH[o.shape]}"
 
 
 def chinese_captions(objects: list[Obj]) -> list[str]:
@@ -215,13 +327,7 @@ def chinese_captions(objects: list[Obj]) -> list[str]:
         }
         return [t.format(**fields) for t in ZH_ONE]
     a, b = objects
-    fields = {
-        "c1": COLOR_ZH[a.color],
-        "s1": SHAPE_ZH[a.shape],
-        "c2": COLOR_ZH[b.color],
-        "s2": SHAPE_ZH[b.shape],
-    }
-    return [t.format(**fields) for t in ZH_TWO]
+    return [t.format(o1=_zh_object(a), o2=_zh_object(b)) for t in ZH_TWO]
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -254,49 +360,51 @@ def _group_choices(rng: np.random.Generator, n_en: int, n_zh: int):
     return en, zh, background
 
 
-def plan(items: int, seed: int = 0, two_shape_fraction: float = 0.5) -> list[Scene]:
-    """The scenes of a dataset, in output order (item ``i`` gets id ``toy-0000i``)."""
-    rng = np.random.default_rng([seed, 0])
-    n_two = min(2 * round(items * two_shape_fraction / 2), items - items % 2)
-    n_one = items - n_two
+def plan(items: int, seed: int = 0, two_shape_fraction: float = 0.7) -> list[Scene]:
+    """The scenes of a dataset, in output order (item ``i`` gets id ``toy-0000i``).
 
-    # One-shape combinations, cycled in a seeded order; the split follows the position
-    # in that order, so repeats of a combination (with other jitter) share its split.
-    singles = list(product(SHAPES, COLORS, SIZES, POSITIONS))
-    order1 = rng.permutation(len(singles))
-    # Two-shape combinations: an unordered pair of shapes and one of colours. Each is
-    # shown in both left/right arrangements and both colour bindings, all in one split.
-    doubles = list(product(combinations(SHAPES, 2), combinations(COLORS, 2)))
-    order2 = rng.permutation(len(doubles))
-    flips = rng.integers(0, 2, size=len(doubles))
+    One-shape scenes and two-shape layouts are drawn without replacement (so no two
+    items show the same attribute combination); ``ValueError`` when ``items`` does not
+    fit. Splits follow the draw order within each subset (80/10/10), one split per layout
+    so both bindings share it.
+    """
+    if items < 1:
+        raise ValueError(f"items must be at least 1, got {items}")
+    if not 0.0 <= two_shape_fraction <= 1.0:
+        raise ValueError(f"two_shape_fraction must be in [0, 1], got {two_shape_fraction}")
+    n_one, n_two = _subset_counts(items, two_shape_fraction)
+    if n_one > MAX_ONE_SHAPE or n_two > MAX_TWO_SHAPE:
+        raise ValueError(
+            f"items={items} is too many: every item must be a distinct scene, and at "
+            f"two_shape_fraction={two_shape_fraction:g} the maximum is "
+            f"{max_items(two_shape_fraction)} items ({MAX_ONE_SHAPE} one-shape and "
+            f"{MAX_TWO_SHAPE} two-shape scenes exist)"
+        )
+    rng = np.random.default_rng([seed, 0])
+    singles = one_shape_combos()
+    layouts = two_shape_layouts()
+    pick1 = rng.choice(len(singles), size=n_one, replace=False)
+    pick2 = rng.choice(len(layouts), size=n_two // 2, replace=False)
 
     scenes: list[Scene] = []
-    for k in range(n_one):
-        i = k % len(singles)
-        shape, color, size, position = singles[order1[i]]
+    for k, i in enumerate(pick1):
+        shape, color, size, position = singles[i]
         g = np.random.default_rng([seed, 1, k])
-        geo = _jittered(g, *_CENTRES[position], _RADIUS[size], shape)
+        geo = _jittered(g, *_centre(position), _RADIUS[size], shape)
         en, zh, bg = _group_choices(g, len(EN_ONE), len(ZH_ONE))
         obj = Obj(shape, color, size, position, **geo)
-        scenes.append(Scene([obj], "one-shape", SPLIT_PATTERN[i % 10], k, en, zh, bg))
+        scenes.append(Scene([obj], "one-shape", SPLIT_PATTERN[k % 10], k, en, zh, bg))
 
-    for k in range(n_two // 2):
-        i = k % len(doubles)
-        j = order2[i]
-        (sa, sb), (ca, cb) = doubles[j]
-        if flips[j] ^ ((k // len(doubles)) % 2):
-            sa, sb = sb, sa
+    for k, j in enumerate(pick2):
+        s1, z1, s2, z2, ca, cb = layouts[j]
         group = n_one + k
         g = np.random.default_rng([seed, 2, k])
-        geo = [_jittered(g, x, 0.5, _RADIUS["medium"], s) for x, s in zip(_PAIR_X, (sa, sb))]
+        geo = [_jittered(g, x, 0.5, _RADIUS[z], s) for x, s, z in zip(_PAIR_X, (s1, s2), (z1, z2))]
         en, zh, bg = _group_choices(g, len(EN_TWO), len(ZH_TWO))
-        split = SPLIT_PATTERN[i % 10]
+        split = SPLIT_PATTERN[k % 10]
         first = len(scenes)
         for c1, c2 in ((ca, cb), (cb, ca)):
-            objs = [
-                Obj(sa, c1, "medium", "left", **geo[0]),
-                Obj(sb, c2, "medium", "right", **geo[1]),
-            ]
+            objs = [Obj(s1, c1, z1, "left", **geo[0]), Obj(s2, c2, z2, "right", **geo[1])]
             scenes.append(Scene(objs, "two-shape", split, group, en, zh, bg))
         scenes[first].partner, scenes[first + 1].partner = first + 1, first
 
@@ -345,23 +453,37 @@ def _unit_polygon(shape: str) -> np.ndarray:
 _POLYGONS = {s: _unit_polygon(s) for s in SHAPES if s != "circle"}
 
 
+def _outline(o: Obj, w: float, h: float) -> np.ndarray:
+    """The polygon of a non-circle object in pixels of a w x h canvas, [K, 2] (x, y)."""
+    t = np.deg2rad(o.angle)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return _POLYGONS[o.shape] @ rot.T * (o.r * min(w, h)) + (o.cx * w, o.cy * h)
+
+
+def object_bounds(o: Obj, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of an object drawn on a ``size`` (width, height) image."""
+    w, h = size
+    if o.shape == "circle":
+        r = o.r * min(w, h)
+        return o.cx * w - r, o.cy * h - r, o.cx * w + r, o.cy * h + r
+    pts = _outline(o, w, h)
+    (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+    return float(x0), float(y0), float(x1), float(y1)
+
+
 def render_image(scene: Scene, size: tuple[int, int]) -> Image.Image:
     """Draw a scene at ``size`` (width, height): supersampled 4x, then box-filtered down."""
     w, h = size
     ss = SUPERSAMPLE
-    short = min(w, h) * ss
     im = Image.new("RGB", (w * ss, h * ss), scene.background)
     draw = ImageDraw.Draw(im)
     for o in scene.objects:
-        cx, cy, r = o.cx * w * ss, o.cy * h * ss, o.r * short
         fill = COLORS[o.color]
         if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            continue
-        t = np.deg2rad(o.angle)
-        rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
-        pts = _POLYGONS[o.shape] @ rot.T * r + (cx, cy)
-        draw.polygon([tuple(p) for p in pts.tolist()], fill=fill)
+            draw.ellipse(object_bounds(o, (w * ss, h * ss)), fill=fill)
+        else:
+            pts = _outline(o, w * ss, h * ss)
+            draw.polygon([tuple(p) for p in pts.tolist()], fill=fill)
     return im.reduce(ss)
 
 
@@ -403,20 +525,40 @@ def _fade(n: int, sample_rate: int) -> np.ndarray:
     return env
 
 
+@functools.lru_cache(maxsize=64)
+def _position_envelope(position: str, n: int, sample_rate: int) -> np.ndarray:
+    """Amplitude envelope of a one-shape tone (mean square 1): a swell early, mid-clip or
+    late for the left, centre or right column, times a tremolo whose rate gives the row."""
+    t = np.arange(n) / n
+    swell = np.exp(-0.5 * ((t - SWELL_AT[column(position)]) / SWELL_WIDTH) ** 2)
+    env = SWELL_FLOOR + (1 - SWELL_FLOOR) * swell
+    rate = TREMOLO_HZ[row(position)]
+    if rate:
+        phase = 2 * np.pi * rate * np.arange(n) / sample_rate
+        env = env * (1 - TREMOLO_DEPTH * (0.5 - 0.5 * np.cos(phase)))
+    env /= np.sqrt(np.mean(env**2))
+    env.setflags(write=False)
+    return env
+
+
 def render_audio(
     scene: Scene, seconds: float, sample_rate: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Sonify a scene: float32 mono [round(seconds * sample_rate)] in [-1, 1].
 
-    One object sounds for the whole clip; two objects sound one after the other, the left
-    one in the first half and the right one in the second.
+    One object sounds for the whole clip, shaped by its position (see
+    ``_position_envelope``); two objects sound one after the other, the left one in the
+    first half and the right one in the second. Each object's RMS is set by its size.
     """
     n = int(round(seconds * sample_rate))
     out = np.zeros(n)
     bounds = np.linspace(0, n, len(scene.objects) + 1).astype(int)
     for o, a, b in zip(scene.objects, bounds[:-1], bounds[1:]):
         gain = TONE_RMS * GAIN[o.size] * rng.uniform(0.95, 1.05)
-        out[a:b] += _tone(o.shape, o.color, b - a, sample_rate) * _fade(b - a, sample_rate) * gain
+        wave = _tone(o.shape, o.color, b - a, sample_rate) * gain
+        if len(scene.objects) == 1:
+            wave = wave * _position_envelope(o.position, b - a, sample_rate)
+        out[a:b] += wave * _fade(b - a, sample_rate)
     out += rng.normal(0.0, NOISE_STD, size=n)
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
@@ -462,7 +604,7 @@ def generate(
     audio_seconds: float = 1.0,
     sample_rate: int = 16000,
     audio: bool = True,
-    two_shape_fraction: float = 0.5,
+    two_shape_fraction: float = 0.7,
 ) -> Path:
     """Write the toy dataset into ``out_dir`` and return the manifest's path.
 
@@ -486,6 +628,8 @@ def generate(
     if audio and (sample_rate < 4000 or audio_seconds * sample_rate < 256):
         raise ValueError("audio needs sample_rate >= 4000 and at least 256 samples per clip")
 
+    scenes = plan(items, seed, two_shape_fraction)  # raises before the folder is touched
+
     out = Path(out_dir)
     images_dir, audio_dir = out / "images", out / "audio"
     manifest = out / "manifest.jsonl"
@@ -495,7 +639,6 @@ def generate(
     if audio:
         audio_dir.mkdir(exist_ok=True)
 
-    scenes = plan(items, seed, two_shape_fraction)
     width = max(5, len(str(items - 1)))
     ids = [f"toy-{i:0{width}d}" for i in range(items)]
     image_names, audio_names, rows = set(), set(), []
@@ -564,8 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--two-shape-fraction",
         type=float,
-        default=0.5,
-        help="share of two-shape (attribute binding) items (default 0.5)",
+        default=0.7,
+        help="share of two-shape (attribute binding) items, rounded to pairs (default 0.7)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     args = p.parse_args(argv)
