@@ -1,0 +1,50 @@
+"""Encoders by name, projection heads and the multimodal model.
+
+    from mmcli import models
+    models.list()                                  # ["image/tiny", "image/convnet", ...]
+    enc = models.create("resnet18")                # random init; see load_weights
+    z = enc(images_uint8)                          # [B, 512]
+    model = models.build_model({"image": "convnet", "text": "transformer"})
+    model.encode("text", ids, normalize=True)      # [B, 256]
+
+Importing this package registers every built-in encoder (torchvision itself is only
+imported when a torchvision architecture is built).
+"""
+
+from mmcli.models import audio, image, text  # noqa: F401  (register the encoders)
+from mmcli.models.base import Encoder
+from mmcli.models.multimodal import (
+    ModelConfig,
+    MultimodalModel,
+    build_model,
+    register_fusion,
+)
+from mmcli.models.registry import (
+    MODALITIES,
+    create,
+    list_encoders,
+    make_config,
+    parse_encoder_spec,
+    register,
+    resolve,
+)
+from mmcli.models.weights import load_weights
+
+list = list_encoders  # noqa: A001 - models.list() mirrors timm/open_clip; shadows only here
+
+__all__ = [
+    "MODALITIES",
+    "Encoder",
+    "ModelConfig",
+    "MultimodalModel",
+    "build_model",
+    "create",
+    "list",
+    "list_encoders",
+    "load_weights",
+    "make_config",
+    "parse_encoder_spec",
+    "register",
+    "register_fusion",
+    "resolve",
+]

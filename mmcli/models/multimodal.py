@@ -1,0 +1,297 @@
+"""The multimodal model: one encoder (+ optional projection head) per modality.
+
+    model = build_model({"image": "resnet18", "text": "transformer:depth=2"},
+                        weights={"image": "resnet18.pth"}, inputs=tensor_set.specs)
+    z = model.encode("image", images)                 # [B, D], L2-normalised
+    pooled, tokens, mask = model.encode_tokens("text", ids)
+    model.to_checkpoint("model.safetensors", train={...}, state={"step": 100})
+    model = MultimodalModel.from_checkpoint("model.safetensors", device="cuda")
+
+The checkpoint holds the state dict and :class:`ModelConfig` as JSON in its metadata,
+which is all it takes to rebuild the model: no code, no pickle. Modules live in
+``nn.ModuleDict`` s keyed by modality, so state-dict keys are stable:
+``encoders.image.*``, ``heads.text.*`` and ``fusion.*``.
+
+Fusion modules are built by kind from ``config.fusion`` (``{"kind": ..., ...}``) through
+:func:`register_fusion`; ``fuse-train`` registers its kinds there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcli.errors import BadInput
+from mmcli.models.base import Encoder
+from mmcli.models.heads import build_head, head_out_dim
+from mmcli.models.registry import config_to_dict, create, make_config, parse_encoder_spec, resolve
+from mmcli.models.weights import apply_state_dict, load_weights
+
+log = logging.getLogger("mmcli")
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a :class:`MultimodalModel` (JSON-serialisable).
+
+    ``encoders``: ``{modality: {"name": "resnet18", "config": {...all fields...}}}``;
+    ``heads``: ``{modality: {"kind": "identity"|"linear"|"mlp", "in_dim", "out_dim", "hidden"}}``
+    (empty: backbone features); ``embed_dim``: the joint dimension when there are heads;
+    ``fusion``: ``{"kind": ..., ...}`` or None; ``inputs``: per modality, the tensor table
+    spec the model expects (image_size / tokenizer + context_length / sample_rate +
+    seconds), so raw queries can be preprocessed exactly as the training data was;
+    ``extra``: free-form.
+    """
+
+    encoders: dict[str, dict[str, Any]]
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    embed_dim: int | None = None
+    fusion: dict[str, Any] | None = None
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> ModelConfig:
+        if not isinstance(d, Mapping) or not isinstance(d.get("encoders"), Mapping):
+            raise BadInput("model config has no encoders", where=where)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadInput(
+                f"model config has unknown entries ({', '.join(unknown)})",
+                where=where,
+                hint="it was written by a newer mmcli; upgrade mmcli",
+            )
+        version = int(d.get("version", CONFIG_VERSION))
+        if version > CONFIG_VERSION:
+            raise BadInput(
+                f"model config version {version} is newer than this mmcli reads ({CONFIG_VERSION})",
+                where=where,
+                hint="upgrade mmcli",
+            )
+        for m, spec in d["encoders"].items():
+            if not isinstance(spec, Mapping) or "name" not in spec:
+                raise BadInput(f"model config: encoder {m!r} has no name", where=where)
+        return cls(**{k: d[k] for k in known if k in d})
+
+
+# ------------------------------------------------------------------ fusion kinds
+
+FusionBuilder = Callable[[dict[str, Any], "MultimodalModel"], nn.Module]
+_FUSION: dict[str, FusionBuilder] = {}
+
+
+def register_fusion(kind: str):
+    """Register ``builder(fusion_config, model) -> nn.Module`` for ``config.fusion["kind"]``."""
+
+    def wrap(builder: FusionBuilder) -> FusionBuilder:
+        _FUSION[kind] = builder
+        return builder
+
+    return wrap
+
+
+# ------------------------------------------------------------------------ model
+
+
+class MultimodalModel(nn.Module):
+    """Encoders and heads per modality; ``encode(modality, x)`` gives [B, D] features."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoders = nn.ModuleDict()
+        for modality, spec in config.encoders.items():
+            self.encoders[modality] = create(
+                spec["name"], modality=modality, **spec.get("config", {})
+            )
+        self.heads = nn.ModuleDict({m: build_head(h) for m, h in config.heads.items()})
+        for m in self.heads:
+            if m not in self.encoders:
+                raise BadInput(f"model config: head for {m!r} but no {m} encoder")
+        self.fusion: nn.Module | None = None
+        if config.fusion is not None:
+            kind = config.fusion.get("kind")
+            if kind not in _FUSION:
+                raise BadInput(
+                    f"the model has a fusion module of kind {kind!r}, which this mmcli cannot build",
+                    hint=f"known kinds: {', '.join(_FUSION) or 'none'}; upgrade mmcli",
+                )
+            self.fusion = _FUSION[kind](config.fusion, self)
+        #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
+        self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
+        #: {"path", "sha256"} of the checkpoint this model was loaded from
+        self.checkpoint: dict[str, Any] | None = None
+        self.checkpoint_meta: dict[str, Any] = {}
+
+    # -- description -------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    @property
+    def space(self) -> str:
+        """``joint`` when the model projects to a shared space, else ``backbone``."""
+        return "joint" if len(self.heads) else "backbone"
+
+    def encoder(self, modality: str) -> Encoder:
+        if modality not in self.encoders:
+            raise BadInput(
+                f"the model has no {modality} encoder (it has: {', '.join(self.encoders) or 'none'})"
+            )
+        return self.encoders[modality]
+
+    def out_dim(self, modality: str) -> int:
+        return head_out_dim(self.config.heads.get(modality), self.encoder(modality).out_dim)
+
+    # -- compute -------------------------------------------------------------------
+    def encode(self, modality: str, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Raw rows on the model's device -> [B, D]: encoder, head, L2 normalise."""
+        z = self.encoder(modality)(x)  # (B, out_dim)
+        if modality in self.heads:
+            z = self.heads[modality](z)  # (B, D)
+        return F.normalize(z.float(), dim=-1) if normalize else z
+
+    def encode_tokens(self, modality: str, x: torch.Tensor):
+        """The encoder's ``(pooled [B, out_dim], tokens [B, T, token_dim], mask [B, T])``.
+
+        Before any head: what cross-modal fusion attends over.
+        """
+        return self.encoder(modality).forward_tokens(x)
+
+    def forward(self, modality: str, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.encode(modality, x, normalize=normalize)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        d = self.config.to_dict()
+        if any(self.weights.values()):
+            d["extra"] = {**d["extra"], "encoder_weights": self.weights}
+        return d
+
+    def to_checkpoint(
+        self,
+        path: str | os.PathLike,
+        *,
+        train: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        """Write weights + config (+ training args, step, metrics) atomically."""
+        from mmcli.formats.checkpoint import Checkpoint, save_checkpoint
+
+        save_checkpoint(
+            path,
+            Checkpoint(
+                config=self.config_dict(),
+                state_dict=self.state_dict(),
+                train=train or {},
+                state=state or {},
+                metrics=metrics or {},
+            ),
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu"
+    ) -> MultimodalModel:
+        """Rebuild a model from an mmcli checkpoint (BadInput on anything that does not fit)."""
+        from mmcli.formats.atomic import is_stdio
+        from mmcli.formats.checkpoint import load_checkpoint
+        from mmcli.formats.manifest import file_sha256
+
+        where = str(path)
+        ckpt = load_checkpoint(path, device="cpu")
+        config = ModelConfig.from_dict(ckpt.config, where=where)
+        try:
+            model = cls(config)
+        except BadInput as e:
+            raise BadInput(f"cannot rebuild the model: {e}", where=where) from None
+        apply_state_dict(
+            model, ckpt.state_dict, where=where, label="its model config", lenient=False
+        )
+        model.weights.update(config.extra.get("encoder_weights", {}) or {})
+        model.checkpoint = {
+            "path": where,
+            "sha256": None if is_stdio(path) else file_sha256(path),
+        }
+        model.checkpoint_meta = {"train": ckpt.train, "state": ckpt.state, "metrics": ckpt.metrics}
+        return model.to(device).eval()
+
+
+# --------------------------------------------------------------------- building
+
+
+def encoder_overrides_from_input(
+    modality: str, name: str, overrides: dict[str, Any], spec: Mapping[str, Any]
+):
+    """Fill encoder options the input table determines (unless given explicitly).
+
+    audio: ``sample_rate`` of the waveforms; text: ``context_length`` when the tokens are
+    longer than the encoder's default.
+    """
+    _, _, cls = resolve(name, modality)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(overrides)
+    if "sample_rate" in fields and "sample_rate" not in out and spec.get("sample_rate"):
+        out["sample_rate"] = int(spec["sample_rate"])
+    length = int(spec.get("context_length") or 0)
+    field_ = fields.get("context_length")
+    if field_ is not None and "context_length" not in out and length > field_.default:
+        out["context_length"] = length
+    return out
+
+
+def build_model(
+    encoders: Mapping[str, str],
+    *,
+    weights: Mapping[str, str | os.PathLike] | None = None,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    heads: Mapping[str, dict[str, Any]] | None = None,
+    embed_dim: int | None = None,
+) -> MultimodalModel:
+    """A model from encoder specs by modality (``"convnet:width=16"``), optionally with weights.
+
+    ``inputs`` (the tensor table specs, e.g. ``TensorSet.specs``) fills options the data
+    decides (audio sample rate, text length) and is stored in the config.
+    """
+    inputs = {m: dict(s) for m, s in (inputs or {}).items()}
+    weights = dict(weights or {})
+    extra_weights = sorted(set(weights) - set(encoders))
+    if extra_weights:
+        raise BadInput(
+            f"--weights for {', '.join(extra_weights)} but no such encoder",
+            hint=f"encoders: {', '.join(encoders)}",
+        )
+    enc_specs: dict[str, dict[str, Any]] = {}
+    for modality, spec in encoders.items():
+        name, overrides = parse_encoder_spec(str(spec), modality=modality)
+        overrides = encoder_overrides_from_input(
+            modality, name, overrides, inputs.get(modality, {})
+        )
+        cfg = make_config(name, modality, **overrides)
+        enc_specs[modality] = {"name": type(cfg).encoder_name, "config": config_to_dict(cfg)}
+    config = ModelConfig(
+        encoders=enc_specs,
+        heads={m: dict(h) for m, h in (heads or {}).items()},
+        embed_dim=embed_dim,
+        inputs={m: inputs[m] for m in encoders if m in inputs},
+    )
+    model = MultimodalModel(config)
+    for modality, source in weights.items():
+        model.weights[modality] = load_weights(model.encoders[modality], source)
+    return model.eval()

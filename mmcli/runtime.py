@@ -1,0 +1,206 @@
+"""Where the work runs: device choice, autocast, seeding and torchrun/DDP helpers.
+
+Shared by ``extract``, ``fuse-train`` and ``distill``. Imports torch lazily so that the CLI
+stays fast; every function here takes plain strings and returns torch objects.
+
+    device = resolve_device("auto")                 # cuda:LOCAL_RANK when available, else cpu
+    with autocast(device, "bf16"):                  # no-op on the CPU and for fp32
+        y = model(x)
+    dist = dist_info()                              # rank / world size from torchrun's env
+    with distributed(device) as dist:               # init gloo (cpu) / nccl (cuda) when world > 1
+        for i in dist.my_shards(n_shards): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mmcli.errors import BadInput
+
+log = logging.getLogger("mmcli")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(spec: str = "auto", *, local_rank: int | None = None):
+    """``auto|cpu|cuda|cuda:N`` -> torch.device. Raises BadInput when CUDA is asked for but absent.
+
+    Under torchrun ``auto`` and ``cuda`` pick ``cuda:LOCAL_RANK``.
+    """
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if local_rank is None:
+        local_rank = dist_info().local_rank
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise BadInput(
+                f"--device {spec}: no CUDA GPU is available",
+                hint="use --device cpu (or auto), or install a CUDA build of torch",
+            )
+        count = torch.cuda.device_count()
+        if spec == "cuda":
+            index = local_rank % count
+        else:
+            try:
+                index = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise BadInput(
+                    f"bad device {spec!r}", hint="use auto, cpu, cuda or cuda:N"
+                ) from None
+            if not 0 <= index < count:
+                raise BadInput(
+                    f"--device {spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+                )
+        return torch.device("cuda", index)
+    raise BadInput(f"bad device {spec!r}", hint="use auto, cpu, cuda or cuda:N")
+
+
+def check_precision(precision: str, device) -> str:
+    """The precision that will really be used on ``device`` (bf16/fp16 are CUDA-only here)."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"bad precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        log.info("note: --precision %s applies on CUDA; running fp32 on %s", precision, device.type)
+        return "fp32"
+    if precision == "bf16":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise BadInput("this GPU does not support bf16", hint="use --precision fp16")
+    return precision
+
+
+def autocast(device, precision: str):
+    """An autocast context for ``precision`` on ``device`` (a null context for fp32 / CPU)."""
+    import torch
+
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------- torchrun
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def my_shards(self, count: int) -> list[int]:
+        """The shard indices this rank owns: rank, rank + world, rank + 2 * world, ..."""
+        return list(range(self.rank, count, self.world_size))
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from the environment torchrun sets (1 process when absent)."""
+    try:
+        return DistInfo(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    except ValueError:
+        raise BadInput("RANK / WORLD_SIZE / LOCAL_RANK must be integers") from None
+
+
+@contextlib.contextmanager
+def distributed(device) -> Iterator[DistInfo]:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU) for the duration.
+
+    A no-op for a single process. Leaves an already initialised group (e.g. a caller
+    that set one up itself) alone.
+    """
+    info = dist_info()
+    if not info.enabled:
+        yield info
+        return
+    import torch.distributed as dist
+
+    owned = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+        owned = True
+    try:
+        yield info
+    finally:
+        if owned:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device=None) -> list[float]:
+    """Sum a few numbers over all ranks (identity when not distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    backend = dist.get_backend()
+    dev = device if (device is not None and backend == "nccl") else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def describe_device(device) -> dict[str, Any]:
+    """A small JSON-able description (for summaries and benchmark output)."""
+    import torch
+
+    out: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        out["name"] = torch.cuda.get_device_name(device)
+    else:
+        out["threads"] = torch.get_num_threads()
+    return out
