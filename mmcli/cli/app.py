@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mmcli import __version__
-from mmcli.cli import info, preprocess
+from mmcli.cli import extract, info, preprocess
 
 app = typer.Typer(
     name="mmcli",
@@ -38,6 +38,7 @@ def _root(
 
 
 app.command("preprocess")(preprocess.preprocess)
+app.command("extract")(extract.extract)
 app.command("info")(info.info)
 
 

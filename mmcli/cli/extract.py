@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+
+from mmcli.cli.common import (
+    BatchSize,
+    Debug,
+    Device,
+    Precision,
+    Quiet,
+    Resume,
+    Seed,
+    command,
+    parse_key_values,
+)
+from mmcli.errors import BadInput
+
+MODALITIES = ("image", "text", "audio")
+# kept in sync with the registry by tests/test_extract_cli.py (importing it here needs torch)
+ENCODER_NAMES = {
+    "image": ("tiny", "convnet", "resnet18", "resnet50", "vit_b_16"),
+    "text": ("tiny", "bow", "transformer"),
+    "audio": ("tiny", "melcnn"),
+}
+ENCODER_HELP = (
+    "Names: "
+    + "; ".join(f"{m}: {', '.join(names)}" for m, names in ENCODER_NAMES.items())
+    + ". Default: image=resnet18, text=transformer, audio=melcnn for each table present."
+)
+
+
+def extract(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Tensor shards: files, a folder, a glob, or - for one shard on stdin."),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (one features shard per input shard), or - / FILE.safetensors for one shard.",
+        ),
+    ],
+    encoder: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--encoder",
+            "-e",
+            help="MODALITY=NAME[:key=value,...], repeatable. " + ENCODER_HELP,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="An mmcli model checkpoint: joint-space embeddings."),
+    ] = None,
+    weights: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="Encoder weights: [MODALITY=]PATH (.safetensors, torchvision .pth/.pt) or [MODALITY=]imagenet.",
+        ),
+    ] = None,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    batch_size: BatchSize = 128,
+    dtype: Annotated[
+        Literal["float16", "float32"], typer.Option(help="Stored feature dtype.")
+    ] = "float16",
+    normalize: Annotated[
+        bool, typer.Option("--normalize/--no-normalize", help="L2-normalise the features.")
+    ] = True,
+    resume: Resume = False,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Encode tensor shards into features, one table per modality.
+
+    Backbone features by encoder name (random init unless --weights), or
+    joint-space embeddings from a trained checkpoint (--model). Item ids,
+    labels and the row -> item mapping are copied unchanged. Streams the
+    shards and writes one features shard per input shard; --resume skips
+    finished ones. Under torchrun --nproc_per_node N, each rank takes every
+    N-th shard.
+
+    Examples:
+
+        mmcli extract out/tensors/ -o out/feats/ -e image=convnet -e text=bow
+
+        mmcli extract out/tensors/ -o out/feats/ -e image=resnet50 \\
+            -w image=imagenet --device cuda --precision bf16
+
+        mmcli extract out/tensors/ -o out/joint/ --model run/model.safetensors
+
+        torchrun --nproc_per_node 4 -m mmcli extract out/tensors/ -o out/feats/
+    """
+    with command(quiet=quiet, debug=debug) as ctx:
+        encoders = parse_key_values(encoder, "--encoder", split_commas=False)
+        for m in encoders:
+            if m not in MODALITIES:
+                raise BadInput(
+                    f"--encoder {m}=...: unknown modality {m!r}",
+                    hint=f"use {', '.join(MODALITIES)}, e.g. --encoder image=resnet18",
+                )
+        from mmcli.extract import extract as run
+
+        summary = run(
+            sources,
+            out,
+            model,
+            encoders=encoders or None,
+            weights=_parse_weights(weights, encoders),
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            dtype=dtype,
+            normalize=normalize,
+            resume=resume,
+            seed=seed,
+            progress=ctx.progress,
+        )
+        if summary["rank"] == 0:
+            ctx.info(_summary_line(summary))
+
+
+def _parse_weights(values: list[str] | None, encoders: dict[str, str]) -> dict[str, str]:
+    """``--weights PATH`` (the only encoder) or ``--weights image=PATH``."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if sep and key in MODALITIES:
+            out[key] = rest
+            continue
+        if "" in out:
+            raise BadInput(
+                f"--weights {value}: say which encoder each file is for",
+                hint="--weights image=PATH",
+            )
+        out[next(iter(encoders)) if len(encoders) == 1 else ""] = value  # "": the only encoder
+    return out
+
+
+def _summary_line(s: dict) -> str:
+    rows = ", ".join(
+        f"{n:,} {m} rows ({s['encoders'][m]}, {s['dims'][m]}-d)" for m, n in s["rows"].items()
+    )
+    done = f"{s['written']} shard(s) written"
+    if s["skipped"]:
+        done += f", {s['skipped']} already done"
+    ranks = f" x {s['world_size']} processes" if s["world_size"] > 1 else ""
+    return (
+        f"extracted {rows}: {done} in {s['seconds']:.1f} s ({s['rows_per_s']:,.0f} rows/s, "
+        f"{s['device']}{ranks}, {s['precision']}) -> {s['out']}"
+    )

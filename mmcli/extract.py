@@ -1,0 +1,545 @@
+"""Feature extraction: tensor shards in, feature shards out.
+
+    from mmcli.extract import extract
+    summary = extract("out/tensors/", "out/features/", encoders={"image": "resnet18"},
+                      weights={"image": "resnet18.pth"}, device="auto", batch_size=128)
+    summary = extract("out/tensors/", "out/joint/", model="run/model.safetensors")
+
+One output shard ``features-i-of-N.safetensors`` per input shard, each written atomically
+when all its tables are done (the unit of ``resume`` and of torchrun: rank r of W takes
+shards r, r + W, ...). Every modality the model encodes and the input holds becomes one
+table (float16 or float32 ``[rows, D]``), with ``<m>.item``, the item ids and labels copied
+unchanged. Memory stays flat: shards are memory-mapped and read batch by batch by a
+background thread, so reading, host-to-device copies and compute overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmcli.errors import BadInput, RunFailure
+from mmcli.formats.atomic import is_stdio
+from mmcli.formats.tensorfile import SHARD_RE, Shard, ShardFile, TensorSet, shard_name, write_shard
+from mmcli.progress import ProgressFactory, null_progress
+
+log = logging.getLogger("mmcli")
+
+OUT_NAME = "features"
+FEATURES_KIND = "features"
+DEFAULT_ENCODERS = {"image": "resnet18", "text": "transformer", "audio": "melcnn"}
+OUT_DTYPES = ("float16", "float32")
+#: table-spec keys that must agree between a model's training data and the input
+INPUT_KEYS = ("image_size", "tokenizer", "context_length", "lowercase", "sample_rate")
+
+
+@dataclass
+class _Batch:
+    shard: int  # position in the input set
+    table: str
+    start: int
+    data: Any  # a CPU tensor (pinned on CUDA)
+
+
+@dataclass
+class _EndOfShard:
+    shard: int
+
+
+class _Stop(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------- entry
+
+
+def extract(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    model: Any = None,
+    *,
+    encoders: Mapping[str, str] | None = None,
+    weights: Mapping[str, str | os.PathLike] | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 128,
+    dtype: str = "float16",
+    normalize: bool = True,
+    resume: bool = False,
+    seed: int = 0,
+    channels_last: bool | None = None,
+    prefetch: int = 3,
+    progress: ProgressFactory = null_progress,
+) -> dict[str, Any]:
+    """Encode every row of the tensor shards ``sources`` and write feature shards to ``out``.
+
+    ``model``: a :class:`~mmcli.models.MultimodalModel`, or the path of an mmcli checkpoint
+    (joint-space embeddings); else ``encoders`` (``{"image": "resnet50", "text":
+    "transformer:depth=2"}``, default: one per modality in the input) with optional
+    ``weights`` per modality (a file or ``imagenet``) give backbone features.
+    ``out``: a folder (one shard per input shard), or ``-`` / a ``.safetensors`` file
+    when the input is one shard. ``seed`` fixes the random init of encoders without
+    weights (so every torchrun rank, and a resumed run, builds the same model).
+    ``channels_last``: None = on CUDA for image encoders.
+    Returns a summary (rows per modality, rows/s, shards written and skipped, ...).
+    """
+    import torch
+
+    from mmcli import runtime
+
+    if batch_size < 1:
+        raise BadInput("--batch-size must be at least 1")
+    if dtype not in OUT_DTYPES:
+        raise BadInput(f"bad --dtype {dtype!r}", hint=f"use one of {', '.join(OUT_DTYPES)}")
+    tensors = TensorSet(sources)
+    if tensors.kind != "tensors":
+        raise BadInput(
+            f"the input is a {tensors.kind} file, extract reads tensor shards",
+            where=tensors.paths[0],
+            hint="pass the output of mmcli preprocess",
+        )
+    dev = runtime.resolve_device(device)
+    outputs = _output_paths(out, tensors, runtime.dist_info().world_size)
+    if not _single_output(out):
+        _check_folder(Path(out), len(outputs), resume)
+    precision = runtime.check_precision(precision, dev)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, modalities = _setup_model(model, encoders, weights, tensors)
+    for m in modalities:
+        _check_table(tensors, m, model)
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
+    out_dtype = getattr(torch, dtype)
+
+    started = time.perf_counter()
+    with runtime.distributed(dev) as dist:
+        run_id = _run_id(model, modalities, tensors, dtype, normalize, seed)
+        mine = dist.my_shards(len(tensors.shards))
+        todo, skipped = _pending(outputs, mine, tensors, run_id, resume)
+        runtime.barrier()  # every rank has checked OUT before any writes to it
+
+        _note_random_weights(model, modalities)
+        model.to(dev).eval()
+        if channels_last and "image" in modalities:
+            model.encoders["image"].to(memory_format=torch.channels_last)
+        specs = _specs(model, modalities, tensors, dtype, normalize, seed)
+        rows = dict.fromkeys(modalities, 0)
+        total = sum(tensors.shards[i].rows(m) for i in todo for m in modalities)
+        loader = _Loader(tensors, todo, modalities, batch_size, dev, prefetch)
+        feats: dict[str, Any] = {}
+        with progress("extract", total=total, unit="rows") as bar, torch.inference_mode():
+            try:
+                for msg in loader:
+                    if isinstance(msg, _EndOfShard):
+                        _write(msg.shard, feats, tensors, outputs, specs, run_id, modalities, model)
+                        feats = {}
+                        continue
+                    if msg.table not in feats:
+                        n, d = tensors.shards[msg.shard].rows(msg.table), model.out_dim(msg.table)
+                        feats[msg.table] = torch.empty(n, d, dtype=out_dtype, device=dev)
+                    x = msg.data.to(dev, non_blocking=True)
+                    if channels_last and msg.table == "image" and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with runtime.autocast(dev, precision):
+                        z = model.encode(msg.table, x, normalize=normalize)  # (B, D)
+                    feats[msg.table][msg.start : msg.start + z.shape[0]] = z
+                    rows[msg.table] += z.shape[0]
+                    bar.update(z.shape[0])
+            finally:
+                loader.close()
+        counts = runtime.all_reduce_sum([len(todo), len(skipped), *rows.values()], dev)
+        runtime.barrier()
+        seconds = time.perf_counter() - started
+        rows = {m: int(c) for m, c in zip(modalities, counts[2:])}
+        computed = sum(rows.values())
+        return {
+            "out": str(out),
+            "shards": len(tensors.shards),
+            "written": int(counts[0]),
+            "skipped": int(counts[1]),
+            "rows": rows,
+            "dims": {m: model.out_dim(m) for m in modalities},
+            "encoders": {m: model.config.encoders[m]["name"] for m in modalities},
+            "space": model.space,
+            "seconds": seconds,
+            "rows_per_s": computed / seconds if seconds > 0 else 0.0,
+            "device": str(dev),
+            "precision": precision,
+            "dtype": dtype,
+            "world_size": dist.world_size,
+            "rank": dist.rank,
+        }
+
+
+# ------------------------------------------------------------------------- model
+
+
+def _setup_model(model, encoders, weights, tensors: TensorSet):
+    """(MultimodalModel, modalities to extract) from the arguments."""
+    from mmcli.models import MultimodalModel, build_model
+
+    if model is not None and encoders:
+        raise BadInput("pass either --model or --encoder, not both")
+    if model is not None and weights:
+        raise BadInput(
+            "--weights applies to --encoder backbones; a --model checkpoint has its weights",
+            hint="drop --weights",
+        )
+    if model is not None:
+        if not isinstance(model, MultimodalModel):
+            model = MultimodalModel.from_checkpoint(model)
+        modalities = [m for m in model.modalities if m in tensors.tables]
+        if not modalities:
+            raise BadInput(
+                f"the model encodes {', '.join(model.modalities)} but the input has "
+                f"{', '.join(tensors.tables) or 'no tables'}",
+                where=_where(tensors.paths),
+            )
+        for m in model.modalities:
+            if m not in modalities:
+                log.info("note: the input has no %s table; extracting %s", m, ", ".join(modalities))
+        _check_inputs(model, modalities, tensors)
+        return model, modalities
+    if encoders:
+        for m in encoders:
+            tensors.require(m, hint=f"drop --encoder {m}=..., or pass shards that hold {m}")
+    else:
+        encoders = {m: DEFAULT_ENCODERS[m] for m in tensors.tables if m in DEFAULT_ENCODERS}
+        if not encoders:
+            raise BadInput(
+                f"no image, text or audio table in the input (it has: {', '.join(tensors.tables) or 'none'})",
+                where=_where(tensors.paths),
+            )
+    weights = dict(weights or {})
+    if "" in weights:  # weights without a modality: for the only encoder
+        if len(encoders) != 1:
+            raise BadInput(
+                f"--weights {weights['']}: say which encoder it is for",
+                hint=f"--weights MODALITY=PATH with MODALITY one of {', '.join(encoders)}",
+            )
+        weights[next(iter(encoders))] = weights.pop("")
+    model = build_model(encoders, weights=weights, inputs=tensors.specs)
+    return model, list(model.modalities)
+
+
+def _note_random_weights(model, modalities) -> None:
+    if model.checkpoint is not None:
+        return
+    for m in modalities:
+        if model.weights.get(m) is None:
+            log.info(
+                "note: the %s encoder %s has random weights (pass --weights %s=FILE%s)",
+                m,
+                model.config.encoders[m]["name"],
+                m,
+                " or imagenet" if m == "image" else "",
+            )
+
+
+def _check_inputs(model, modalities: list[str], tensors: TensorSet) -> None:
+    """Warn when the input was preprocessed differently from the model's training data."""
+    for m in modalities:
+        want, have = model.config.inputs.get(m) or {}, tensors.spec(m)
+        diff = [
+            f"{k} {have[k]} (model: {want[k]})"
+            for k in INPUT_KEYS
+            if k in want and k in have and want[k] != have[k]
+        ]
+        if diff:
+            log.warning(
+                "the %s input differs from the model's training data: %s", m, "; ".join(diff)
+            )
+
+
+def _check_table(tensors: TensorSet, m: str, model) -> None:
+    info = tensors.shards[0].tensors[m]
+    kind = info.torch_dtype_name
+    shape = list(info.shape)
+    ok = {
+        "image": len(shape) == 4 and shape[1] == 3,
+        "text": len(shape) == 2 and "int" in kind,
+        "audio": len(shape) in (2, 3) and "float" in kind,
+    }.get(m, True)
+    if not ok:
+        expect = {
+            "image": "uint8 [rows, 3, H, W]",
+            "text": "integer token ids [rows, length]",
+            "audio": "float waveforms [rows, samples]",
+        }[m]
+        raise BadInput(
+            f"the {m} table is {kind} {shape}, the {m} encoder takes {expect}",
+            where=tensors.shards[0].path,
+            hint="pass tensor shards written by mmcli preprocess",
+        )
+
+
+# ------------------------------------------------------------------------ output
+
+
+def _single_output(out) -> bool:
+    return is_stdio(out) or str(out).endswith(".safetensors")
+
+
+def _output_paths(out, tensors: TensorSet, world_size: int) -> list[str]:
+    n = len(tensors.shards)
+    if _single_output(out):
+        if n != 1:
+            raise BadInput(
+                f"-o {out} holds one file but the input has {n} shards",
+                hint="pass a folder to -o (one features shard per input shard)",
+            )
+        if world_size > 1:
+            raise BadInput("under torchrun, -o must be a folder")
+        return [str(out)]
+    if Path(out).exists() and not Path(out).is_dir():
+        raise BadInput("-o is an existing file, not a folder", where=str(out))
+    return [str(Path(out) / shard_name(OUT_NAME, i, n)) for i in range(n)]
+
+
+def _run_id(model, modalities, tensors: TensorSet, dtype: str, normalize: bool, seed: int) -> str:
+    """What makes two runs' shards interchangeable (for --resume)."""
+    key = {
+        "seed": seed
+        if model.checkpoint is None and any(model.weights.get(m) is None for m in modalities)
+        else None,
+        "model": model.config_dict(),
+        "weights": model.weights,
+        "checkpoint": (model.checkpoint or {}).get("sha256"),
+        "modalities": modalities,
+        "dtype": dtype,
+        "normalize": normalize,
+        "input": {"specs": tensors.specs, "source": tensors.source, "shards": len(tensors.shards)},
+    }
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _pending(outputs: list[str], mine: list[int], tensors: TensorSet, run_id: str, resume: bool):
+    """(shards to compute, shards already done) among this rank's ``mine``."""
+    if is_stdio(outputs[0]):
+        return mine, []
+    folder = Path(outputs[0]).parent
+    todo, done = [], []
+    for i in mine:
+        path = Path(outputs[i])
+        for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        if resume and path.exists() and _finished(path, tensors.shards[i], run_id):
+            done.append(i)
+        else:
+            todo.append(i)
+    if done:
+        log.info("resume: %d shard(s) already done, %d to go", len(done), len(todo))
+    return todo, done
+
+
+def _check_folder(folder: Path, count: int, resume: bool) -> None:
+    if not folder.is_dir():
+        return
+    existing = []
+    for f in folder.iterdir():
+        m = SHARD_RE.match(f.name)
+        if m and m["name"] == OUT_NAME:
+            existing.append(f.name)
+            if int(m["count"]) != count:
+                raise BadInput(
+                    f"holds {f.name}, from a run over {int(m['count'])} shards (this input has {count})",
+                    where=str(folder),
+                    hint="use another output folder or remove it",
+                )
+    if existing and not resume:
+        raise BadInput(
+            f"already holds {len(existing)} features shard(s)",
+            where=str(folder),
+            hint="pass --resume to finish that run, or use another output folder",
+        )
+
+
+def _finished(path: Path, source: ShardFile, run_id: str) -> bool:
+    try:
+        done = ShardFile(path)
+    except BadInput:
+        log.info("resume: %s is unreadable, recomputing it", path)
+        return False
+    info = done.extra("extract", {}) or {}
+    if done.kind != FEATURES_KIND or info.get("run") != run_id:
+        raise BadInput(
+            "holds features from a different extract run (other model, weights, input or options)",
+            where=str(path),
+            hint="use another output folder, or remove it to start over",
+        )
+    return done.num_items == source.num_items
+
+
+def _specs(
+    model, modalities, tensors: TensorSet, dtype: str, normalize: bool, seed: int
+) -> dict[str, dict]:
+    specs = {}
+    for m in modalities:
+        enc = model.config.encoders[m]
+        specs[m] = {
+            "encoder": enc["name"],
+            "encoder_config": enc["config"],
+            "head": model.config.heads.get(m),
+            "dim": model.out_dim(m),
+            "normalized": bool(normalize),
+            "dtype": dtype,
+            "weights": model.weights.get(m),
+            # random init is reproducible from the seed (backbones without weights)
+            "seed": seed if model.weights.get(m) is None and model.checkpoint is None else None,
+            "space": model.space,
+            "model": model.checkpoint,
+            "input": tensors.spec(m),
+        }
+    return specs
+
+
+def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, model) -> None:
+    import numpy as np
+    import torch
+
+    sf = tensors.shards[i]
+    tables, items = {}, {}
+    for m in modalities:
+        data = feats.get(m)
+        if data is None:  # a shard with no rows of this table
+            data = torch.empty(0, model.out_dim(m), dtype=getattr(torch, specs[m]["dtype"]))
+        if not bool(torch.isfinite(data).all()):
+            raise RunFailure(
+                f"non-finite {m} features (NaN or inf)",
+                where=sf.path,
+                hint="the features overflow float16: use --dtype float32 or --normalize"
+                if specs[m]["dtype"] == "float16" and not specs[m]["normalized"]
+                else "the model produced NaN; try --precision fp32",
+            )
+        tables[m] = data.cpu()
+        items[m] = np.array(sf.item_index(m), dtype=np.int64)  # a copy: stdin data is read-only
+    fused = _fused_table(model, sf)
+    if fused is not None:
+        tables["fused"], items["fused"] = fused
+        specs = {**specs, "fused": {"space": "fused", "model": model.checkpoint}}
+    shard = Shard(
+        ids=sf.ids(),
+        tables=tables,
+        items=items,
+        labels=np.array(sf.labels(), dtype=np.int64) if sf.has_labels() else None,
+    )
+    write_shard(
+        outputs[i],
+        shard,
+        kind=FEATURES_KIND,
+        specs=specs,
+        label_names=tensors.label_names,
+        source=tensors.source,
+        index=i,
+        count=len(tensors.shards),
+        extra={"extract": {"run": run_id, "input": Path(sf.path).name}},
+    )
+
+
+def _fused_table(model, shard: ShardFile):
+    """Hook for models with a fusion module (added by fuse-train).
+
+    A fusion module that can produce a ``fused`` table implements
+    ``extract_shard(model, shard) -> (features [R, D] CPU tensor, items int64 [R])``;
+    it is called once per shard, after the per-modality tables.
+    """
+    fusion = getattr(model, "fusion", None)
+    if fusion is None:
+        return None
+    fn = getattr(fusion, "extract_shard", None)
+    if fn is None:
+        return None
+    import torch
+
+    with torch.inference_mode():
+        return fn(model, shard)
+
+
+def _where(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
+
+
+# ------------------------------------------------------------------------ loader
+
+
+class _Loader:
+    """A background thread reading batches from the memory-mapped shards, in order.
+
+    It copies each batch out of the memory map (pinned memory on CUDA, so the copy to
+    the device can be non-blocking), so page faults and disk reads happen off the compute
+    thread. Yields :class:`_Batch` and, after the last batch of a shard, :class:`_EndOfShard`.
+    On the CPU the copy is a single-threaded numpy copy: it does not compete with torch's
+    intra-op threads.
+    """
+
+    def __init__(self, tensors: TensorSet, shards, tables, batch_size: int, device, prefetch: int):
+        self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
+        self.batch_size = batch_size
+        self.pin = device.type == "cuda"
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mmcli-extract-loader", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
+
+    def _copy(self, data):
+        import numpy as np
+        import torch
+
+        if self.pin:
+            return data.pin_memory()
+        if data.dtype == torch.bfloat16:
+            return data.clone()
+        return torch.from_numpy(np.array(data.numpy(), copy=True))
+
+    def _run(self) -> None:
+        try:
+            for i in self.shards:
+                sf = self.tensors.shards[i]
+                for table in self.tables:
+                    data = sf.tensor(table)  # memory-mapped (rows, ...)
+                    for start in range(0, data.shape[0], self.batch_size):
+                        batch = self._copy(data[start : start + self.batch_size])
+                        self._put(_Batch(i, table, start, batch))
+                    del data
+                self._put(_EndOfShard(i))
+            self._put(None)
+        except _Stop:
+            return
+        except BaseException as e:  # hand any failure to the consumer
+            try:
+                self._put(e)
+            except _Stop:
+                return
+
+    def __iter__(self) -> Iterator[_Batch | _EndOfShard]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
