@@ -48,3 +48,26 @@ def mmcli_subprocess(*args, input: bytes | None = None, timeout: float = 300, en
 @pytest.fixture
 def run_mmcli():
     return mmcli_subprocess
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """A small toy dataset (examples/toydata.py): 96 items, 48 px PNGs, 0.25 s audio."""
+    from toydata import generate
+
+    out = tmp_path_factory.mktemp("toy") / "data"
+    return generate(out, items=96, seed=0, image_size=(48, 48), audio_seconds=0.25)
+
+
+@pytest.fixture(scope="session")
+def toy_tensors(toy_data, tmp_path_factory):
+    """The toy data preprocessed: 32 px images, byte tokens, 0.25 s audio at 16 kHz."""
+    from mmcli.preprocess import PreprocessConfig, preprocess
+
+    out = tmp_path_factory.mktemp("toy") / "tensors"
+    preprocess(
+        str(toy_data),
+        str(out),
+        config=PreprocessConfig(image_size=32, audio_seconds=0.25, shard_size=40),
+    )
+    return out

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mmcli import __version__
-from mmcli.cli import extract, info, preprocess
+from mmcli.cli import extract, fuse_train, info, preprocess
 
 app = typer.Typer(
     name="mmcli",
@@ -39,6 +39,7 @@ def _root(
 
 app.command("preprocess")(preprocess.preprocess)
 app.command("extract")(extract.extract)
+app.command("fuse-train")(fuse_train.fuse_train)
 app.command("info")(info.info)
 
 

@@ -11,7 +11,7 @@ Importing this package registers every built-in encoder (torchvision itself is o
 imported when a torchvision architecture is built).
 """
 
-from mmcli.models import audio, image, text  # noqa: F401  (register the encoders)
+from mmcli.models import audio, fusion, image, passthrough, text  # noqa: F401  (register encoders, fusion)
 from mmcli.models.base import Encoder
 from mmcli.models.multimodal import (
     ModelConfig,

@@ -60,6 +60,13 @@ class ModelConfig:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
+    #: trained parts beyond encoders and heads (fuse-train / distill):
+    logit_scale: float | None = None  # initial log of the contrastive temperature's inverse
+    logit_bias: float | None = None  # initial bias of the sigmoid loss
+    classifier: dict[str, Any] | None = (
+        None  # {"labels": [...]}: a label head on the fused embedding
+    )
+    matcher: bool = False  # a match/no-match head on the fused state (image-text matching)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +139,26 @@ class MultimodalModel(nn.Module):
                     hint=f"known kinds: {', '.join(_FUSION) or 'none'}; upgrade mmcli",
                 )
             self.fusion = _FUSION[kind](config.fusion, self)
+        self.logit_scale = (
+            nn.Parameter(torch.tensor(float(config.logit_scale)))
+            if config.logit_scale is not None
+            else None
+        )
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(config.logit_bias)))
+            if config.logit_bias is not None
+            else None
+        )
+        self.classifier: nn.Module | None = None
+        if config.classifier is not None:
+            if not config.embed_dim:
+                raise BadInput("model config: a classifier needs embed_dim")
+            self.classifier = nn.Linear(config.embed_dim, len(config.classifier["labels"]))
+        self.matcher: nn.Module | None = None
+        if config.matcher:
+            if self.fusion is None:
+                raise BadInput("model config: a matcher needs a fusion module")
+            self.matcher = nn.Linear(self.fusion.width, 1)
         #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
         self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
         #: {"path", "sha256"} of the checkpoint this model was loaded from
@@ -175,6 +202,66 @@ class MultimodalModel(nn.Module):
 
     def forward(self, modality: str, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.encode(modality, x, normalize=normalize)
+
+    # -- fusion --------------------------------------------------------------------
+    @property
+    def fusion_kind(self) -> str:
+        return (self.config.fusion or {}).get("kind", "none")
+
+    def fuse_parts(
+        self,
+        tokens: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        embeddings: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused embedding [B, D] L2-normalised, fusion state [B, W]) from encoder outputs.
+
+        ``tokens[m]``: the encoder's (tokens, mask) (attention fusion); ``embeddings[m]``:
+        normalized joint embeddings (concat / none); ``present[m]``: [B] bool, False where
+        an item lacks modality m (its tokens are masked out).
+        """
+        from mmcli.models.fusion import mean_fusion
+
+        kind = self.fusion_kind
+        if kind == "none":
+            fused = mean_fusion(dict(embeddings), dict(present) if present is not None else None)
+            return fused, fused
+        if kind == "attention":
+            toks = {}
+            for m, (tok, mask) in tokens.items():
+                if present is not None and m in present:
+                    mask = mask & present[m][:, None]
+                toks[m] = (tok, mask)
+            out, state = self.fusion(toks)
+        else:
+            out, state = self.fusion(
+                dict(embeddings), dict(present) if present is not None else None
+            )
+        return F.normalize(out.float(), dim=-1), state
+
+    def fuse(
+        self, inputs: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Raw rows of several modalities of the same items -> fused embedding [B, D]."""
+        tokens, embeddings = {}, {}
+        for m, x in inputs.items():
+            if self.fusion_kind == "attention":
+                pooled, tok, mask = self.encoder(m).forward_tokens(x)
+                tokens[m] = (tok, mask)
+            else:
+                pooled = self.encoder(m)(x)
+            z = self.heads[m](pooled) if m in self.heads else pooled
+            embeddings[m] = F.normalize(z.float(), dim=-1)
+        return self.fuse_parts(tokens, embeddings, present)[0]
+
+    def match_score(self, parts: tuple[Mapping, Mapping]) -> torch.Tensor:
+        """Match logit [B] of fused (tokens, embeddings) pairs; cosine without a matcher."""
+        tokens, embeddings = parts
+        if self.matcher is None:
+            a, b = list(embeddings.values())[:2]
+            return (a * b).sum(-1)
+        _, state = self.fuse_parts(tokens, embeddings)
+        return self.matcher(state).squeeze(-1)
 
     # -- checkpoints ---------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

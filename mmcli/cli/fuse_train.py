@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mmcli.cli.common import (
+    BatchSize,
+    Debug,
+    Device,
+    Precision,
+    Quiet,
+    Seed,
+    command,
+    parse_key_values,
+)
+
+_MODEL = "Model"
+_OPT = "Optimisation"
+_RUN = "Run"
+
+
+def fuse_train(
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            help="Tensor shards (end to end) or feature files (frozen backbones): files, folders, globs."
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, state.")
+    ],
+    val: Annotated[
+        list[str] | None,
+        typer.Option(help="Validation data (default: the 'val' split of DATA's manifest)."),
+    ] = None,
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            help="Modality pairs to align, e.g. image-text,audio-text (default: every pair present).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="contrastive | sigmoid, plus classify / match, with weights: contrastive=1,match=0.5.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = "contrastive",
+    fusion: Annotated[
+        str,
+        typer.Option(help="Cross-modal fusion: none | concat | attention.", rich_help_panel=_MODEL),
+    ] = "none",
+    encoder: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="End to end: encoder per modality, e.g. image=convnet:width=32 (repeatable).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
+    weights: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Initial encoder weights per modality: image=resnet18.pth or image=imagenet.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
+    freeze: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Keep this modality's encoder fixed (repeatable).", rich_help_panel=_MODEL
+        ),
+    ] = None,
+    embed_dim: Annotated[
+        int, typer.Option(min=2, help="Joint space width.", rich_help_panel=_MODEL)
+    ] = 256,
+    head: Annotated[
+        str, typer.Option(help="Projection heads: linear | mlp.", rich_help_panel=_MODEL)
+    ] = "linear",
+    fusion_width: Annotated[
+        int, typer.Option(min=8, help="Attention fusion width.", rich_help_panel=_MODEL)
+    ] = 128,
+    fusion_depth: Annotated[
+        int, typer.Option(min=1, help="Attention fusion layers.", rich_help_panel=_MODEL)
+    ] = 2,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="Initial contrastive temperature (learned, >= 0.01).", rich_help_panel=_MODEL
+        ),
+    ] = 0.07,
+    captions_per_item: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Captions of an item per batch (all positives of its image).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = 1,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
+    ] = 10,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Stop after this many optimizer steps (overrides --epochs).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    batch_size: BatchSize = 128,
+    lr: Annotated[
+        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_OPT)
+    ] = 1e-3,
+    weight_decay: Annotated[
+        float,
+        typer.Option(
+            help="AdamW weight decay (not on biases, norms, temperature).", rich_help_panel=_OPT
+        ),
+    ] = 0.05,
+    warmup: Annotated[
+        float,
+        typer.Option(
+            help="Warmup: a fraction of all steps (< 1) or a number of steps.", rich_help_panel=_OPT
+        ),
+    ] = 0.05,
+    grad_clip: Annotated[
+        float, typer.Option(help="Clip the gradient norm (0 = off).", rich_help_panel=_OPT)
+    ] = 1.0,
+    accum_steps: Annotated[
+        int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
+    ] = 1,
+    train_split: Annotated[
+        str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)
+    ] = "train",
+    val_split: Annotated[
+        str, typer.Option(help="Manifest split to validate on.", rich_help_panel=_RUN)
+    ] = "val",
+    best_metric: Annotated[
+        str | None,
+        typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Also checkpoint every N steps (always every epoch).", rich_help_panel=_RUN
+        ),
+    ] = None,
+    log_every: Annotated[
+        int, typer.Option(min=1, help="Log metrics every N steps.", rich_help_panel=_RUN)
+    ] = 10,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in OUT from its last checkpoint.",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run in OUT.", rich_help_panel=_RUN)
+    ] = False,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Learn a joint embedding space (contrastive) and cross-modal attention fusion.
+
+    Writes OUT/model.safetensors (best on validation), OUT/last.safetensors,
+    OUT/metrics.jsonl and OUT/state.safetensors (for --resume); prints the final
+    summary as one JSON object on stdout. Scale out with torchrun --nproc_per_node N.
+
+    Examples:
+
+        mmcli fuse-train out/tensors -o runs/toy --epochs 10
+
+        mmcli fuse-train feats/ -o runs/heads --fusion attention --objective contrastive,match
+
+        torchrun --nproc_per_node 2 -m mmcli fuse-train out/tensors -o runs/ddp --batch-size 64
+    """
+    with command(quiet=quiet, debug=debug) as ctx:
+        import json
+
+        from mmcli.train.fuse import FuseConfig, parse_objectives, parse_pairs
+        from mmcli.train.fuse import fuse_train as run
+        from mmcli.train.loop import LoopConfig
+
+        cfg = FuseConfig(
+            pairs=parse_pairs(pairs),
+            objectives=parse_objectives(objective),
+            fusion=fusion,
+            fusion_width=fusion_width,
+            fusion_depth=fusion_depth,
+            embed_dim=embed_dim,
+            head=head,
+            encoders=parse_key_values(encoder, "--encoder", split_commas=False),
+            weights=parse_key_values(weights, "--weights", split_commas=False),
+            freeze=list(freeze or []),
+            temperature=temperature,
+            captions_per_item=captions_per_item,
+            train_split=train_split,
+            val_split=val_split,
+        )
+        loop = LoopConfig(
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            grad_clip=grad_clip or None,
+            accum_steps=accum_steps,
+            precision=precision,
+            log_every=log_every,
+            save_every=save_every,
+            best_metric=best_metric,
+            seed=seed,
+        )
+        summary = run(
+            list(data),
+            out,
+            cfg,
+            loop,
+            val_sources=list(val or []) or None,
+            batch_size=batch_size,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+            progress=ctx.progress,
+        )
+        from mmcli.runtime import dist_info
+
+        if dist_info().is_main:
+            best = summary.get("best_metrics") or {}
+            headline = "  ".join(f"{k} {v:.3f}" for k, v in list(best.items())[:4])
+            ctx.info(
+                f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+                f"({summary['samples_per_s'] or 0:,.0f} samples/s); best: {headline or 'no validation'}; "
+                f"model: {out}/model.safetensors"
+            )
+            typer.echo(json.dumps(summary))

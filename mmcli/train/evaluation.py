@@ -1,0 +1,204 @@
+"""Validation during training: retrieval both ways for every pair, accuracy, binding.
+
+Keys (per trained pair ``a-b``, e.g. ``image-text``):
+
+* ``image-text/image_retrieval_recall@k``: text -> image, every caption a query (CLIP_benchmark's
+  convention); ``image-text/text_retrieval_recall@k``: image -> text, a hit when any of
+  the image's captions is in its top k; ``image-text/mean_recall@k`` their mean;
+* ``acc1``: the classifier head's accuracy on the fused embedding (when trained);
+* ``binding/...``: on two-shape items whose colour-swapped partner (manifest ``swap_id``) is
+  also in the validation set, how often an image scores its own caption above the
+  partner's caption with the colours swapped (``i2t``), and a caption scores its own
+  image above the partner's image (``t2i``). The score is the matching head on the fused
+  pair when the model has one, else the cosine of the joint embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmcli.train.data import Dataset
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed_rows(
+    model,
+    ds: Dataset,
+    items: np.ndarray,
+    modality: str,
+    batch_size: int = 256,
+    tokens: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, list | None]:
+    """Normalized embeddings of every row of ``modality`` of ``items``, and each row's
+    position in ``items``. With ``tokens`` also the encoder tokens per row (for fusion)."""
+    device = next(model.parameters()).device
+    rows = [ds.rows_of[modality][i] for i in items]
+    owner = (
+        np.concatenate([np.full(len(r), k, dtype=np.int64) for k, r in enumerate(rows)])
+        if rows
+        else np.zeros(0, np.int64)
+    )
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    out, toks = [], []
+    for start in range(0, len(flat), batch_size):
+        x = ds.tables[modality].fetch(flat[start : start + batch_size]).to(device)
+        if tokens:
+            pooled, tok, mask = model.encoders[modality].forward_tokens(x)
+            toks.append((tok, mask))
+        else:
+            pooled = model.encoders[modality](x)
+        z = model.heads[modality](pooled) if modality in model.heads else pooled
+        out.append(torch.nn.functional.normalize(z.float(), dim=-1))
+    emb = torch.cat(out) if out else torch.zeros(0, model.out_dim(modality), device=device)
+    return emb, owner, (toks if tokens else None)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model, ds: Dataset, items: np.ndarray, pairs: list[tuple[str, str]], batch_size: int = 256
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    cache: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def get(m: str):
+        if m not in cache:
+            emb, owner, _ = embed_rows(model, ds, items, m, batch_size)
+            cache[m] = (emb, owner)
+        return cache[m]
+
+    for a, b in pairs:
+        ea, oa = get(a)
+        eb, ob = get(b)
+        if len(ea) == 0 or len(eb) == 0:
+            continue
+        k = tuple(x for x in KS if x <= max(1, min(len(np.unique(oa)), len(np.unique(ob)))))
+        res = _recalls(eb, ob, ea, oa, k)  # b queries -> a targets
+        rev = _recalls(ea, oa, eb, ob, k)
+        for kk in k:
+            metrics[f"{a}-{b}/{a}_retrieval_recall@{kk}"] = res[f"recall@{kk}"]
+            metrics[f"{a}-{b}/{b}_retrieval_recall@{kk}"] = rev[f"recall@{kk}"]
+            metrics[f"{a}-{b}/mean_recall@{kk}"] = 0.5 * (res[f"recall@{kk}"] + rev[f"recall@{kk}"])
+    if model.classifier is not None:
+        metrics.update(_accuracy(model, ds, items, batch_size))
+    metrics.update(binding_accuracy(model, ds, items, batch_size))
+    return metrics
+
+
+def _recalls(
+    q: torch.Tensor, q_items: np.ndarray, t: torch.Tensor, t_items: np.ndarray, ks
+) -> dict[str, float]:
+    """recall@k of queries over targets, a hit when any positive ranks within k.
+
+    Validation sets are small: the score matrix is built whole (``mmcli eval`` is the
+    chunked, full-featured evaluator). Ties count in the query's favour.
+    """
+    scores = q @ t.T  # (Q, T)
+    pos = torch.from_numpy(q_items[:, None] == t_items[None, :]).to(scores.device)
+    best = scores.masked_fill(~pos, float("-inf")).max(1).values
+    rank = 1 + ((scores > best[:, None]) & ~pos).sum(1)
+    has = pos.any(1)
+    return {f"recall@{k}": float((rank[has] <= k).float().mean()) for k in ks}
+
+
+@torch.no_grad()
+def fused_first_rows(model, ds: Dataset, items: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """The fused embedding of each item from the first row of each of its modalities."""
+    device = next(model.parameters()).device
+    out = []
+    modalities = [m for m in model.encoders if m in ds.tables]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        inputs, present = {}, {}
+        for m in modalities:
+            has = np.array([len(ds.rows_of[m][i]) > 0 for i in chunk])
+            rows = np.array(
+                [
+                    ds.rows_of[m][i][0]
+                    if h
+                    else ds.rows_of[m][chunk[has][0]][0]
+                    if has.any()
+                    else 0
+                    for i, h in zip(chunk, has)
+                ]
+            )
+            if has.any():
+                inputs[m] = ds.tables[m].fetch(rows).to(device)
+                present[m] = torch.from_numpy(has).to(device)
+        out.append(model.fuse(inputs, present))
+    return torch.cat(out)
+
+
+def _accuracy(model, ds: Dataset, items: np.ndarray, batch_size: int) -> dict[str, float]:
+    labels = torch.from_numpy(ds.labels[items])
+    keep = labels >= 0
+    if not keep.any():
+        return {}
+    logits = model.classifier(fused_first_rows(model, ds, items, batch_size)).cpu()
+    pred = logits.argmax(1)
+    return {"acc1": float((pred[keep] == labels[keep]).float().mean())}
+
+
+@torch.no_grad()
+def binding_accuracy(
+    model, ds: Dataset, items: np.ndarray, batch_size: int = 256
+) -> dict[str, Any]:
+    """Own caption vs the colour-swapped partner's caption (and own vs partner image)."""
+    if not ds.manifest or "image" not in ds.tables or "text" not in ds.tables:
+        return {}
+    pos = {ds.ids[i]: k for k, i in enumerate(items)}
+    pairs = []
+    for k, i in enumerate(items):
+        partner = ds.manifest.get(ds.ids[i], {}).get("swap_id")
+        if partner in pos and ds.ids[i] < partner:
+            pairs.append((k, pos[partner]))
+    if not pairs:
+        return {}
+    sel = np.array(sorted({x for p in pairs for x in p}))
+    local = {k: j for j, k in enumerate(sel)}
+    sub = items[sel]
+    img, _, img_tok = embed_rows(
+        model, ds, sub, "image", batch_size, tokens=model.matcher is not None
+    )
+    txt, txt_owner, txt_tok = embed_rows(
+        model, ds, sub, "text", batch_size, tokens=model.matcher is not None
+    )
+    # the k-th caption of an item and the k-th caption of its partner are colour swaps of each other
+    first_row = {}
+    for r, o in enumerate(txt_owner):
+        first_row.setdefault(int(o), r)
+    n_caps = np.bincount(txt_owner, minlength=len(sub))
+    i2t, t2i = [], []
+    for x, y in pairs:
+        for u, v in ((local[x], local[y]), (local[y], local[x])):
+            for c in range(min(n_caps[u], n_caps[v])):
+                tu, tv = first_row[u] + c, first_row[v] + c
+                own = _score(model, img, img_tok, u, txt, txt_tok, tu)
+                i2t.append(own > _score(model, img, img_tok, u, txt, txt_tok, tv))
+                t2i.append(own > _score(model, img, img_tok, v, txt, txt_tok, tu))
+    return {
+        "binding/i2t_acc": float(np.mean(i2t)),
+        "binding/t2i_acc": float(np.mean(t2i)),
+        "binding/acc": float(np.mean(i2t + t2i)),
+        "binding/pairs": float(len(pairs)),
+    }
+
+
+def _token_row(tok_batches: list, row: int, batch_size: int = 256):
+    tok, mask = tok_batches[row // batch_size]
+    r = row % batch_size
+    return tok[r : r + 1], mask[r : r + 1]
+
+
+def _score(model, img, img_tok, i, txt, txt_tok, t) -> float:
+    if model.matcher is None:
+        return float(img[i] @ txt[t])
+    toks = {}
+    if img_tok is not None and model.config.fusion["kind"] == "attention":
+        toks = {"image": _token_row(img_tok, i), "text": _token_row(txt_tok, t)}
+    emb = {"image": img[i : i + 1], "text": txt[t : t + 1]}
+    return float(model.match_score((toks, emb)))

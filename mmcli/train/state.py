@@ -1,0 +1,215 @@
+"""The run folder and resumable training state, without pickle.
+
+    RUN/
+      run.json            what was asked for (command, arguments) and the mmcli version
+      metrics.jsonl       one line per logging step and per evaluation
+      state.safetensors   resumable state: model, optimizer, grad scaler, RNG, position
+      last.safetensors    the latest model checkpoint (what extract/eval/retrieve load)
+      model.safetensors   the best model by the validation metric (or the last, without val)
+
+The optimizer's state dict is split into tensors (stored as safetensors) and everything
+else (stored as JSON in the metadata), so resuming never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcli.errors import BadInput
+from mmcli.formats.atomic import atomic_open, atomic_write_bytes
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "state.safetensors"
+LAST_FILE = "last.safetensors"
+BEST_FILE = "model.safetensors"
+OWNED = (RUN_FILE, METRICS_FILE, STATE_FILE, LAST_FILE, BEST_FILE, "report.json")
+
+
+class RunDir:
+    """A training run's folder: guards against clobbering, appends metrics, saves state.
+
+    The constructor only checks; :meth:`create` writes (after the inputs were validated),
+    so a run refused for bad input leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        command: str,
+        args: dict[str, Any],
+        resume: bool,
+        overwrite: bool,
+        is_main: bool = True,
+    ):
+        self.path = Path(path)
+        self.is_main = is_main
+        run_file = self.path / RUN_FILE
+        if self.path.exists() and not self.path.is_dir():
+            raise BadInput("run folder path exists and is not a folder", where=str(path))
+        existing = self.path.is_dir() and any(self.path.iterdir())
+        if resume:
+            if not (self.path / STATE_FILE).exists():
+                raise BadInput(
+                    "nothing to resume: no state.safetensors in the run folder",
+                    where=str(path),
+                    hint="drop --resume to start a new run",
+                )
+            old = json.loads(run_file.read_text()) if run_file.exists() else {}
+            if old.get("command") not in (None, command):
+                raise BadInput(
+                    f"the run folder holds a {old.get('command')} run, not {command}",
+                    where=str(path),
+                )
+        elif existing and not overwrite:
+            what = "another run" if run_file.exists() else "other files"
+            raise BadInput(
+                f"run folder already holds {what}",
+                where=str(path),
+                hint="use --resume to continue it, --overwrite to replace it, or another -o",
+            )
+        self._pending = (command, args, resume, overwrite)
+
+    def create(self) -> None:
+        """Make the folder and record the run: call once the inputs are known to be good."""
+        command, args, resume, overwrite = self._pending
+        run_file = self.path / RUN_FILE
+        if not self.is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            for name in OWNED:
+                (self.path / name).unlink(missing_ok=True)
+        if not resume:
+            from mmcli import __version__
+
+            with atomic_open(run_file) as f:
+                json.dump(
+                    {"command": command, "mmcli": __version__, "args": args},
+                    f,
+                    indent=2,
+                    default=str,
+                )
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- metrics -------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop metric lines written after the checkpoint we resume from."""
+        path = self.path / METRICS_FILE
+        if not self.is_main or not path.exists():
+            return
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        with atomic_open(path) as f:
+            f.write("".join(line + "\n" for line in keep))
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------ state (de)serialise
+
+
+def _flatten(prefix: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key} and collect them."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {
+            "__dict__": [
+                [_flatten(f"{prefix}.k{i}", k, tensors), _flatten(f"{prefix}.{i}", v, tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, (list, tuple)):
+        return {
+            "__list__": [_flatten(f"{prefix}.{i}", v, tensors) for i, v in enumerate(obj)],
+            "tuple": isinstance(obj, tuple),
+        }
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot serialise {type(obj).__name__} in training state")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [_unflatten(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a nested dict of tensors / JSON values atomically as one safetensors file."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten("s", state, tensors)
+    # safetensors refuses shared storage: give each tensor its own copy
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    atomic_write_bytes(
+        path,
+        save(
+            tensors,
+            metadata={
+                "mmcli.format": "1",
+                "mmcli.kind": "train-state",
+                "mmcli.structure": json.dumps(structure),
+            },
+        ),
+    )
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    where = str(path)
+    try:
+        with safe_open(where, framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(where)
+    except Exception as e:  # corrupt or truncated file
+        raise BadInput(f"cannot read the training state ({e})", where=where) from None
+    if meta.get("mmcli.kind") != "train-state":
+        raise BadInput("not an mmcli training state file", where=where)
+    return _unflatten(json.loads(meta["mmcli.structure"]), tensors)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,294 @@
+"""fuse-train: learning, resume, DDP equivalence, fusion, checkpoints, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mmcli.errors import BadInput, RunFailure
+from mmcli.models import MultimodalModel
+from mmcli.train.data import BatchSampler
+from mmcli.train.fuse import FuseConfig, FuseTask, fuse_train, setup_data, setup_model
+from mmcli.train.loop import LoopConfig, fit
+from mmcli.train.state import RunDir
+
+SMALL = {"image": "convnet:width=8,depth=2,dim=32", "text": "transformer:width=32,depth=1,heads=2"}
+
+
+def _cfg(**kw):
+    return FuseConfig(pairs=[("image", "text")], encoders=dict(SMALL), embed_dim=32, **kw)
+
+
+def test_training_lowers_loss_and_raises_recall(toy_tensors, tmp_path):
+    data = setup_data([str(toy_tensors)], None, _cfg())
+    untrained = setup_model(data, _cfg())
+    from mmcli.train.evaluation import evaluate_model
+
+    before = evaluate_model(untrained.eval(), data.dataset, data.val, data.pairs)
+    summary = fuse_train(
+        [str(toy_tensors)],
+        str(tmp_path / "run"),
+        _cfg(),
+        LoopConfig(epochs=12, lr=3e-3, log_every=1),
+        batch_size=16,
+        device="cpu",
+    )
+    logs = [
+        r
+        for r in RunDir(
+            tmp_path / "run",
+            command="fuse-train",
+            args={},
+            resume=True,
+            overwrite=False,
+            is_main=False,
+        ).metrics()
+        if "loss" in r
+    ]
+    print(before, summary["best_metrics"])
+    assert np.mean([r["loss"] for r in logs[-5:]]) < 0.85 * np.mean([r["loss"] for r in logs[:5]])
+    key = "image-text/mean_recall@5"
+    assert summary["best_metrics"][key] > before[key] + 0.15
+    # the kept model is the best one, and reloads with no code
+    model = MultimodalModel.from_checkpoint(tmp_path / "run" / "model.safetensors")
+    after = evaluate_model(model, data.dataset, data.val, data.pairs)
+    assert after[key] == pytest.approx(summary["best_metrics"][key])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["command"] == "fuse-train"
+
+
+class _Interrupt(FuseTask):
+    """A task that is 'killed' (KeyboardInterrupt) when it reaches a given batch."""
+
+    stop_at = 7
+
+    def forward(self, batch):
+        self.seen = getattr(self, "seen", 0) + 1
+        if self.seen == self.stop_at:
+            raise KeyboardInterrupt
+        return super().forward(batch)
+
+
+def _run(toy_tensors, run_dir, task_cls, resume=False, fusion="attention", steps=None):
+    torch.manual_seed(0)
+    objectives = {"contrastive": 1.0, "match": 0.5} if fusion != "none" else {"contrastive": 1.0}
+    cfg = _cfg(fusion=fusion, objectives=objectives)
+    data = setup_data([str(toy_tensors)], None, cfg)
+    model = setup_model(data, cfg)
+    task = task_cls(model, cfg, data, seed=0)
+    sampler = BatchSampler(data.dataset, data.train, 12, seed=0, modalities=data.modalities)
+    loop = LoopConfig(epochs=2, lr=2e-3, save_every=2, log_every=1, max_steps=steps)
+    run = RunDir(run_dir, command="fuse-train", args={}, resume=resume, overwrite=False)
+    fit(task, sampler, loop, run, device=torch.device("cpu"), resume=resume)
+    return model
+
+
+def test_resume_mid_epoch_equals_uninterrupted(toy_tensors, tmp_path):
+    full = _run(toy_tensors, tmp_path / "full", FuseTask)
+    with pytest.raises(KeyboardInterrupt):
+        _run(toy_tensors, tmp_path / "cut", _Interrupt)
+    saved = json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert saved["step"] == 6  # killed during step 7, mid-epoch (6 steps of 12 per epoch... )
+    resumed = _run(toy_tensors, tmp_path / "cut", FuseTask, resume=True)
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    full_log = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    cut_log = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(full_log) == len(cut_log)
+    assert [json.loads(x).get("loss") for x in full_log] == pytest.approx(
+        [json.loads(x).get("loss") for x in cut_log], rel=1e-4, nan_ok=True
+    )
+
+
+class _Diverge(FuseTask):
+    def forward(self, batch):
+        loss, logs = super().forward(batch)
+        self.n = getattr(self, "n", 0) + 1
+        if self.n >= 5:
+            loss = loss * float("nan")
+            logs["loss"] = float("nan")
+        return loss, logs
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_tensors, tmp_path):
+    with pytest.raises(
+        RunFailure, match=r"the loss became nan at step 5 .*last good checkpoint .*step 4"
+    ):
+        _run(toy_tensors, tmp_path / "nan", _Diverge, fusion="none")
+    from mmcli.train.state import load_state
+
+    state = load_state(tmp_path / "nan" / "state.safetensors")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["task"].values() if v.is_floating_point())
+
+
+def test_attention_fusion_with_a_missing_modality(toy_tensors):
+    cfg = FuseConfig(
+        encoders={**SMALL, "audio": "tiny"},
+        embed_dim=32,
+        fusion="attention",
+        objectives={"contrastive": 1.0, "classify": 1.0, "match": 1.0},
+    )
+    data = setup_data([str(toy_tensors)], None, cfg)
+    model = setup_model(data, cfg)
+    sampler = BatchSampler(data.dataset, data.train, 8, seed=0, modalities=data.modalities)
+    batch = sampler.make_batch(0, 0)
+    batch.present["audio"][:4] = False  # half the items have no audio
+    batch.present["text"][0] = False  # and one has no caption
+    task = FuseTask(model, cfg, data)
+    loss, logs = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and {"contrastive", "classify", "match"} <= set(logs)
+    grads = [p.grad for p in model.fusion.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # an item with only an image still gets a fused embedding; missing audio changes it
+    x = {m: batch.data[m][:2] for m in ("image", "text", "audio")}
+    with torch.no_grad():
+        model.eval()
+        full = model.fuse(x)
+        no_audio = model.fuse({m: x[m] for m in ("image", "text")})
+        masked = model.fuse(x, {"audio": torch.tensor([False, False])})
+    assert full.shape == (2, 32) and torch.allclose(full.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(no_audio, masked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full, no_audio)
+
+
+def test_checkpoint_round_trip_with_fusion_and_heads(toy_tensors, tmp_path):
+    cfg = FuseConfig(
+        encoders={**SMALL, "audio": "tiny"},
+        embed_dim=32,
+        fusion="attention",
+        objectives={"contrastive": 1.0, "classify": 1.0, "match": 1.0},
+    )
+    data = setup_data([str(toy_tensors)], None, cfg)
+    model = setup_model(data, cfg).eval()
+    model.to_checkpoint(tmp_path / "m.safetensors")
+    back = MultimodalModel.from_checkpoint(tmp_path / "m.safetensors")
+    batch = BatchSampler(data.dataset, data.train, 4, seed=0).make_batch(0, 0)
+    with torch.no_grad():
+        for m in ("image", "text", "audio"):
+            torch.testing.assert_close(
+                model.encode(m, batch.data[m]), back.encode(m, batch.data[m])
+            )
+        torch.testing.assert_close(model.fuse(batch.data), back.fuse(batch.data))
+    assert (
+        back.classifier is not None and back.config.classifier["labels"] == data.dataset.label_names
+    )
+
+
+def test_ddp_two_processes_equal_one(toy_tensors, tmp_path):
+    """2 processes x batch 6 == 1 process x batch 12 (gloo on the CPU)."""
+    common = [
+        "fuse-train",
+        str(toy_tensors),
+        "--pairs",
+        "image-text",
+        "--encoder",
+        "image=tiny",
+        "--encoder",
+        "text=tiny",
+        "--embed-dim",
+        "16",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--lr",
+        "5e-3",
+        "-q",
+        "--log-every",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "mmcli", *common, "-o", str(tmp_path / "one"), "--batch-size", "12"],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr.decode()
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "mmcli",
+            *common,
+            "-o",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "6",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr.decode()
+    a = MultimodalModel.from_checkpoint(tmp_path / "one" / "last.safetensors").state_dict()
+    b = MultimodalModel.from_checkpoint(tmp_path / "two" / "last.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    la = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    lb = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(cli, toy_tensors, tmp_path):
+    def run(*args):
+        r = cli("fuse-train", toy_tensors, "-o", tmp_path / "r", "--max-steps", "1", *args)
+        return r.exit_code, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+
+    code, err = run("--pairs", "image-depth")
+    assert code == 2 and "--pairs asks for image-depth but the data has no depth" in err
+    code, err = run("--batch-size", "1000")
+    assert code == 2 and "batch size 1000 is larger than the" in err
+    code, err = run("--train-split", "nope")
+    assert code == 2 and "split is empty" in err
+    code, err = run("--objective", "magic")
+    assert code == 2 and "unknown objective 'magic'" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("*.safetensors"))
+    (tmp_path / "r").mkdir(exist_ok=True)
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    code, err = run()
+    assert code == 2 and "run folder already holds other files" in err
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+
+
+def test_mixed_feature_dims_are_refused(tmp_path):
+    from mmcli.formats.tensorfile import Shard, write_shard
+
+    for name, dim in (("a", 8), ("b", 16)):
+        write_shard(
+            tmp_path / f"{name}.safetensors",
+            Shard(
+                ids=["x", "y"],
+                tables={"image": np.zeros((2, dim), np.float32)},
+                items={"image": np.arange(2)},
+            ),
+            kind="features",
+            specs={"image": {"encoder": name, "dim": dim}},
+        )
+    with pytest.raises(BadInput, match="two inputs both hold a image table|differ"):
+        setup_data(
+            [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], None, FuseConfig()
+        )
