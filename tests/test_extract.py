@@ -222,3 +222,38 @@ def test_model_from_checkpoint_is_a_multimodal_model(tmp_path):
     model = _model()
     model.to_checkpoint(tmp_path / "m.safetensors")
     assert isinstance(MultimodalModel.from_checkpoint(tmp_path / "m.safetensors"), MultimodalModel)
+
+
+def test_model_over_features_projects_a_features_file(shards, tmp_path):
+    """A fuse-train model over frozen features (``features`` encoders) reads features files."""
+    pytest.importorskip("mmcli.models.passthrough")
+    from mmcli.models import ModelConfig
+
+    extract(
+        shards[:1], tmp_path / "backbone.safetensors", encoders={"image": "tiny"}, dtype="float32"
+    )
+    config = ModelConfig(
+        encoders={"image": {"name": "features", "config": {"dim": 16}}},
+        heads={"image": {"kind": "linear", "in_dim": 16, "out_dim": 8}},
+        embed_dim=8,
+    )
+    torch.manual_seed(0)
+    model = MultimodalModel(config)
+    model.to_checkpoint(tmp_path / "m.safetensors")
+    extract(
+        tmp_path / "backbone.safetensors",
+        tmp_path / "joint.safetensors",
+        str(tmp_path / "m.safetensors"),
+    )
+    got = ShardFile(tmp_path / "joint.safetensors")
+    feats = ShardFile(tmp_path / "backbone.safetensors").tensor("image")
+    with torch.no_grad():
+        want = model.encode("image", feats)
+    torch.testing.assert_close(got.tensor("image").float(), want, rtol=2e-3, atol=2e-3)
+    assert got.specs["image"]["input"]["encoder"] == "tiny"  # the backbone spec travels along
+
+    with pytest.raises(BadInput, match="takes 16-d features, the input image table is uint8"):
+        extract(shards[:1], tmp_path / "x.safetensors", str(tmp_path / "m.safetensors"))
+    raw = _model()
+    with pytest.raises(BadInput, match=r"the image table is float32 \[5, 16\] \(features\)"):
+        extract(tmp_path / "backbone.safetensors", tmp_path / "y.safetensors", raw)
