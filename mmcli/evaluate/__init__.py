@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, zero-shot classification, linear probe, summaries."""
