@@ -47,10 +47,20 @@ def test_the_registry_holds_the_documented_encoders():
 
 @pytest.mark.parametrize("name", ENCODERS)
 def test_forward_backward_shapes_and_determinism(name):
-    enc = _build(name)
     modality = name.split("/")[0]
-    assert enc.modality == modality and enc.name == name.split("/")[1]
     x = _batch(modality)
+    # same seed -> same weights -> same outputs; forward() == forward_tokens()[0]
+    enc, twin = _build(name).eval(), _build(name).eval()
+    assert enc.modality == modality and enc.name == name.split("/")[1]
+    with torch.no_grad():
+        y = enc(x)
+        assert torch.equal(y, twin(x))
+        torch.testing.assert_close(enc.forward_tokens(x)[0], y, rtol=1e-5, atol=1e-5)
+    del twin
+    if sum(p.numel() for p in enc.parameters()) < 5e6:  # the seed matters (cheap ones only)
+        with torch.no_grad():
+            assert not torch.equal(_build(name, seed=1).eval()(x), y)
+
     enc.train()
     pooled, tokens, mask = enc.forward_tokens(x)
     assert pooled.shape == (2, enc.out_dim)
@@ -61,14 +71,6 @@ def test_forward_backward_shapes_and_determinism(name):
     grads = [p.grad for p in enc.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
-
-    # same seed -> same weights -> same outputs; forward() == forward_tokens()[0]
-    a, b = _build(name).eval(), _build(name).eval()
-    with torch.no_grad():
-        ya, yb = a(x), b(x)
-        assert torch.equal(ya, yb)
-        torch.testing.assert_close(a.forward_tokens(x)[0], ya, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(_build(name, seed=1).eval()(x).detach(), ya) or modality == "text"
 
 
 @pytest.mark.parametrize("name", ENCODERS)

@@ -102,10 +102,9 @@ def test_info_shows_the_model_config(tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["kind"] == "model"
-    assert info["model"]["encoders"]["image"] == {
-        "name": "convnet",
-        "config": {"width": 8, "depth": 4, "dim": 256, "dropout": 0.0},
-    }
+    image = info["model"]["encoders"]["image"]
+    assert image["name"] == "convnet"
+    assert {"width": 8, "depth": 4, "dim": 256, "dropout": 0.0}.items() <= image["config"].items()
 
 
 def test_checkpoint_of_another_architecture_is_one_clear_line(tmp_path):

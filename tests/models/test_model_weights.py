@@ -78,12 +78,12 @@ def test_wrappers_and_prefixes_are_undone(tmp_path, wrap):
 
 def test_vit_keeps_torchvision_names(tmp_path):
     torch.manual_seed(0)
-    net = torchvision.models.vit_b_16(weights=None)
+    net = torchvision.models.vit_b_16(weights=None, image_size=32)  # small: fast on a CPU
     path = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    enc = models.create("vit_b_16").eval()
+    enc = models.create("vit_b_16", image_size=32).eval()
     load_weights(enc, path)  # heads.* dropped, everything else matches by name
-    x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     net.heads = torch.nn.Identity()
     with torch.no_grad():
         torch.testing.assert_close(enc(x), net.eval()(enc.prepare(x)), rtol=1e-4, atol=1e-4)
