@@ -130,7 +130,8 @@ def extract(
         todo, skipped = _pending(outputs, mine, tensors, run_id, resume)
         runtime.barrier()  # every rank has checked OUT before any writes to it
 
-        _note_random_weights(model, modalities)
+        if dist.is_main:
+            _note_random_weights(model, modalities)
         model.to(dev).eval()
         if channels_last and "image" in modalities:
             model.encoders["image"].to(memory_format=torch.channels_last)

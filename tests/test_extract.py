@@ -257,3 +257,24 @@ def test_model_over_features_projects_a_features_file(shards, tmp_path):
     raw = _model()
     with pytest.raises(BadInput, match=r"the image table is float32 \[5, 16\] \(features\)"):
         extract(tmp_path / "backbone.safetensors", tmp_path / "y.safetensors", raw)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_matches_cpu(shards, tmp_path, precision):
+    """pinned memory, non-blocking copies, channels_last and autocast on the GPU (pytest -m cuda)."""
+    extract(shards, tmp_path / "cpu", encoders=ENCODERS, device="cpu", dtype="float32")
+    extract(
+        shards,
+        tmp_path / "gpu",
+        encoders=ENCODERS,
+        device="cuda",
+        precision=precision,
+        dtype="float32",
+    )
+    tol = 1e-3 if precision == "fp32" else 3e-2
+    for name in sorted(p.name for p in (tmp_path / "cpu").iterdir()):
+        a, b = ShardFile(tmp_path / "cpu" / name), ShardFile(tmp_path / "gpu" / name)
+        for m in ENCODERS:
+            torch.testing.assert_close(b.tensor(m), a.tensor(m), rtol=tol, atol=tol)
