@@ -153,10 +153,10 @@ class FeatureSet:
 
         self.dim(table)
         group = self._groups[self._table_group[table]]
-        for s in group.tensors.shards:
+        for s, offset in zip(group.tensors.shards, group.tensors.item_offsets):
             local = s.item_index(table).astype("int64", copy=False)
             _check_items(local, s, table)
-            yield s.tensor(table), torch.from_numpy(group.item_map[local])
+            yield s.tensor(table), torch.from_numpy(group.item_map[local + offset])
 
     def table(self, table: str, dtype: Any = "float32") -> tuple[Any, Any]:
         """The whole table in memory: (data [rows, D] in ``dtype``, items int64 [rows])."""
@@ -283,7 +283,7 @@ class _Manifest:
         out = dict(item.fields)
         for key in PATH_FIELDS:
             if isinstance(out.get(key), str):
-                out[key] = str(item.path(key))
+                out[key] = os.path.normpath(item.path(key))
         return out
 
     def split(self, item_id: str) -> str | None:

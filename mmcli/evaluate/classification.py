@@ -1,0 +1,131 @@
+"""Classification metrics shared by zero-shot, linear probe and ``classify``.
+
+The rank of the true class follows the same tie rule as retrieval: classes by score,
+descending, equal scores by class index, ascending; so ``acc@k`` never depends on the
+order ``topk`` returns tied logits in.
+
+Keys (CLIP_benchmark names): ``acc1``, ``acc5`` (only with 5 classes or more: with fewer
+it would be 1.0 by construction, so it is left out rather than reported as NaN) and
+``mean_per_class_recall`` (the top-1 recall of each class that has samples, averaged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmcli.errors import BadInput
+
+
+def true_class_ranks(logits, labels) -> np.ndarray:
+    """1-based rank of each sample's true class among the classes (tie rule above)."""
+    import torch
+
+    logits = torch.as_tensor(logits).float()
+    labels = torch.as_tensor(labels, dtype=torch.int64, device=logits.device)
+    true = logits.gather(1, labels[:, None])  # (N, 1)
+    classes = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    ahead = (logits > true) | ((logits == true) & (classes < labels[:, None]))
+    return (ahead.sum(1) + 1).cpu().numpy()
+
+
+def classification_metrics(
+    logits, labels, n_classes: int | None = None, prefix: str = ""
+) -> dict[str, float]:
+    """acc1, acc5 (n_classes >= 5) and mean per-class recall of ``logits`` [N, C]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise BadInput("no labelled samples to evaluate")
+    n_classes = int(n_classes if n_classes is not None else np.shape(logits)[1])
+    ranks = true_class_ranks(logits, labels)
+    out = {f"{prefix}acc1": float((ranks <= 1).mean())}
+    if n_classes >= 5:
+        out[f"{prefix}acc5"] = float((ranks <= 5).mean())
+    hit = (ranks == 1).astype(np.float64)
+    per_class = np.bincount(labels, hit, minlength=n_classes)
+    support = np.bincount(labels, minlength=n_classes)
+    present = support > 0
+    out[f"{prefix}mean_per_class_recall"] = float((per_class[present] / support[present]).mean())
+    return out
+
+
+def labelled_rows(features, table: str) -> tuple[Any, np.ndarray]:
+    """(features float32 [n, D], labels int64 [n]) of the rows of ``table`` whose item has
+    a label. BadInput when no item has one."""
+    import torch
+
+    labels = features.labels()
+    if not features.label_names or not (labels >= 0).any():
+        raise BadInput(
+            "the features have no labels",
+            where=features.paths[0],
+            hint='labels come from the manifest\'s "label" field; this task needs them',
+        )
+    x, items = features.table(table)
+    y = labels[items.numpy()]
+    keep = y >= 0
+    return x[torch.from_numpy(keep)], y[keep]
+
+
+def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int = 256):
+    """Accuracy of a classifier checkpoint on feature files (``mmcli eval --task classify``).
+
+    Expects ``model.classify(batch) -> logits [B, C]`` where ``batch`` maps each modality
+    the model encodes to feature rows (the first row of each item), and the class names
+    in ``model.config.extra["labels"]``. Items are matched to classes by label name.
+    """
+    import torch
+
+    labels_of_model = (getattr(model.config, "extra", {}) or {}).get("labels")
+    if not callable(getattr(model, "classify", None)) or not labels_of_model:
+        raise BadInput(
+            "the checkpoint has no classifier head",
+            hint="train one with mmcli fuse-train (classification objective), or use --task zeroshot / linear-probe",
+        )
+    modalities = [m for m in getattr(model, "modalities", []) if m in features.tables]
+    if "fused" in features.tables and not modalities:
+        modalities = ["fused"]
+    if not modalities:
+        raise BadInput(
+            f"the features have none of the tables the classifier reads ({', '.join(getattr(model, 'modalities', []))})",
+            where=features.paths[0],
+        )
+    index = {name: i for i, name in enumerate(labels_of_model)}
+    item_labels = features.labels()
+    names = features.label_names
+    target = np.array(
+        [index.get(names[i], -1) if i >= 0 else -1 for i in item_labels], dtype=np.int64
+    )
+    first_row: dict[str, np.ndarray] = {}
+    tables = {}
+    for m in modalities:
+        x, items = features.table(m)
+        items = items.numpy()
+        row = np.full(features.num_items, -1, dtype=np.int64)
+        row[items[::-1]] = np.arange(len(items))[::-1]  # the first row of each item
+        first_row[m], tables[m] = row, x
+    usable = target >= 0
+    for m in modalities:
+        usable &= first_row[m] >= 0
+    items = np.flatnonzero(usable)
+    if len(items) == 0:
+        raise BadInput(
+            "no item has a label the classifier knows and rows for its inputs",
+            where=features.paths[0],
+            hint=f"the classifier's classes: {', '.join(labels_of_model[:8])}",
+        )
+    logits = []
+    with torch.inference_mode():
+        for b0 in range(0, len(items), batch_size):
+            sel = items[b0 : b0 + batch_size]
+            batch = {
+                m: tables[m][torch.from_numpy(first_row[m][sel])].to(device) for m in modalities
+            }
+            logits.append(model.classify(batch).float().cpu())
+    metrics = classification_metrics(torch.cat(logits), target[items], len(labels_of_model))
+    return metrics, {
+        "samples": int(len(items)),
+        "classes": len(labels_of_model),
+        "inputs": modalities,
+    }

@@ -1,0 +1,238 @@
+"""``mmcli eval`` as one library call: pick the task, open the inputs, compute, report.
+
+    result = run_eval(EvalConfig(features=["feats/"], task="retrieval"))
+    result["metrics"]["image_retrieval_recall@5"]
+
+The result is one JSON-ready dict: ``task``, ``dataset``, ``model``, ``features``,
+``metrics`` (flat: metric key -> number), ``info`` (counts and choices behind the
+metrics), ``mmcli`` (version) and ``elapsed_s``.
+
+``task="auto"``: ``linear-probe`` when ``--train``/``--test`` are given; else
+``retrieval`` when the features hold two or more of image / text / audio; else
+``zeroshot`` when a model is given and the items have labels; else ``linear-probe``
+when they have labels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmcli.errors import BadInput
+from mmcli.evaluate.retrieval import DEFAULT_KS
+from mmcli.progress import ProgressFactory, null_progress
+
+TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify")
+MODALITIES = ("image", "text", "audio")
+
+
+@dataclass
+class EvalConfig:
+    features: list[str] = field(default_factory=list)
+    task: str = "auto"
+    query: str | None = None
+    target: str | None = None
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    model: str | None = None
+    templates: str | None = None
+    table: str | None = None  # zeroshot / linear-probe: the table to classify
+    train: list[str] | None = None
+    val: list[str] | None = None
+    test: list[str] | None = None
+    device: str = "cpu"
+    batch_size: int = 256
+    seed: int = 0
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: CUDA is not available here", hint="use --device cpu")
+    return device
+
+
+def _pick_task(cfg: EvalConfig, features) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    if cfg.train or cfg.test:
+        return "linear-probe"
+    modal = [t for t in features.tables if t in MODALITIES]
+    if cfg.query or cfg.target or len(modal) >= 2:
+        return "retrieval"
+    has_labels = bool(features.label_names) and bool((features.labels() >= 0).any())
+    if has_labels and cfg.model:
+        return "zeroshot"
+    if has_labels:
+        return "linear-probe"
+    raise BadInput(
+        f"cannot tell which evaluation to run: the features hold {', '.join(features.tables)} and no labels",
+        where=features.paths[0],
+        hint="pass --task, or features of two modalities for retrieval",
+    )
+
+
+def retrieval_pairs(
+    tables: list[str], query: str | None, target: str | None
+) -> list[tuple[str, str]]:
+    """(query, target) pairs to evaluate: the one asked for, else every pair of modality
+    tables (text as the query side when it is in the pair)."""
+    if query and target:
+        return [(query, target)]
+    modal = [t for t in tables if t in MODALITIES]
+    if query or target:
+        given = query or target
+        others = [t for t in modal if t != given]
+        if not others:
+            raise BadInput(f"no other modality to pair with {given} (tables: {', '.join(tables)})")
+        return [(given, others[0])] if query else [(others[0], given)]
+    if len(modal) < 2:
+        raise BadInput(
+            f"retrieval needs two modalities, the features hold {', '.join(tables) or 'none'}",
+            hint="extract features of both (or join two files: eval A.safetensors B.safetensors)",
+        )
+    pairs = []
+    for i, a in enumerate(modal):
+        for b in modal[i + 1 :]:
+            pairs.append((b, a) if b == "text" else (a, b))
+    return pairs
+
+
+def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict[str, Any]:
+    from mmcli.formats.features import FeatureSet
+
+    started = time.perf_counter()
+    if cfg.task not in TASKS:
+        raise BadInput(f"unknown task {cfg.task!r}", hint=f"use one of {', '.join(TASKS)}")
+    device = resolve_device(cfg.device)
+    split_sets = {
+        k: FeatureSet.open(v) if v else None
+        for k, v in (("train", cfg.train), ("val", cfg.val), ("test", cfg.test))
+    }
+    features = FeatureSet.open(cfg.features) if cfg.features else None
+    if features is None and split_sets["train"] is None:
+        raise BadInput("no feature files given", hint="mmcli eval FEATURES... (or --train/--test)")
+    task = _pick_task(cfg, features if features is not None else split_sets["train"])
+    model = None
+    if task in ("zeroshot", "classify"):
+        if not cfg.model:
+            raise BadInput(
+                f"--task {task} needs --model CKPT",
+                hint="the checkpoint that encodes the class prompts"
+                if task == "zeroshot"
+                else "a classifier checkpoint",
+            )
+        from mmcli.search.queries import load_model
+
+        model = load_model(cfg.model, device)
+    if features is None and task != "linear-probe":
+        raise BadInput(
+            f"--task {task} needs FEATURES", hint="--train/--val/--test are for the linear probe"
+        )
+    metrics: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    query = target = None
+    if task == "retrieval":
+        from mmcli.evaluate.retrieval import evaluate_retrieval
+
+        pairs = retrieval_pairs(features.tables, cfg.query, cfg.target)
+        for q, t in pairs:
+            m, i = evaluate_retrieval(features, q, t, ks=cfg.ks, device=device, progress=progress)
+            prefix = f"{q}_{t}/" if len(pairs) > 1 else ""
+            metrics.update({prefix + k: v for k, v in m.items()})
+            info.update({prefix + k: v for k, v in i.items()})
+        query, target = pairs[0]
+    elif task == "zeroshot":
+        from mmcli.evaluate.linear_probe import probe_table
+        from mmcli.evaluate.zeroshot import evaluate_zeroshot, load_templates
+        from mmcli.search.queries import QueryEncoder
+
+        table = cfg.table or probe_table(features, None)
+        templates = load_templates(cfg.templates) if cfg.templates else None
+        metrics, info = evaluate_zeroshot(
+            features,
+            table,
+            QueryEncoder(model, device),
+            templates=templates,
+            batch_size=cfg.batch_size,
+        )
+        target = table
+    elif task == "linear-probe":
+        from mmcli.evaluate.linear_probe import evaluate_linear_probe
+
+        if split_sets["train"] is not None or split_sets["test"] is not None:
+            metrics, info = evaluate_linear_probe(
+                table=cfg.table, device=device, seed=cfg.seed, **split_sets
+            )
+        else:
+            metrics, info = evaluate_linear_probe(features, cfg.table, device=device, seed=cfg.seed)
+        target = info.get("table")
+    else:  # classify
+        from mmcli.evaluate.classification import evaluate_classifier
+
+        metrics, info = evaluate_classifier(
+            features, model, device=device, batch_size=cfg.batch_size
+        )
+    any_set = features if features is not None else split_sets["train"]
+    all_paths = [p for fs in (features, *split_sets.values()) if fs is not None for p in fs.paths]
+    return {
+        "task": task,
+        "dataset": dataset_name(any_set),
+        "model": model_name(cfg.model, any_set),
+        "query": query,
+        "target": target,
+        "features": all_paths,
+        "metrics": metrics,
+        "info": info,
+        "mmcli": _version(),
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def _version() -> str:
+    from mmcli import __version__
+
+    return __version__
+
+
+def dataset_name(features) -> str:
+    """The folder of the source manifest (``data/coco/manifest.jsonl`` -> ``coco``), else
+    that of the feature files."""
+    manifest = features.source.get("manifest") if features.source else None
+    if manifest and Path(manifest).parent.name:
+        return Path(manifest).parent.name
+    first = Path(features.paths[0])
+    return first.parent.name or first.stem
+
+
+def model_name(checkpoint: str | None, features) -> str:
+    """The checkpoint's stem, else the model or encoders the features were extracted with."""
+    if checkpoint:
+        return Path(checkpoint).stem
+    names = []
+    for t in features.tables:
+        spec = features.spec(t)
+        model = spec.get("model")
+        if isinstance(model, dict) and model.get("path"):
+            name = Path(str(model["path"])).stem
+        else:
+            name = spec.get("encoder")
+        if name and str(name) not in names:
+            names.append(str(name))
+    return "+".join(names) or "features"
+
+
+def output_path(template: str, result: dict[str, Any]) -> str:
+    """Fill ``{model}``, ``{task}``, ``{dataset}``, ``{query}``, ``{target}`` in ``--output``."""
+    values = {k: str(result.get(k) or "") for k in ("model", "task", "dataset", "query", "target")}
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise BadInput(
+            f"bad --output template {template!r} ({e})",
+            hint="placeholders: {model} {task} {dataset} {query} {target}",
+        ) from None
