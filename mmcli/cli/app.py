@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mmcli import __version__
-from mmcli.cli import extract, fuse_train, info, preprocess
+from mmcli.cli import eval, extract, fuse_train, info, preprocess, retrieve
 
 app = typer.Typer(
     name="mmcli",
@@ -41,6 +41,8 @@ app.command("preprocess")(preprocess.preprocess)
 app.command("extract")(extract.extract)
 app.command("fuse-train")(fuse_train.fuse_train)
 app.command("info")(info.info)
+app.command("eval")(eval.eval_command)
+app.command("retrieve")(retrieve.retrieve)
 
 
 def main() -> None:

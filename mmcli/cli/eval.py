@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from mmcli.cli.common import BatchSize, Debug, Device, Quiet, Seed, command
+
+Task = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        help="retrieval | zeroshot | linear-probe | classify | auto (retrieval for 2+ modalities, "
+        "zeroshot with --model and labels, else linear-probe).",
+    ),
+]
+
+
+def eval_command(
+    features: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Feature files, shard folders or globs (joined by item id when they hold different "
+            "tables). With --summarize: result JSON files.",
+            show_default=False,
+        ),
+    ] = None,
+    task: Task = "auto",
+    query: Annotated[
+        str | None,
+        typer.Option(help="Retrieval: the query table (e.g. text).", rich_help_panel="Retrieval"),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Retrieval: the candidate table (e.g. image).", rich_help_panel="Retrieval"
+        ),
+    ] = None,
+    k: Annotated[
+        str, typer.Option("--k", help="Retrieval: recall@k cut-offs.", rich_help_panel="Retrieval")
+    ] = "1,5,10",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint: encodes class prompts (zeroshot) or classifies (classify)."),
+    ] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            help="Zero-shot prompt templates: one per line with {} for the class name.",
+            rich_help_panel="Classification",
+        ),
+    ] = None,
+    modality: Annotated[
+        str | None,
+        typer.Option(
+            help="Zero-shot / linear probe: the table to classify (default: fused, image, audio, text).",
+            rich_help_panel="Classification",
+        ),
+    ] = None,
+    train: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Linear probe: training features (instead of manifest splits).",
+            rich_help_panel="Classification",
+        ),
+    ] = None,
+    val: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Linear probe: validation features (weight decay choice).",
+            rich_help_panel="Classification",
+        ),
+    ] = None,
+    test: Annotated[
+        list[str] | None,
+        typer.Option(help="Linear probe: test features.", rich_help_panel="Classification"),
+    ] = None,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where the JSON goes: - (stdout) or a path; {model} {task} {dataset} {query} {target} are filled in.",
+        ),
+    ] = "-",
+    table: Annotated[
+        bool, typer.Option("--table", help="Also print the metrics as a table on stderr.")
+    ] = False,
+    summarize: Annotated[
+        bool,
+        typer.Option(
+            "--summarize",
+            help="Merge result JSON files (the arguments) into one table.",
+            rich_help_panel="Summaries",
+        ),
+    ] = False,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="--summarize output: csv, markdown or json (default: from -o's extension, else csv).",
+            rich_help_panel="Summaries",
+        ),
+    ] = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 256,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate features: retrieval metrics, zero-shot, linear probe or a classifier.
+
+    Prints one JSON object (metrics under "metrics", CLIP_benchmark key names). Retrieval
+    runs both directions with ground truth from the items: text -> image is
+    image_retrieval_*, image -> text is text_retrieval_* (an image is a hit when any of
+    its captions is in its top k). See docs/eval.md.
+
+    Examples:
+
+        mmcli eval out/features/ --k 1,5,10 --table
+
+        mmcli eval images.safetensors texts.safetensors --query text --target image
+
+        mmcli eval out/features/ --task zeroshot --model run/model.safetensors
+
+        mmcli eval --task linear-probe --train tr/ --val va/ --test te/ -o '{model}_{task}.json'
+
+        mmcli eval --summarize results/*.json --format markdown
+    """
+    with command(quiet=quiet, debug=debug) as ctx:
+        from mmcli.errors import BadInput
+
+        if summarize:
+            from mmcli.evaluate.summarize import format_for, load_results, render_summary
+            from mmcli.formats.atomic import atomic_open
+
+            text = render_summary(load_results(features or []), format_for(output, fmt))
+            with atomic_open(output) as f:
+                f.write(text)
+            return
+        from mmcli.evaluate.retrieval import parse_ks
+        from mmcli.evaluate.run import EvalConfig, output_path, run_eval
+        from mmcli.formats.atomic import atomic_open, is_stdio
+
+        if not features and not (train or test):
+            raise BadInput(
+                "no feature files given", hint="mmcli eval FEATURES... (see mmcli eval --help)"
+            )
+        cfg = EvalConfig(
+            features=list(features or []),
+            task=task,
+            query=query,
+            target=target,
+            ks=parse_ks(k),
+            model=model,
+            templates=templates,
+            table=modality,
+            train=train,
+            val=val,
+            test=test,
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        result = run_eval(cfg, progress=ctx.progress)
+        path = output if is_stdio(output) else output_path(output, result)
+        with atomic_open(path) as f:
+            f.write(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+        if not is_stdio(path):
+            ctx.info(f"wrote {path}")
+        if table:
+            _render(result)
+
+
+def _render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{result['task']}: {result['dataset']} / {result['model']}", show_edge=False)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        t.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console(stderr=True, highlight=False).print(t)

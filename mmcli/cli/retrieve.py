@@ -1,0 +1,328 @@
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+import typer
+
+from mmcli.cli.common import BatchSize, Debug, Device, OnError, Quiet, command
+
+Many = list[str] | None
+
+
+def retrieve(
+    index: Annotated[
+        list[str],
+        typer.Option(
+            "--index",
+            help="Feature files, shard folders or globs to search (repeat --index to add files).",
+            show_default=False,
+        ),
+    ],
+    target: Annotated[
+        str | None,
+        typer.Option(help="The table to search (default: image, else audio, text, fused)."),
+    ] = None,
+    text: Annotated[
+        Many,
+        typer.Option(
+            "--text", help="A text query (repeatable). Needs --model.", rich_help_panel="Queries"
+        ),
+    ] = None,
+    image: Annotated[
+        Many,
+        typer.Option(
+            "--image",
+            help="An image file query (repeatable). Needs --model.",
+            rich_help_panel="Queries",
+        ),
+    ] = None,
+    audio: Annotated[
+        Many,
+        typer.Option(
+            "--audio",
+            help="An audio file query (repeatable). Needs --model.",
+            rich_help_panel="Queries",
+        ),
+    ] = None,
+    item_id: Annotated[
+        Many,
+        typer.Option(
+            "--id",
+            help="Query with an item's own features (repeatable).",
+            rich_help_panel="Queries",
+        ),
+    ] = None,
+    queries: Annotated[
+        Many,
+        typer.Option(
+            "--queries",
+            help="A feature file of query vectors (every row is a query).",
+            rich_help_panel="Queries",
+        ),
+    ] = None,
+    query_table: Annotated[
+        str | None,
+        typer.Option(
+            help="Table of --id / --queries rows (default: the target, or the only table).",
+            rich_help_panel="Queries",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Checkpoint that encodes raw queries (the one the index was extracted with)."
+        ),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Hits per query.")] = 10,
+    threshold: Annotated[float | None, typer.Option(help="Drop hits scoring below this.")] = None,
+    backend: Annotated[
+        Literal["exact", "faiss"],
+        typer.Option(
+            help="exact (default) or faiss (approximate, pip install 'mmcli[faiss]').",
+            rich_help_panel="Search",
+        ),
+    ] = "exact",
+    scoring: Annotated[
+        Literal["auto", "fp32", "bf16"],
+        typer.Option(
+            help="Exact backend's first scoring pass (results are identical; bf16 is faster on AMX/AVX-512 BF16 CPUs).",
+            rich_help_panel="Search",
+        ),
+    ] = "auto",
+    faiss_index: Annotated[
+        str,
+        typer.Option(
+            help="faiss: ivf, hnsw or a faiss factory string (IVF4096,SQ8).",
+            rich_help_panel="Search",
+        ),
+    ] = "ivf",
+    faiss_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="faiss: folder of the saved index (default: next to the features).",
+            rich_help_panel="Search",
+        ),
+    ] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(min=1, help="faiss ivf: lists searched per query.", rich_help_panel="Search"),
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option(min=1, help="faiss hnsw: search breadth.", rich_help_panel="Search"),
+    ] = None,
+    rebuild_index: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild-index", help="faiss: rebuild the saved index.", rich_help_panel="Search"
+        ),
+    ] = False,
+    fields: Annotated[
+        bool, typer.Option("--fields/--no-fields", help="Attach each hit's manifest fields.")
+    ] = True,
+    table: Annotated[
+        bool, typer.Option("--table", help="Also print hits as tables on stderr.")
+    ] = False,
+    on_error: OnError = "skip",
+    device: Device = "auto",
+    batch_size: BatchSize = 256,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Search a feature index: one JSON line per query with ranked hits.
+
+    Queries come from --text/--image/--audio (encoded with --model), --id, --queries, or
+    JSON lines on stdin ({"text": ...}, {"image": path}, {"audio": path}, {"id": ...}),
+    answered as they arrive. Each output line is {"query": ..., "hits": [{"rank", "id",
+    "score", "item": {manifest fields, paths resolved}}]}. See docs/retrieve.md.
+
+    Examples:
+
+        mmcli retrieve --index out/features/ --model run/model.safetensors --text "a red circle" -k 5
+
+        echo '{"text": "a red circle"}' | mmcli retrieve --index out/features/ --model run/model.safetensors | jq -r '.hits[0].item.image'
+
+        mmcli retrieve --index out/features/ --id 42 --target image
+
+        mmcli retrieve --index big/ --queries q.safetensors --backend faiss --faiss-index hnsw
+    """
+    with command(quiet=quiet, debug=debug) as ctx:
+        from mmcli.errors import BadInput
+        from mmcli.evaluate.run import resolve_device
+        from mmcli.search.retrieve import RetrieveConfig, Retriever
+
+        given = [bool(text), bool(image), bool(audio), bool(item_id), bool(queries)]
+        if sum(given) > 1 and queries:
+            raise BadInput("--queries cannot be combined with other queries")
+        cfg = RetrieveConfig(
+            index=index,
+            target=target,
+            query_table=query_table,
+            k=k,
+            threshold=threshold,
+            backend=backend,
+            scoring=scoring,
+            faiss_index=faiss_index,
+            faiss_dir=faiss_dir,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            rebuild=rebuild_index,
+            model=model,
+            device=resolve_device(device),
+            batch_size=batch_size,
+            with_fields=fields,
+        )
+        retriever = Retriever(cfg, progress=ctx.progress)
+        if queries:
+            batches = _feature_batches(queries, query_table, retriever)
+        elif any(given):
+            batches = iter([_arg_queries(text, image, audio, item_id)])
+        else:
+            if _stdin_is_tty():
+                raise BadInput(
+                    "no queries",
+                    hint='give --text/--image/--audio/--id/--queries, or JSON lines on stdin ({"text": "..."})',
+                )
+            batches = _stdin_batches(max_batch=256)
+        # queries given as arguments are usage: a bad one stops with exit 2
+        policy = on_error if not any(given[:4]) else "fail"
+        out = sys.stdout
+        for line in retriever.run(batches, on_error=policy):
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.flush()
+            if table:
+                _render(line)
+
+
+def _arg_queries(text, image, audio, item_id) -> list:
+    from mmcli.search.queries import Query
+
+    out = []
+    for kind, values in (("text", text), ("image", image), ("audio", audio), ("id", item_id)):
+        for v in values or []:
+            out.append(Query(kind, v, {kind: v}))
+    return out
+
+
+def _feature_batches(
+    paths: list[str], table: str | None, retriever, size: int = 1024
+) -> Iterator[list]:
+    from mmcli.formats.features import FeatureSet
+    from mmcli.search.queries import Query
+
+    fs = FeatureSet.open(paths)
+    if table is None:
+        table = fs.tables[0] if len(fs.tables) == 1 else retriever.target
+    x, items = fs.table(table)
+    items = items.tolist()
+    seen: dict[int, int] = {}
+    batch = []
+    for r in range(x.shape[0]):
+        item = items[r]
+        j = seen.get(item, 0)
+        seen[item] = j + 1
+        batch.append(Query("vector", x[r], {"id": fs.ids[item], "table": table, "row": j}))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _stdin_batches(max_batch: int) -> Iterator[list]:
+    """Batches of parsed query lines: whatever has arrived, never waiting for more while a
+    complete line is ready (a long-running retrieve answers each line as it comes)."""
+    from mmcli.errors import BadInput
+    from mmcli.search.queries import parse_query_line
+
+    def parse(lineno: int, raw: bytes):
+        where = f"line {lineno} of <stdin>"
+        try:
+            return parse_query_line(raw.decode("utf-8"), where)
+        except UnicodeDecodeError:
+            e = BadInput("not valid UTF-8", where=where)
+            e.raw = {"line": lineno}
+            return e
+        except BadInput as e:
+            e.raw = {"line": lineno, "text": raw.decode("utf-8", "replace").strip()}
+            return e
+
+    lineno = 0
+    for lines in _read_lines(max_batch):
+        batch = []
+        for raw in lines:
+            lineno += 1
+            if raw.strip():
+                batch.append(parse(lineno, raw))
+        if batch:
+            yield batch
+
+
+def _read_lines(max_batch: int) -> Iterator[list[bytes]]:
+    import os
+    import select
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests): line by line
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        for line in stream:
+            yield [line if isinstance(line, bytes) else line.encode("utf-8")]
+        return
+    buf = b""
+    eof = False
+    while not eof or buf:
+        while (
+            not eof and (b"\n" not in buf or _readable(select, fd)) and buf.count(b"\n") < max_batch
+        ):
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                eof = True
+            buf += chunk
+        parts = buf.split(b"\n")
+        if eof:
+            lines, buf = parts, b""
+        else:
+            lines, buf = parts[:-1], parts[-1]
+        for i in range(0, len(lines), max_batch):
+            yield lines[i : i + max_batch]
+
+
+def _readable(select, fd: int) -> bool:
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
+def _render(line: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True, highlight=False)
+    if "error" in line:
+        return
+    t = Table(
+        title=json.dumps(line["query"], ensure_ascii=False), show_edge=False, title_justify="left"
+    )
+    for col, justify in (("rank", "right"), ("id", "left"), ("score", "right"), ("item", "left")):
+        t.add_column(col, justify=justify)
+    for hit in line["hits"]:
+        item = hit.get("item") or {}
+        what = item.get("image") or item.get("audio") or ""
+        texts = item.get("text")
+        if texts and ("row" in hit or not what):  # a caption hit: show the caption
+            texts = [texts] if isinstance(texts, str) else texts
+            what = texts[hit.get("row", 0)] if hit.get("row", 0) < len(texts) else texts[0]
+        t.add_row(str(hit["rank"]), str(hit["id"]), f"{hit['score']:.4f}", str(what))
+    console.print(t)
