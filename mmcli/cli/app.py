@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mmcli import __version__
-from mmcli.cli import eval, extract, fuse_train, info, preprocess, retrieve
+from mmcli.cli import distill, eval, extract, fuse_train, info, preprocess, retrieve
 
 app = typer.Typer(
     name="mmcli",
@@ -40,6 +40,7 @@ def _root(
 app.command("preprocess")(preprocess.preprocess)
 app.command("extract")(extract.extract)
 app.command("fuse-train")(fuse_train.fuse_train)
+app.command("distill")(distill.distill)
 app.command("info")(info.info)
 app.command("eval")(eval.eval_command)
 app.command("retrieve")(retrieve.retrieve)

@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mmcli.cli.common import BatchSize, Debug, Device, Precision, Quiet, Seed, command
+
+_DISTILL = "Distillation"
+_OPT = "Optimisation"
+_RUN = "Run"
+
+
+def distill(
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            help="Training data: tensor shards (or the feature files the teacher was trained on)."
+        ),
+    ],
+    teacher: Annotated[
+        str, typer.Option("--teacher", help="The teacher: any mmcli model checkpoint.")
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Run folder: the student checkpoint, report.json, metrics, state."
+        ),
+    ],
+    student: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="The student: MODALITY=ENCODER[:k=v,...] (repeatable; other modalities are the "
+            "teacher's, frozen), derive[:F] or derive:width=F,depth=G (every teacher encoder "
+            "narrower / shallower), or a student checkpoint. Default: derive:0.5.",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="Losses with weights: kd, ce, feature, similarity, contrastive, relational, e.g. "
+            "similarity=1,feature=0.5,contrastive=1,kd=1. "
+            "Default: similarity=1,contrastive=1,feature=1 (with --from: feature=1,contrastive=1).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="Distillation temperature T: kd uses logits / T, similarity the teacher's "
+            "similarity logits / T (1 = the teacher's own distribution).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = 1.0,
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Cross-modal: the teacher's modality A whose embeddings ...",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="... a new student encoder for modality B learns on paired items.",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = None,
+    cache_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--cache-teacher",
+            help="Compute the teacher's outputs once (OUT/teacher-cache) and reuse them every epoch.",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = False,
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            help="Modality pairs to distil, e.g. image-text (default: every pair teacher and data share).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = None,
+    feature_loss: Annotated[
+        str,
+        typer.Option(help="The feature loss: cosine | mse.", rich_help_panel=_DISTILL),
+    ] = "cosine",
+    head: Annotated[
+        str,
+        typer.Option(
+            help="The student's new heads into the teacher's space: linear | mlp | identity.",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = "linear",
+    projector: Annotated[
+        bool,
+        typer.Option(
+            "--projector/--no-projector",
+            help="Allow a learned projector (not saved) when student and teacher widths differ.",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = True,
+    val: Annotated[
+        list[str] | None,
+        typer.Option(help="Validation data (default: the 'val' split of DATA's manifest)."),
+    ] = None,
+    captions_per_item: Annotated[
+        int,
+        typer.Option(min=1, help="Captions of an item per batch.", rich_help_panel=_DISTILL),
+    ] = 1,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
+    ] = 10,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Stop after this many optimizer steps (overrides --epochs).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    batch_size: BatchSize = 128,
+    lr: Annotated[
+        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_OPT)
+    ] = 1e-3,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay.", rich_help_panel=_OPT)
+    ] = 0.05,
+    warmup: Annotated[
+        float,
+        typer.Option(
+            help="Warmup: a fraction of all steps (< 1) or a number of steps.", rich_help_panel=_OPT
+        ),
+    ] = 0.05,
+    grad_clip: Annotated[
+        float, typer.Option(help="Clip the gradient norm (0 = off).", rich_help_panel=_OPT)
+    ] = 1.0,
+    accum_steps: Annotated[
+        int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
+    ] = 1,
+    train_split: Annotated[
+        str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)
+    ] = "train",
+    val_split: Annotated[
+        str, typer.Option(help="Manifest split to validate on.", rich_help_panel=_RUN)
+    ] = "val",
+    test_split: Annotated[
+        str,
+        typer.Option(
+            help="Manifest split of the final teacher/student report (val when absent).",
+            rich_help_panel=_RUN,
+        ),
+    ] = "test",
+    best_metric: Annotated[
+        str | None,
+        typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Also checkpoint every N steps (always every epoch).", rich_help_panel=_RUN
+        ),
+    ] = None,
+    log_every: Annotated[
+        int, typer.Option(min=1, help="Log metrics every N steps.", rich_help_panel=_RUN)
+    ] = 10,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in OUT from its last checkpoint.",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run in OUT.", rich_help_panel=_RUN)
+    ] = False,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Distil a teacher checkpoint into a smaller student, or one modality into another.
+
+    Writes OUT/model.safetensors (the student, best on validation: an ordinary checkpoint
+    for extract --model, eval and retrieve), OUT/report.json (teacher vs student:
+    parameters, encode rows/s, the same held-out metrics, retention) and prints the report
+    as one JSON object on stdout. Scale out with torchrun --nproc_per_node N.
+
+    Examples:
+
+        mmcli distill out/tensors --teacher runs/teacher/model.safetensors -o runs/student --student derive:0.25
+
+        mmcli distill out/tensors --teacher runs/teacher/model.safetensors -o runs/small --student image=convnet:width=8 --loss similarity=1,feature=0.5 --cache-teacher
+
+        mmcli distill out/tensors --teacher runs/teacher/model.safetensors -o runs/audio --from image --to audio --student audio=melcnn:width=16
+    """
+    with command(quiet=quiet, debug=debug) as ctx:
+        import json
+
+        from mmcli.runtime import dist_info
+        from mmcli.train.distill import DistillConfig, parse_losses
+        from mmcli.train.distill import distill as run
+        from mmcli.train.fuse import parse_pairs
+        from mmcli.train.loop import LoopConfig
+
+        cross = from_ is not None or to is not None
+        cfg = DistillConfig(
+            teacher=teacher,
+            student=list(student or ([] if cross else ["derive:0.5"])),
+            losses=parse_losses(loss),
+            temperature=temperature,
+            feature_loss=feature_loss,
+            projector=projector,
+            head=head,
+            pairs=parse_pairs(pairs),
+            from_modality=from_,
+            to_modality=to,
+            cache_teacher=cache_teacher,
+            captions_per_item=captions_per_item,
+            train_split=train_split,
+            val_split=val_split,
+            test_split=test_split,
+            eval_batch_size=max(batch_size, 256),
+            throughput_batch_size=batch_size,
+        )
+        loop = LoopConfig(
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            grad_clip=grad_clip or None,
+            accum_steps=accum_steps,
+            precision=precision,
+            log_every=log_every,
+            save_every=save_every,
+            best_metric=best_metric,
+            seed=seed,
+        )
+        report = run(
+            list(data),
+            out,
+            cfg,
+            loop,
+            val_sources=list(val or []) or None,
+            batch_size=batch_size,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+            progress=ctx.progress,
+        )
+        if dist_info().is_main:
+            speed = report["speedup"].get("all") or next(iter(report["speedup"].values()), 0)
+            line = (
+                f"student {report['student']['parameters']:,} params "
+                f"({report['parameter_ratio']:.0%} of the teacher's), encodes {speed:.1f}x as fast"
+            )
+            head_line = report.get("headline")
+            if head_line:
+                line += f"; {head_line['meaning']}: student {head_line['student']:.3f}"
+                if head_line.get("teacher") is not None:
+                    line += f", teacher {head_line['teacher']:.3f}"
+            ctx.info(f"{line}; model: {out}/model.safetensors, report: {out}/report.json")
+            typer.echo(json.dumps(report, default=float))
