@@ -19,7 +19,6 @@ stay together) is held out to choose the weight decay.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmcli.errors import BadInput
+from mmcli.search.numerics import SMALL_WORK, few_threads
 
 WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SPLIT_NAMES = {
@@ -73,7 +73,7 @@ def fit_logistic_regression(
         gw = x.T @ err + 2 * weight_decay * w
         return loss, torch.cat([gw.reshape(-1), err.sum(0)])
 
-    with _few_threads(x.numel() < SMALL and x.device.type == "cpu"):
+    with few_threads(x.numel() * n_classes < SMALL_WORK and x.device.type == "cpu"):
         theta = _lbfgs(loss_grad, torch.zeros(d * n_classes + n_classes, device=device), max_iter)
     return theta[: d * n_classes].view(d, n_classes), theta[d * n_classes :]
 
@@ -125,26 +125,6 @@ def _lbfgs(
         if done:
             break
     return theta
-
-
-SMALL = 1 << 20  # problems below this many feature values run on one CPU thread
-
-
-@contextlib.contextmanager
-def _few_threads(on: bool):
-    """One intra-op thread for small problems: thread hand-offs cost more than the work
-    (and can stall badly on a busy machine)."""
-    import torch
-
-    if not on:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _standardize(train_x, *others):

@@ -28,7 +28,6 @@ against it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 
 from mmcli.errors import BadInput
 from mmcli.progress import ProgressFactory, null_progress
+from mmcli.search.numerics import SMALL_WORK, exact_matmul, few_threads
 
 DEFAULT_KS = (1, 5, 10)
 NDCG_AT = 10
@@ -76,28 +76,6 @@ class PositiveRanks:
         return np.diff(self.offsets)
 
 
-@contextlib.contextmanager
-def exact_fp32_matmul():
-    """Inside: float32 products in IEEE float32 (no TF32), bf16 products accumulate in float32."""
-    import torch
-
-    cuda = torch.backends.cuda.matmul
-    old = (
-        torch.get_float32_matmul_precision(),
-        cuda.allow_tf32,
-        cuda.allow_bf16_reduced_precision_reduction,
-    )
-    torch.set_float32_matmul_precision("highest")
-    cuda.allow_tf32 = False
-    cuda.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old[0])
-        cuda.allow_tf32 = old[1]
-        cuda.allow_bf16_reduced_precision_reduction = old[2]
-
-
 def _item_groups(
     ia: np.ndarray, ib: np.ndarray, block_elems: int
 ) -> list[tuple[int, int, int, int]]:
@@ -122,8 +100,8 @@ def _item_groups(
     return groups or [(0, na, 0, nb)]
 
 
-HOT_SHARE = 0.25  # when fewer queries than this share have a candidate above their lowest
-# threshold, count the other levels on those queries' scores only
+PICK_SHARE = 0.05  # when at most this share of a slice's scores reach a query's lowest
+# threshold, those entries are picked out and compared per level (else: full passes)
 
 
 def _is_cpu(s) -> bool:
@@ -156,7 +134,7 @@ def _count_ahead(s, thr: np.ndarray, rows: bool, mode: str) -> dict[str, np.ndar
     nq, levels = thr.shape
     modes = ("gt", "ge") if mode == "both" else (mode,)
     out = {m: np.zeros((nq, levels), dtype=np.int64) for m in modes}
-    if levels == 0:
+    if levels == 0 or nq == 0:
         return out
     cpu = _is_cpu(s)
     if not cpu:
@@ -168,21 +146,22 @@ def _count_ahead(s, thr: np.ndarray, rows: bool, mode: str) -> dict[str, np.ndar
         t = thr[:, m] if cpu else thr_t[:, m]
         return t[:, None] if rows else t[None, :]
 
-    if levels > 1:
-        # most candidates score below every positive of a query: find the queries with
-        # any candidate above their lowest threshold and count the levels on those only
-        tmin = thr.min(1)
-        tmin = tmin if cpu else thr_t.min(1).values
-        passed = _count(s >= (tmin[:, None] if rows else tmin[None, :]), axis)
-        hot = np.flatnonzero(passed)
-        if len(hot) == 0:
+    if levels > 1 or mode == "both":
+        # most candidates score below every positive of a query: the few at or above the
+        # query's lowest threshold are picked out once and compared level by level
+        tmin = thr.min(1) if cpu else thr_t.min(1).values
+        gate = s >= (tmin[:, None] if rows else tmin[None, :])
+        passed = _count(gate, axis)
+        if not passed.any():
             return out
-        if len(hot) <= HOT_SHARE * nq:
-            idx = hot if cpu else torch.from_numpy(hot).to(s.device)
-            sub = s[idx] if rows else s[:, idx]
-            part = _count_ahead(sub, np.ascontiguousarray(thr[hot]), rows, mode)
+        if cpu and passed.sum() <= PICK_SHARE * s.size:
+            r, c = np.divmod(np.flatnonzero(gate), s.shape[1])
+            vals = s[r, c]
+            q = r if rows else c
             for name in modes:
-                out[name][hot] = part[name]
+                for m in range(levels):
+                    hit = _cmp(vals, thr[q, m], name == "ge")
+                    out[name][:, m] = np.bincount(q[hit], minlength=nq)
             return out
     for name in modes:
         for m in range(levels):
@@ -198,37 +177,58 @@ def _gather(s, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return s[torch.from_numpy(rows).to(s.device), torch.from_numpy(cols).to(s.device)].cpu().numpy()
 
 
-def _diagonal(s, q0: int, pos0: np.ndarray, npos: np.ndarray, v, c, rows: bool) -> None:
-    """Score each positive and count the candidates ahead of it, in a diagonal block.
-
-    ``rows``: the queries are the block's rows (else its columns); ``pos0``: block-local
-    index of each query's first positive, ``npos`` its number of positives; ``v``/``c``
-    (global arrays, query offset ``q0``) receive the positives' scores and counts.
-    """
-    nq, levels = len(npos), int(npos.max(initial=0))
-    if levels == 0:
-        return
-    thr = np.full((nq, levels), np.inf, dtype=np.float32)
+def _positive_scores(s, pos0: np.ndarray, npos: np.ndarray, rows: bool) -> np.ndarray:
+    """float32 [queries, levels]: the scores of each query's positives in a diagonal
+    block (``pos0``: block-local index of its first positive, ``npos``: how many; +inf
+    pads). ``rows``: the queries are the block's rows, else its columns."""
+    levels = int(npos.max(initial=0))
+    thr = np.full((len(npos), levels), np.inf, dtype=np.float32)
     for m in range(levels):
         q = np.flatnonzero(npos > m)
         p = pos0[q] + m
         thr[q, m] = _gather(s, q, p) if rows else _gather(s, p, q)
-    v[q0 : q0 + nq, :levels] = thr
+    return thr
+
+
+def _mask_positives(s, pos0: np.ndarray, npos: np.ndarray) -> None:
+    """Set the positive entries of a diagonal block (given per row) to -inf."""
+    r = np.repeat(np.arange(len(npos)), npos)
+    c = np.repeat(pos0, npos) + (np.arange(len(r)) - np.repeat(np.cumsum(npos) - npos, npos))
+    if _is_cpu(s):
+        s[r, c] = -np.inf
+    else:
+        import torch
+
+        s[torch.from_numpy(r).to(s.device), torch.from_numpy(c).to(s.device)] = float("-inf")
+
+
+def _diagonal_counts(s, thr: np.ndarray, pos0: np.ndarray, npos: np.ndarray, c, rows: bool) -> None:
+    """Count the candidates ahead of each positive in a diagonal block whose positive
+    entries are masked (-inf): the other candidates (ties count when they come first),
+    then the query's other positives, from their scores ``thr``."""
+    nq, levels = thr.shape
+    if levels == 0:
+        return
     counts = {"gt": np.zeros((nq, levels), np.int64), "ge": np.zeros((nq, levels), np.int64)}
     for r0 in range(0, s.shape[0], SLICE_ROWS):
         sl = s[r0 : r0 + SLICE_ROWS]
-        part = _count_ahead(sl, thr[r0 : r0 + sl.shape[0]] if rows else thr, rows, "both")
+        r1 = r0 + sl.shape[0]
+        part = _count_ahead(sl, thr[r0:r1] if rows else thr, rows, "both")
         for name in counts:
             if rows:
-                counts[name][r0 : r0 + sl.shape[0]] += part[name]
+                counts[name][r0:r1] += part[name]
             else:
                 counts[name] += part[name]
-    c[q0 : q0 + nq, :levels] += counts["gt"]
-    # a tie other than the positive itself counts when it comes first in candidate order
-    for q, m in zip(*np.nonzero((counts["ge"] - counts["gt"] > 1) & (thr < np.inf))):
-        p = pos0[q] + m
+    c[:, :levels] += counts["gt"]
+    for q, m in zip(*np.nonzero((counts["ge"] > counts["gt"]) & (thr < np.inf))):
+        p = pos0[q] + m  # equal scores count when they come before the positive
         line = s[q, :p] if rows else s[:p, q]
-        c[q0 + q, m] += int((line == thr[q, m]).sum())
+        c[q, m] += int((line == thr[q, m]).sum())
+    valid = np.arange(levels)[None, :] < npos[:, None]
+    for m in range(levels):  # the query's other positives ranked ahead of positive m
+        t = thr[:, m : m + 1]
+        ahead = (thr > t) | ((thr == t) & (np.arange(levels)[None, :] < m))
+        c[:, m] += (ahead & valid).sum(1) * valid[:, m]
 
 
 def _off_diagonal(s, va, ca, vb, cb, rows_first: bool) -> None:
@@ -297,8 +297,10 @@ def pair_ranks(
     groups = _item_groups(ia, ib, block_elems)
     order = [(g, g) for g in range(len(groups))]  # diagonal blocks first: they hold the positives
     order += [(g, h) for g in range(len(groups)) for h in range(len(groups)) if g != h]
+    small = dev.type == "cpu" and na * nb * A.shape[1] < SMALL_WORK
     with (
-        exact_fp32_matmul(),
+        exact_matmul(),
+        few_threads(small),
         torch.inference_mode(),
         progress("scoring", total=len(order), unit="blocks") as bar,
     ):
@@ -309,9 +311,14 @@ def pair_ranks(
                 s = A[a0:a1] @ B[b0:b1].T  # (a1-a0, b1-b0) float32
                 if s.device.type == "cpu":
                     s = s.numpy()
-                if g == h:
-                    _diagonal(s, a0, lo_b[a0:a1] - b0, npos_a[a0:a1], va, ca, rows=True)
-                    _diagonal(s, b0, lo_a[b0:b1] - a0, npos_b[b0:b1], vb, cb, rows=False)
+                if g == h:  # the block of the positives: score them, mask them, count
+                    pa, pb = lo_b[a0:a1] - b0, lo_a[b0:b1] - a0
+                    ta = _positive_scores(s, pa, npos_a[a0:a1], rows=True)
+                    tb = _positive_scores(s, pb, npos_b[b0:b1], rows=False)
+                    va[a0:a1, : ta.shape[1]], vb[b0:b1, : tb.shape[1]] = ta, tb
+                    _mask_positives(s, pa, npos_a[a0:a1])
+                    _diagonal_counts(s, ta, pa, npos_a[a0:a1], ca[a0:a1], rows=True)
+                    _diagonal_counts(s, tb, pb, npos_b[b0:b1], cb[b0:b1], rows=False)
                 else:
                     # the positives of group g's rows lie in group g: candidates of an earlier
                     # group (h < g) come first in the tie order, so equal scores count for them

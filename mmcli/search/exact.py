@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mmcli.errors import BadInput
+from mmcli.search.numerics import SMALL_WORK, exact_matmul, few_threads
 
 log = logging.getLogger("mmcli")
 
@@ -258,8 +259,6 @@ class ExactIndex:
     def _search_batch(self, q, k: int, mode: str, dev) -> tuple[Any, Any, int]:
         import torch
 
-        from mmcli.evaluate.retrieval import exact_fp32_matmul
-
         b = q.shape[0]
         q64 = q.double()
         qn = torch.linalg.vector_norm(q64, dim=1)  # (B,)
@@ -276,7 +275,8 @@ class ExactIndex:
         gamma = _gamma(self.dim)
         best = np.full((b, k), -np.inf)  # lower bounds of the k best rows seen, descending
         found_q, found_r, found_s, found_a = [], [], [], []
-        with exact_fp32_matmul(), torch.inference_mode():
+        small = dev.type == "cpu" and b * self.size * self.dim < SMALL_WORK
+        with exact_matmul(), few_threads(small), torch.inference_mode():
             for c, (i, lo, hi) in enumerate(self._chunks):
                 if hi <= lo:
                     continue
@@ -315,7 +315,8 @@ class ExactIndex:
         av = np.concatenate(found_a)
         keep = _upper(sv, av, rel) >= best[qi, -1]
         qi, rows = qi[keep], rows[keep]
-        exact = self.rescore(q64, qi, rows)
+        with few_threads(len(rows) * self.dim < SMALL_WORK):
+            exact = self.rescore(q64, qi, rows)
         out_rows, out_scores = _top_k(qi, rows, exact, b, k)
         return out_rows, out_scores, int(len(rows))
 
@@ -395,7 +396,7 @@ def _above(s, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hot = np.flatnonzero(bits.max(1) >= t)
         if len(hot) == 0:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
-        r, c = np.nonzero(bits[hot] >= t[hot, None])
+        r, c = _nonzero2d(bits[hot] >= t[hot, None])
         qi = hot[r]
         vals = s[torch.from_numpy(qi), torch.from_numpy(c)].double().numpy()
         return qi, c, vals
@@ -405,9 +406,15 @@ def _above(s, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     hot = np.flatnonzero(x.max(1) >= f) if b else np.empty(0, np.int64)
     if len(hot) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
-    r, c = np.nonzero(x[hot] >= f[hot, None])
+    r, c = _nonzero2d(x[hot] >= f[hot, None])
     qi = hot[r]
     return qi, c, x[qi, c].astype(np.float64)
+
+
+def _nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-d mask, many times faster through ``flatnonzero``."""
+    flat = np.flatnonzero(mask)
+    return np.divmod(flat, mask.shape[1])
 
 
 def _merge(best: np.ndarray, new: np.ndarray) -> np.ndarray:
