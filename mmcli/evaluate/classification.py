@@ -69,33 +69,34 @@ def labelled_rows(features, table: str) -> tuple[Any, np.ndarray]:
 
 
 def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int = 256):
-    """Accuracy of a classifier checkpoint on feature files (``mmcli eval --task classify``).
+    """Accuracy of a classifier checkpoint (``mmcli fuse-train --objective classify``).
 
-    Expects ``model.classify(batch) -> logits [B, C]`` where ``batch`` maps each modality
-    the model encodes to feature rows (the first row of each item), and the class names
-    in ``model.config.extra["labels"]``. Items are matched to classes by label name.
+    The model's label head scores its fused embedding: ``model.classifier(model.fuse(
+    inputs, present))``, with class names in ``model.config.classifier["labels"]``.
+    ``inputs`` are, per modality the model encodes, the first row of each item in the
+    features (the model's ``features`` encoders take them as they are); an item missing
+    a modality is masked out of the fusion (``present``). Items are matched to classes by
+    label name; items whose label the classifier does not know are left out.
     """
     import torch
 
-    labels_of_model = (getattr(model.config, "extra", {}) or {}).get("labels")
-    if not callable(getattr(model, "classify", None)) or not labels_of_model:
+    head = getattr(model, "classifier", None)
+    labels_of_model = list((getattr(model.config, "classifier", None) or {}).get("labels") or [])
+    if head is None or not labels_of_model:
         raise BadInput(
             "the checkpoint has no classifier head",
-            hint="train one with mmcli fuse-train (classification objective), or use --task zeroshot / linear-probe",
+            hint="train one with mmcli fuse-train --objective classify, or use --task zeroshot / linear-probe",
         )
-    modalities = [m for m in getattr(model, "modalities", []) if m in features.tables]
-    if "fused" in features.tables and not modalities:
-        modalities = ["fused"]
+    modalities = [m for m in model.modalities if m in features.tables]
     if not modalities:
         raise BadInput(
-            f"the features have none of the tables the classifier reads ({', '.join(getattr(model, 'modalities', []))})",
+            f"the features have none of the tables the classifier reads ({', '.join(model.modalities)})",
             where=features.paths[0],
         )
     index = {name: i for i, name in enumerate(labels_of_model)}
-    item_labels = features.labels()
     names = features.label_names
     target = np.array(
-        [index.get(names[i], -1) if i >= 0 else -1 for i in item_labels], dtype=np.int64
+        [index.get(names[i], -1) if i >= 0 else -1 for i in features.labels()], dtype=np.int64
     )
     first_row: dict[str, np.ndarray] = {}
     tables = {}
@@ -105,13 +106,13 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
         row = np.full(features.num_items, -1, dtype=np.int64)
         row[items[::-1]] = np.arange(len(items))[::-1]  # the first row of each item
         first_row[m], tables[m] = row, x
-    usable = target >= 0
+    has_any = np.zeros(features.num_items, dtype=bool)
     for m in modalities:
-        usable &= first_row[m] >= 0
-    items = np.flatnonzero(usable)
+        has_any |= first_row[m] >= 0
+    items = np.flatnonzero((target >= 0) & has_any)
     if len(items) == 0:
         raise BadInput(
-            "no item has a label the classifier knows and rows for its inputs",
+            "no item has both a label the classifier knows and feature rows",
             where=features.paths[0],
             hint=f"the classifier's classes: {', '.join(labels_of_model[:8])}",
         )
@@ -119,10 +120,22 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
     with torch.inference_mode():
         for b0 in range(0, len(items), batch_size):
             sel = items[b0 : b0 + batch_size]
-            batch = {
-                m: tables[m][torch.from_numpy(first_row[m][sel])].to(device) for m in modalities
-            }
-            logits.append(model.classify(batch).float().cpu())
+            inputs, present = {}, {}
+            for m in modalities:
+                rows = first_row[m][sel]
+                has = rows >= 0
+                if not has.any():
+                    continue
+                fill = np.where(has, rows, rows[has][0])  # masked out below
+                inputs[m] = tables[m][torch.from_numpy(fill)].to(device)
+                present[m] = torch.from_numpy(has).to(device)
+            try:
+                fused = model.fuse(inputs, present)
+            except ValueError as e:  # e.g. an encoder that takes raw data, not features
+                raise BadInput(
+                    f"the classifier cannot read these features ({e})", where=features.paths[0]
+                ) from None
+            logits.append(head(fused).float().cpu())
     metrics = classification_metrics(torch.cat(logits), target[items], len(labels_of_model))
     return metrics, {
         "samples": int(len(items)),

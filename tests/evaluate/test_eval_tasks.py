@@ -187,29 +187,33 @@ def test_templates_file(tmp_path):
 # ------------------------------------------------------------------------- classify
 
 
-class FakeClassifier:
-    def __init__(self, labels):
-        self.config = type("C", (), {"extra": {"labels": labels}})()
-        self.modalities = ["image"]
+def test_classify_with_a_label_head_on_fused_features(tmp_path):
+    from mmcli.models import ModelConfig, MultimodalModel, build_model
 
-    def classify(self, batch):
-        return batch["image"][:, :3]
-
-
-def test_classify_maps_labels_by_name(tmp_path):
+    base = build_model({"image": "features:dim=3", "text": "features:dim=3"})
+    config = ModelConfig(
+        encoders=base.config.encoders, embed_dim=3, classifier={"labels": ["cat", "dog", "owl"]}
+    )
+    model = MultimodalModel(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.eye(3) * 10)
+        model.classifier.bias.zero_()
+    # items a..c: the fused embedding (mean of normalised rows) points at their class;
+    # item d has no text row (masked out of the fusion) and is labelled cat: the one miss;
+    # the file lists the label names in another order than the model
     x = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
     f = write_features(
         tmp_path / "f.safetensors",
         list("abcd"),
-        {"image": (x, np.arange(4))},
+        {"image": (x, np.arange(4)), "text": (x[:3], np.arange(3))},
         labels=np.array([1, 0, 2, 1]),
         label_names=["dog", "cat", "owl"],
     )
-    metrics, info = evaluate_classifier(FeatureSet.open(f), FakeClassifier(["cat", "dog", "owl"]))
-    assert metrics["acc1"] == 0.75 and info["samples"] == 4
-    no_head = type("M", (), {"config": type("C", (), {"extra": {}})(), "modalities": ["image"]})()
+    metrics, info = evaluate_classifier(FeatureSet.open(f), model)
+    assert metrics == {"acc1": 0.75, "mean_per_class_recall": pytest.approx((1 + 0.5 + 1) / 3)}
+    assert info == {"samples": 4, "classes": 3, "inputs": ["image", "text"]}
     with pytest.raises(BadInput, match="no classifier head"):
-        evaluate_classifier(FeatureSet.open(f), no_head)
+        evaluate_classifier(FeatureSet.open(f), base)
 
 
 # ----------------------------------------------------------------- feature joins
