@@ -109,24 +109,27 @@ def eval_command(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Evaluate features: retrieval metrics, zero-shot, linear probe or a classifier.
+    """Evaluate features: retrieval, zero-shot, linear probe or a classifier.
 
-    Prints one JSON object (metrics under "metrics", CLIP_benchmark key names). Retrieval
-    runs both directions with ground truth from the items: text -> image is
-    image_retrieval_*, image -> text is text_retrieval_* (an image is a hit when any of
-    its captions is in its top k). See docs/eval.md.
+    Prints one JSON object (metrics under "metrics", CLIP_benchmark key
+    names). Retrieval runs both directions with ground truth from the
+    items: text -> image is image_retrieval_*, image -> text is
+    text_retrieval_* (an image is a hit when any of its captions is in its
+    top k). Ranks are exact; ties go to the lower candidate index. Files
+    holding different tables of the same items are joined by item id.
+    See docs/eval.md.
 
     Examples:
 
-        mmcli eval out/features/ --k 1,5,10 --table
+        mmcli eval out/joint --k 1,5,10 --table
 
         mmcli eval images.safetensors texts.safetensors --query text --target image
 
-        mmcli eval out/features/ --task zeroshot --model run/model.safetensors
+        mmcli eval out/joint --task zeroshot --model out/run/model.safetensors
 
-        mmcli eval --task linear-probe --train tr/ --val va/ --test te/ -o '{model}_{task}.json'
+        mmcli eval --train tr/ --val va/ --test te/ -o '{model}_{task}.json'
 
-        mmcli eval --summarize results/*.json --format markdown
+        mmcli eval --summarize 'results/*.json' --format markdown
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput

@@ -134,20 +134,24 @@ def retrieve(
 ) -> None:
     """Search a feature index: one JSON line per query with ranked hits.
 
-    Queries come from --text/--image/--audio (encoded with --model), --id, --queries, or
-    JSON lines on stdin ({"text": ...}, {"image": path}, {"audio": path}, {"id": ...}),
-    answered as they arrive. Each output line is {"query": ..., "hits": [{"rank", "id",
-    "score", "item": {manifest fields, paths resolved}}]}. See docs/retrieve.md.
+    Queries: --text/--image/--audio (encoded with --model), --id, --queries
+    FEATURES, or JSON lines on stdin ({"text": ...}, {"image": path},
+    {"audio": path}, {"id": ...}), answered as they arrive. Each output line
+    is {"query": ..., "hits": [{"rank", "id", "score", "item": {manifest
+    fields, paths resolved}}]}. Exact search by default (float64 scores,
+    ties to the lower row). See docs/retrieve.md.
 
     Examples:
 
-        mmcli retrieve --index out/features/ --model run/model.safetensors --text "a red circle" -k 5
+        mmcli retrieve --index out/joint --model out/run/model.safetensors \\
+            --text "a red circle" -k 5
 
-        echo '{"text": "a red circle"}' | mmcli retrieve --index out/features/ --model run/model.safetensors | jq -r '.hits[0].item.image'
+        echo '{"text": "a red circle"}' | mmcli retrieve --index out/joint \\
+            --model out/run/model.safetensors | jq -r '.hits[0].item.image'
 
-        mmcli retrieve --index out/features/ --id 42 --target image
+        mmcli retrieve --index out/joint --id toy-00042 --target text
 
-        mmcli retrieve --index big/ --queries q.safetensors --backend faiss --faiss-index hnsw
+        mmcli retrieve --index big/ --queries q.safetensors --backend faiss
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput

@@ -43,6 +43,7 @@ DEFAULT_KS = (1, 5, 10)
 NDCG_AT = 10
 BLOCK_ELEMS = 1 << 23  # scores per block: 8M float32 = 32 MB
 SLICE_ROWS = 256  # rows counted at a time (keeps the slice in cache)
+HOST_NUMPY = True  # count CPU blocks with numpy (False: the torch code path GPUs take)
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -309,7 +310,7 @@ def pair_ranks(
             _, _, b0, b1 = groups[h]
             if a1 > a0 and b1 > b0:
                 s = A[a0:a1] @ B[b0:b1].T  # (a1-a0, b1-b0) float32
-                if s.device.type == "cpu":
+                if s.device.type == "cpu" and HOST_NUMPY:
                     s = s.numpy()
                 if g == h:  # the block of the positives: score them, mask them, count
                     pa, pb = lo_b[a0:a1] - b0, lo_a[b0:b1] - a0

@@ -200,11 +200,13 @@ def _version() -> str:
 
 
 def dataset_name(features) -> str:
-    """The folder of the source manifest (``data/coco/manifest.jsonl`` -> ``coco``), else
-    that of the feature files."""
-    manifest = features.source.get("manifest") if features.source else None
-    if manifest and Path(manifest).parent.name:
-        return Path(manifest).parent.name
+    """The folder of the original input (``data/coco/manifest.jsonl`` -> ``coco``), else
+    that of the manifest, else that of the feature files."""
+    source = features.source or {}
+    for key in ("input", "manifest"):
+        value = source.get(key)
+        if value and value != "-" and Path(value).parent.name:
+            return Path(value).parent.name if Path(value).suffix else Path(value).name
     first = Path(features.paths[0])
     return first.parent.name or first.stem
 

@@ -55,6 +55,7 @@ CHUNK_BYTES = 1 << 24  # index rows per chunk: 16 MB of stored data
 MARGIN = 1.001  # widening of the bounds for the float32 arithmetic that computes them
 REL_SLACK = 2.0**-21  # room for the final float32 rounding of exact scores (ties)
 ABS_SLACK = 1e-30  # subnormals flushed to zero by bf16 kernels
+HOST_NUMPY = True  # filter CPU scores with numpy (False: the torch code path GPUs take)
 
 
 def _gamma(d: int) -> float:
@@ -382,7 +383,7 @@ def _above(s, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
 
     b = s.shape[0]
-    if s.device.type != "cpu":
+    if s.device.type != "cpu" or not HOST_NUMPY:
         f = torch.from_numpy(floor).to(s.device, torch.float32)
         qi, ci = torch.nonzero(s.float() >= f[:, None], as_tuple=True)
         vals = s[qi, ci].double().cpu().numpy()

@@ -190,3 +190,23 @@ def test_parse_ks():
     for bad in ("", "a", "0,1", "-1"):
         with pytest.raises(BadInput):
             parse_ks(bad)
+
+
+def test_torch_counting_path_gives_the_same_ranks(monkeypatch):
+    """The code path GPUs take (torch ops on the score blocks), run on CPU."""
+    import mmcli.evaluate.retrieval as retrieval
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(-2, 3, size=(30, 4)).astype(np.float32)
+    ti = np.repeat(np.arange(30), rng.integers(1, 6, size=30))
+    txt = rng.integers(-2, 3, size=(len(ti), 4)).astype(np.float32)
+    want = pair_ranks(
+        torch.from_numpy(txt), ti, torch.from_numpy(img), np.arange(30), block_elems=200
+    )
+    monkeypatch.setattr(retrieval, "HOST_NUMPY", False)
+    got = pair_ranks(
+        torch.from_numpy(txt), ti, torch.from_numpy(img), np.arange(30), block_elems=200
+    )
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w.ranks, g.ranks)
+        np.testing.assert_array_equal(w.offsets, g.offsets)

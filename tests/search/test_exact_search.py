@@ -117,3 +117,11 @@ def test_bad_queries():
         index.search(torch.full((1, 8), float("nan")), 3)
     with pytest.raises(BadInput):
         index.search(torch.zeros(1, 8), 3, scoring="int8")
+
+
+def test_torch_filter_path_is_exact_too(monkeypatch):
+    """The code path GPUs take (torch ops on the pass scores), run on CPU."""
+    monkeypatch.setattr(exact_mod, "HOST_NUMPY", False)
+    x = normalized(2000, 16, 11)
+    x[500] = x[7]
+    assert_exact([x.half()], torch.cat([normalized(5, 16, 12), x[7:8]]), 10, chunk_rows=300)
