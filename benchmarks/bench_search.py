@@ -147,7 +147,7 @@ def child_mmcli(folder: Path, dtype: str, scoring: str, k: int, repeats: int) ->
     q = np.load(folder / "queries.npy")
     t0 = time.perf_counter()
     index = ExactIndex.from_features(FeatureSet.open(folder / dtype), "image")
-    index.chunk_norms()  # built once: per-chunk norm bounds
+    index.chunk_norms()  # computed once (else on the first search): per-chunk norm bounds
     build = time.perf_counter() - t0
     used = resolve_scoring(scoring)
     res = index.search(q, k, scoring=used)

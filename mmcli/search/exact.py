@@ -166,7 +166,7 @@ class ExactIndex:
             for i, p in enumerate(self.parts)
             for lo in range(0, int(p.shape[0]), self.chunk_rows)
         ]
-        self._norms: list[float] | None = None
+        self._norms: list[float | None] = [None] * len(self._chunks)
         #: item number of each row, when built from features
         self.items = items
 
@@ -185,31 +185,30 @@ class ExactIndex:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parts)
 
-    def chunk_norms(self) -> list[float]:
-        """Largest row norm of each chunk (float64 upper bound), computed once."""
+    def chunk_norm(self, c: int, x=None) -> float:
+        """Upper bound of the row norms of chunk ``c`` (computed once, from ``x`` when the
+        caller holds the chunk already)."""
         import torch
 
-        if self._norms is None:
-            norms = []
-            for i, lo, hi in self._chunks:
-                x = self.parts[i][lo:hi]
-                n = (
-                    torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
-                    if hi > lo
-                    else 0.0
-                )
-                norms.append(float(n) * (1 + 2 * _gamma(self.dim)) * MARGIN + ABS_SLACK)
-            self._norms = norms
-        return self._norms
-
-    def check_finite(self) -> None:
-        import torch
-
-        for i, lo, hi in self._chunks:
-            if not bool(torch.isfinite(self.parts[i][lo:hi]).all()):
+        if self._norms[c] is None:
+            i, lo, hi = self._chunks[c]
+            x = self.parts[i][lo:hi] if x is None else x
+            n = (
+                float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max())
+                if hi > lo
+                else 0.0
+            )
+            if not math.isfinite(n):
                 raise BadInput(
-                    f"the index holds NaN or infinite values (rows {self.offsets[i] + lo}..{self.offsets[i] + hi})"
+                    f"the index holds NaN or infinite values (rows {self.offsets[i] + lo} to {self.offsets[i] + hi - 1})",
+                    hint="re-extract the features (float16 overflows without --normalize)",
                 )
+            self._norms[c] = n * (1 + 2 * _gamma(self.dim)) * MARGIN + ABS_SLACK
+        return self._norms[c]
+
+    def chunk_norms(self) -> list[float]:
+        """The norm bound of every chunk (computed on first use; this forces it now)."""
+        return [self.chunk_norm(c) for c in range(len(self._chunks))]
 
     # ----------------------------------------------------------------------- search
     def search(
@@ -272,7 +271,6 @@ class ExactIndex:
             qp = q
             rel = REL_SLACK
         qp = qp.to(dev)
-        norms = self.chunk_norms()
         gamma = _gamma(self.dim)
         best = np.full((b, k), -np.inf)  # lower bounds of the k best rows seen, descending
         found_q, found_r, found_s, found_a = [], [], [], []
@@ -282,7 +280,7 @@ class ExactIndex:
                 if hi <= lo:
                     continue
                 x = self.parts[i][lo:hi]
-                xn = norms[c]
+                xn = self.chunk_norm(c, x)
                 if mode == "bf16":
                     xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
                     dx = 0.0 if x.dtype == torch.bfloat16 else U_BF16 * xn
@@ -468,4 +466,4 @@ def exact_search_reference(queries, rows, k: int):
     return out_rows, out_scores
 
 
-__all__ = ["ExactIndex", "SearchResult", "exact_search_reference", "fast_bf16_available", "math"]
+__all__ = ["ExactIndex", "SearchResult", "exact_search_reference", "fast_bf16_available"]

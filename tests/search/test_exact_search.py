@@ -125,3 +125,10 @@ def test_torch_filter_path_is_exact_too(monkeypatch):
     x = normalized(2000, 16, 11)
     x[500] = x[7]
     assert_exact([x.half()], torch.cat([normalized(5, 16, 12), x[7:8]]), 10, chunk_rows=300)
+
+
+def test_non_finite_index_is_bad_input():
+    x = normalized(100, 8, 0)
+    x[42, 3] = float("nan")
+    with pytest.raises(BadInput, match="rows 0 to 99"):
+        ExactIndex([x]).search(normalized(1, 8, 1), 3)
