@@ -440,8 +440,20 @@ def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, mod
         items[m] = np.array(sf.item_index(m), dtype=np.int64)  # a copy: stdin data is read-only
     fused = _fused_table(model, sf)
     if fused is not None:
-        tables["fused"], items["fused"] = fused
-        specs = {**specs, "fused": {"space": "fused", "model": model.checkpoint}}
+        dtype = specs[modalities[0]]["dtype"] if modalities else "float32"
+        tables["fused"], items["fused"] = fused[0].to(getattr(torch, dtype)), fused[1]
+        specs = {
+            **specs,
+            "fused": {
+                "space": "fused",
+                "dim": int(fused[0].shape[1]),
+                "normalized": True,
+                "dtype": dtype,
+                "fusion": model.config.fusion,
+                "model": model.checkpoint,
+                "modalities": [m for m in model.encoders if m in sf.tables],
+            },
+        }
     shard = Shard(
         ids=sf.ids(),
         tables=tables,
@@ -462,22 +474,15 @@ def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, mod
 
 
 def _fused_table(model, shard: ShardFile):
-    """Hook for models with a fusion module (added by fuse-train).
-
-    A fusion module that can produce a ``fused`` table implements
-    ``extract_shard(model, shard) -> (features [R, D] CPU tensor, items int64 [R])``;
-    it is called once per shard, after the per-modality tables.
+    """The ``fused`` table of a model with a fusion module (fuse-train --fusion attention/concat):
+    one row per item, from the first row of each modality it has. ``None`` without fusion.
     """
-    fusion = getattr(model, "fusion", None)
-    if fusion is None:
-        return None
-    fn = getattr(fusion, "extract_shard", None)
-    if fn is None:
+    if getattr(model, "fusion", None) is None:
         return None
     import torch
 
     with torch.inference_mode():
-        return fn(model, shard)
+        return model.fuse_shard(shard)
 
 
 def _where(paths: list[str]) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, ContextManager, Protocol
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any, Protocol
 
 
 class Bar(Protocol):
@@ -27,7 +28,9 @@ class _NullBar:
 
 
 @contextlib.contextmanager
-def null_progress(description: str = "", total: int | None = None, unit: str = "it") -> Iterator[Bar]:
+def null_progress(
+    description: str = "", total: int | None = None, unit: str = "it"
+) -> Iterator[Bar]:
     yield _NullBar()
 
 

@@ -12,8 +12,7 @@ from extract_data import LABELS, SOURCE, make_shards
 from mmcli.errors import BadInput
 from mmcli.extract import extract
 from mmcli.formats.tensorfile import ShardFile, TensorSet
-from mmcli.models import MultimodalModel, build_model, register_fusion
-from mmcli.models.multimodal import _FUSION
+from mmcli.models import MultimodalModel, build_model
 
 ENCODERS = {
     "image": "convnet:width=8",
@@ -180,26 +179,6 @@ def test_shard_with_no_rows_of_a_table(tmp_path):
     write_shard(src, shard, kind="tensors", specs={"text": {"context_length": 8}})
     extract(src, tmp_path / "out.safetensors", encoders={"text": "bow"})
     assert ShardFile(tmp_path / "out.safetensors").tensor("text").shape == (0, 256)
-
-
-def test_fusion_hook_writes_a_fused_table(shards, tmp_path):
-    """A fusion module with extract_shard() adds a "fused" table (fuse-train's hook)."""
-
-    class Fusion(torch.nn.Module):
-        def extract_shard(self, model, shard):
-            n = shard.num_items
-            return torch.ones(n, 4), np.arange(n, dtype=np.int64)
-
-    register_fusion("ones_test")(lambda cfg, model: Fusion())
-    try:
-        model = build_model({"image": "tiny"})
-        model.config.fusion = {"kind": "ones_test"}
-        model.to_checkpoint(tmp_path / "m.safetensors")
-        extract(shards[:1], tmp_path / "f.safetensors", str(tmp_path / "m.safetensors"))
-        got = ShardFile(tmp_path / "f.safetensors")
-        assert got.tables == ["image", "fused"] and got.tensor("fused").shape == (5, 4)
-    finally:
-        del _FUSION["ones_test"]
 
 
 def test_inputs_that_are_not_tensor_shards(shards, tmp_path):

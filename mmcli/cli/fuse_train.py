@@ -98,6 +98,13 @@ def fuse_train(
             rich_help_panel=_MODEL,
         ),
     ] = 1,
+    hard_negatives: Annotated[
+        str | None,
+        typer.Option(
+            help="Manifest field with hard-negative captions per item (NegCLIP), e.g. swap_text.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
     epochs: Annotated[
         int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
     ] = 10,
@@ -201,6 +208,7 @@ def fuse_train(
             freeze=list(freeze or []),
             temperature=temperature,
             captions_per_item=captions_per_item,
+            hard_negatives=hard_negatives,
             train_split=train_split,
             val_split=val_split,
         )

@@ -66,10 +66,18 @@ class ConvNetConfig:
     depth: int = 4
     dim: int = 256
     dropout: float = 0.0
+    stem_stride: int = 4
+    grid: int = 1  # fc input: the last map average-pooled to grid x grid (1 = global average)
 
     def build(self) -> ConvNet:
-        if self.depth < 1 or self.width < 1 or self.dim < 1:
-            raise ValueError("width, depth and dim must be >= 1")
+        if (
+            self.depth < 1
+            or self.width < 1
+            or self.dim < 1
+            or self.grid < 1
+            or self.stem_stride < 1
+        ):
+            raise ValueError("width, depth, dim, grid and stem_stride must be >= 1")
         return ConvNet(self)
 
 
@@ -87,7 +95,10 @@ class ConvNet(ImageEncoder):
     def __init__(self, config: ConvNetConfig):
         super().__init__(config)
         w = config.width
-        layers: list[nn.Module] = [_conv_bn(3, w, 7, stride=4), nn.MaxPool2d(2, ceil_mode=True)]
+        layers: list[nn.Module] = [
+            _conv_bn(3, w, 7, stride=config.stem_stride),
+            nn.MaxPool2d(2, ceil_mode=True),
+        ]
         cin = w
         for i in range(1, config.depth):
             cout = w * 2**i
@@ -97,19 +108,26 @@ class ConvNet(ImageEncoder):
             cin = cout
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(config.dropout)
-        self.fc = nn.Linear(cin, config.dim)
+        self.fc = nn.Linear(cin * config.grid**2, config.dim)
         self.token_dim = cin
         self.out_dim = config.dim
+
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The classic conv-pool-fc head: with grid > 1 the fc layer sees where things are."""
+        g = self.config.grid
+        if g == 1:
+            return fmap.mean((2, 3))  # (B, C)
+        return F.adaptive_avg_pool2d(fmap, g).flatten(1)  # (B, C * g * g)
 
     def forward_tokens(self, x):
         fmap = self.features(self.prepare(x))  # (B, C, h, w)
         tokens, mask = grid_tokens(fmap)  # (B, hw, C)
-        pooled = self.fc(self.dropout(tokens.mean(1)))  # (B, dim)
+        pooled = self.fc(self.dropout(self._pool(fmap)))  # (B, dim)
         return pooled, tokens, mask
 
     def forward(self, x):
         fmap = self.features(self.prepare(x))  # (B, C, h, w)
-        return self.fc(self.dropout(fmap.mean((2, 3))))  # (B, dim)
+        return self.fc(self.dropout(self._pool(fmap)))  # (B, dim)
 
 
 # -------------------------------------------------------------------------- ResNet

@@ -254,6 +254,42 @@ class MultimodalModel(nn.Module):
             embeddings[m] = F.normalize(z.float(), dim=-1)
         return self.fuse_parts(tokens, embeddings, present)[0]
 
+    @torch.no_grad()
+    def fuse_shard(self, shard: Any, batch_size: int = 256) -> tuple[torch.Tensor, Any]:
+        """The fused embedding of every item of a tensor shard: ``(float32 [items, D], item index)``.
+
+        Each item contributes the first row of each modality it has (its first caption);
+        a modality an item lacks is masked out.
+        """
+        import numpy as np
+
+        device = next(self.parameters()).device
+        n = shard.num_items
+        modalities = [m for m in self.encoders if m in shard.tables]
+        first: dict[str, np.ndarray] = {}
+        for m in modalities:
+            owner = np.asarray(shard.item_index(m))
+            rows = np.full(n, -1, dtype=np.int64)
+            # the first row of each item: scan backwards so earlier rows win
+            rows[owner[::-1]] = np.arange(len(owner))[::-1]
+            first[m] = rows
+        out = []
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            inputs, present = {}, {}
+            for m in modalities:
+                rows = first[m][start:stop]
+                has = rows >= 0
+                if not has.any():
+                    continue
+                data = shard.tensor(m)
+                x = data[torch.from_numpy(np.where(has, rows, rows[has][0]))]
+                inputs[m] = x.to(device)
+                present[m] = torch.from_numpy(has).to(device)
+            out.append(self.fuse(inputs, present).float().cpu())
+        fused = torch.cat(out) if out else torch.zeros(0, self.config.embed_dim or 0)
+        return fused, np.arange(n, dtype=np.int64)
+
     def match_score(self, parts: tuple[Mapping, Mapping]) -> torch.Tensor:
         """Match logit [B] of fused (tokens, embeddings) pairs; cosine without a matcher."""
         tokens, embeddings = parts

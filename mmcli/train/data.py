@@ -80,6 +80,42 @@ class Dataset:
     kind: str  # "tensors" or "features"
     sources: list[TensorSet] = field(default_factory=list)
     manifest: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> manifest fields
+    negatives: list[np.ndarray] | None = None  # per item: hard-negative caption tokens [n, L]
+
+    def attach_hard_negatives(self, field_name: str) -> int:
+        """Tokenize each item's hard-negative captions (manifest field ``field_name``: a
+        string or a list) with the text table's tokenizer. Returns how many items have any."""
+        from mmcli.data.text import tokenizer_from_spec
+
+        if "text" not in self.tables:
+            raise BadInput("--hard-negatives needs text in the data")
+        if not self.manifest:
+            raise BadInput(
+                "--hard-negatives reads a manifest field, and the data has no manifest",
+                hint="preprocess writes OUT/manifest.jsonl next to the shards; keep it there",
+            )
+        tok = tokenizer_from_spec(self.spec("text"))
+        negatives, count = [], 0
+        for item_id in self.ids:
+            value = self.manifest.get(item_id, {}).get(field_name)
+            texts = (
+                [value]
+                if isinstance(value, str)
+                else [t for t in (value or []) if isinstance(t, str)]
+            )
+            arr, _ = (
+                tok.encode_batch(texts)
+                if texts
+                else (np.zeros((0, tok.context_length), np.int32), 0)
+            )
+            negatives.append(arr)
+            count += bool(texts)
+        if not count:
+            raise BadInput(
+                f"no item has a {field_name!r} field in its manifest", hint="check --hard-negatives"
+            )
+        self.negatives = negatives
+        return count
 
     @property
     def modalities(self) -> list[str]:
@@ -229,6 +265,9 @@ class Batch:
     data: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]  # bool [B]
     key: int = 0  # a number unique to (seed, epoch, step): seeds any randomness of the loss
+    #: int64 [K_m * B]: the dataset row behind each row of ``data[m]`` (-1 = absent); lets a
+    #: per-row cache (distill's teacher outputs) be read for exactly the sampled rows
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -237,6 +276,7 @@ class Batch:
             data={m: d.to(device, non_blocking=non_blocking) for m, d in self.data.items()},
             present={m: p.to(device, non_blocking=non_blocking) for m, p in self.present.items()},
             key=self.key,
+            rows=self.rows,  # stays on the CPU: it indexes host-side tables
         )
 
     def pin_memory(self) -> Batch:
@@ -246,6 +286,7 @@ class Batch:
             {m: d.pin_memory() for m, d in self.data.items()},
             {m: p.pin_memory() for m, p in self.present.items()},
             self.key,
+            self.rows,
         )
 
     def __len__(self) -> int:
@@ -315,7 +356,7 @@ class BatchSampler:
     def make_batch(self, epoch: int, step: int) -> Batch:
         mine, glob = self.batch_items(epoch, step)
         offset = self.rank * self.batch_size
-        data, present = {}, {}
+        data, present, row_ids = {}, {}, {}
         for m in self.modalities:
             k = self.captions_per_item if m == "text" else 1
             # one uniform number per (item position in the global batch, block): rank-independent
@@ -343,10 +384,24 @@ class BatchSampler:
                     block[torch.from_numpy(sel)] = table.fetch(rows.reshape(-1)[sel])
                 data[m] = block.view(torch.bfloat16) if table.bf16 else block
             present[m] = torch.from_numpy(has)
+            row_ids[m] = torch.from_numpy(np.where(np.tile(has, k), rows.reshape(-1), -1))
+        if self.ds.negatives is not None and "text" in self.modalities:
+            u = torch.rand(len(glob), generator=_generator(self.seed, epoch, step, 7)).numpy()
+            u = u[offset : offset + len(mine)]
+            length = self.ds.tables["text"].row_shape[0]
+            neg = np.zeros((len(mine), length), dtype=np.int32)
+            has = np.zeros(len(mine), dtype=bool)
+            for j, item in enumerate(mine):
+                options = self.ds.negatives[item]
+                if len(options):
+                    has[j] = True
+                    neg[j] = options[min(int(u[j] * len(options)), len(options) - 1)]
+            data["text_neg"] = torch.from_numpy(neg).to(data["text"].dtype)
+            present["text_neg"] = torch.from_numpy(has)
         items = torch.from_numpy(mine.copy())
         labels = torch.from_numpy(self.ds.labels[mine])
         key = int(_generator(self.seed, epoch, step).initial_seed())
-        return Batch(items=items, labels=labels, data=data, present=present, key=key)
+        return Batch(items=items, labels=labels, data=data, present=present, key=key, rows=row_ids)
 
 
 class Prefetcher:

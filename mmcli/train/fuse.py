@@ -52,6 +52,7 @@ class FuseConfig:
     )  # end to end: modalities whose encoder stays fixed
     temperature: float = 0.07  # initial; learned, clamped at 1/100
     captions_per_item: int = 1
+    hard_negatives: str | None = None  # manifest field with hard-negative captions (NegCLIP)
     train_split: str = "train"
     val_split: str = "val"
     eval_batch_size: int = 256
@@ -159,6 +160,9 @@ def setup_data(sources: list[str], val_sources: list[str] | None, cfg: FuseConfi
             val_ds, val = None, None
     else:
         log.warning("no validation data (no splits, no --val): the last model is kept")
+    if cfg.hard_negatives:
+        n = ds.attach_hard_negatives(cfg.hard_negatives)
+        log.info("hard negatives: %d items have %r captions", n, cfg.hard_negatives)
     if "classify" in cfg.objectives and not (ds.labels[train] >= 0).any():
         raise BadInput("--objective classify needs labels, and the training items have none")
     return Data(ds, train, val_ds, val, pairs, modalities)
@@ -270,15 +274,28 @@ class FuseTask(nn.Module):
             else:
                 pooled = model.encoders[m](x)
             emb[m] = F.normalize(model.heads[m](pooled).float(), dim=-1)
+        if "text_neg" in batch.data:
+            emb["text_neg"] = F.normalize(
+                model.heads["text"](model.encoders["text"](batch.data["text_neg"])).float(), dim=-1
+            )
         return emb, toks
 
     def _rows(self, batch: Batch, emb: dict[str, torch.Tensor], m: str):
-        """(embeddings, item ids) of the rows of ``m`` that exist, gathered over ranks."""
+        """(embeddings, item ids) of the rows of ``m`` that exist, gathered over ranks.
+
+        For text, hard-negative captions are appended as rows of no item (id -1): they
+        are negatives of every image and never a positive.
+        """
         k = emb[m].shape[0] // len(batch)
         items = batch.items.repeat(k)
         present = batch.present[m].repeat(k)
         e, items, present = gather_with_grad(emb[m]), gather(items), gather(present)
-        return e[present], items[present]
+        e, items = e[present], items[present]
+        if m == "text" and "text_neg" in emb:
+            neg = gather_with_grad(emb["text_neg"])[gather(batch.present["text_neg"])]
+            e = torch.cat([e, neg])
+            items = torch.cat([items, items.new_full((len(neg),), -1)])
+        return e, items
 
     # -- the loss -----------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

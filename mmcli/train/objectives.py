@@ -142,3 +142,22 @@ def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
         t = _normalized_distances(teacher.float())
     s = _normalized_distances(student.float())
     return F.smooth_l1_loss(s[off], t[off])
+
+
+def interactive_contrastive_loss(
+    s_a: torch.Tensor,
+    s_b: torch.Tensor,
+    t_a: torch.Tensor,
+    t_b: torch.Tensor,
+    item_a: torch.Tensor,
+    item_b: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """Interactive contrastive learning (CLIP-KD, Yang et al. 2024): the student's rows of one
+    modality contrasted with the teacher's rows of the other, both ways, averaged:
+    ``(contrastive(s_a, t_b) + contrastive(t_a, s_b)) / 2``. Pulls the student's embeddings
+    into the teacher's space (the teacher's rows are targets, given without gradient)."""
+    return 0.5 * (
+        contrastive_loss(s_a, t_b, item_a, item_b, logit_scale)
+        + contrastive_loss(t_a, s_b, item_a, item_b, logit_scale)
+    )

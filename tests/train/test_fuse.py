@@ -180,6 +180,40 @@ def test_checkpoint_round_trip_with_fusion_and_heads(toy_tensors, tmp_path):
     )
 
 
+@pytest.mark.parametrize("fusion", ["attention", "concat"])
+def test_extract_writes_the_fused_table(toy_tensors, tmp_path, fusion):
+    from mmcli.extract import extract
+    from mmcli.formats.tensorfile import TensorSet
+
+    cfg = FuseConfig(
+        encoders={**SMALL, "audio": "tiny"},
+        embed_dim=32,
+        fusion=fusion,
+        objectives={"contrastive": 1.0, "match": 1.0},
+    )
+    data = setup_data([str(toy_tensors)], None, cfg)
+    model = setup_model(data, cfg).eval()
+    model.to_checkpoint(tmp_path / "m.safetensors")
+    extract(str(toy_tensors), tmp_path / "feats", str(tmp_path / "m.safetensors"), dtype="float32")
+    feats = TensorSet(tmp_path / "feats")
+    assert feats.tables == ["image", "text", "audio", "fused"]
+    fused, items = feats.table("fused")
+    assert fused.shape == (feats.num_items, 32) and items.tolist() == list(range(feats.num_items))
+    # item j fuses its image, its first caption and its audio
+    src = TensorSet(toy_tensors)
+    first_caption = [int(np.nonzero(src.table("text")[1].numpy() == j)[0][0]) for j in range(3)]
+    with torch.no_grad():
+        direct = model.fuse(
+            {
+                "image": src.table("image")[0][:3],
+                "text": src.table("text")[0][first_caption],
+                "audio": src.table("audio")[0][:3],
+            }
+        )
+    torch.testing.assert_close(fused[:3], direct, atol=1e-4, rtol=1e-4)
+    assert feats.spec("fused")["fusion"]["kind"] == fusion
+
+
 def test_ddp_two_processes_equal_one(toy_tensors, tmp_path):
     """2 processes x batch 6 == 1 process x batch 12 (gloo on the CPU)."""
     common = [
