@@ -139,3 +139,20 @@ def test_tasks_with_a_model(cli, pipe):
     assert json.loads(r.stdout)["info"]["rows"] == {"train": 4, "val": 4, "test": 4}
     r = cli("eval", pipe["features"], "--task", "classify", "--model", pipe["model"])
     assert r.exit_code == 2 and "the checkpoint has no classifier head" in r.stderr
+
+
+def test_split_evaluates_the_held_out_items(cli, pipe):
+    r = cli("eval", pipe["features"], "--split", "test", "--k", "1,4")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["split"] == "test"
+    assert out["info"]["image_retrieval"] == {
+        "query": "text",
+        "target": "image",
+        "queries": 8,
+        "candidates": 4,
+        "positives": 8,
+        "queries_without_positive": 0,
+    }
+    r = cli("eval", pipe["features"], "--split", "test", "--task", "linear-probe")
+    assert r.exit_code == 2 and "--split does not apply to the linear probe" in r.stderr

@@ -273,3 +273,13 @@ def test_streaming_stdin_through_a_real_pipe(pipe):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_split_restricts_the_index_not_the_queries(cli, pipe):
+    r = cli("retrieve", "--index", pipe["features"], "--id", "x0", "--split", "test", "-k", "20")
+    assert r.exit_code == 0, r.stderr
+    (o,) = lines(r.stdout)
+    assert o["query"] == {"id": "x0"}  # a train item may query the test items
+    assert len(o["hits"]) == 4 and {h["item"]["split"] for h in o["hits"]} == {"test"}
+    r = cli("retrieve", "--index", pipe["features"], "--id", "x0", "--split", "nope")
+    assert r.exit_code == 2 and "no item of split 'nope'" in r.stderr and "train" in r.stderr

@@ -58,6 +58,12 @@ def eval_command(
             rich_help_panel="Classification",
         ),
     ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate only the items of this split (the manifest's split field), e.g. test."
+        ),
+    ] = None,
     train: Annotated[
         list[str] | None,
         typer.Option(
@@ -159,6 +165,7 @@ def eval_command(
             model=model,
             templates=templates,
             table=modality,
+            split=split,
             train=train,
             val=val,
             test=test,

@@ -70,6 +70,10 @@ def retrieve(
             rich_help_panel="Queries",
         ),
     ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Search only the items of this split (the manifest's split field)."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -178,6 +182,7 @@ def retrieve(
             device=resolve_device(device),
             batch_size=batch_size,
             with_fields=fields,
+            split=split,
         )
         retriever = Retriever(cfg, progress=ctx.progress)
         if queries:

@@ -41,6 +41,7 @@ class EvalConfig:
     train: list[str] | None = None
     val: list[str] | None = None
     test: list[str] | None = None
+    split: str | None = None  # evaluate only the items of this manifest split
     device: str = "cpu"
     batch_size: int = 256
     seed: int = 0
@@ -117,6 +118,13 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
     if features is None and split_sets["train"] is None:
         raise BadInput("no feature files given", hint="mmcli eval FEATURES... (or --train/--test)")
     task = _pick_task(cfg, features if features is not None else split_sets["train"])
+    if cfg.split:
+        if task == "linear-probe":
+            raise BadInput(
+                "--split does not apply to the linear probe",
+                hint="it trains on train, picks the weight decay on val and reports test",
+            )
+        features.select_split(cfg.split)
     model = None
     if task in ("zeroshot", "classify"):
         if not cfg.model:
@@ -185,6 +193,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
         "model": model_name(cfg.model, any_set),
         "query": query,
         "target": target,
+        "split": cfg.split,
         "features": all_paths,
         "metrics": metrics,
         "info": info,

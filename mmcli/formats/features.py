@@ -76,6 +76,9 @@ class FeatureSet:
         self._index = index
         self._labels, self.label_names = self._merge_labels()
         self._manifest: _Manifest | None | bool = False  # False: not loaded yet
+        #: items kept by :meth:`select_split` (None: all)
+        self.keep: Any = None
+        self.split: str | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -158,15 +161,49 @@ class FeatureSet:
             _check_items(local, s, table)
             yield s.tensor(table), torch.from_numpy(group.item_map[local + offset])
 
-    def table(self, table: str, dtype: Any = "float32") -> tuple[Any, Any]:
-        """The whole table in memory: (data [rows, D] in ``dtype``, items int64 [rows])."""
+    def table(
+        self, table: str, dtype: Any = "float32", *, every_item: bool = False
+    ) -> tuple[Any, Any]:
+        """The whole table in memory: (data [rows, D] in ``dtype``, items int64 [rows]);
+        only the rows of the items :meth:`select_split` kept, unless ``every_item``."""
         import torch
 
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         parts = list(self.iter_shards(table))
         data = torch.cat([p[0].to(dtype) for p in parts]) if parts else torch.empty(0)
         items = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, dtype=torch.int64)
+        if self.keep is not None and not every_item:
+            rows = torch.from_numpy(self.keep[items.numpy()])
+            data, items = data[rows], items[rows]
         return data, items
+
+    def select_split(self, split: str) -> FeatureSet:
+        """Keep only the items whose manifest ``split`` is ``split`` (in :meth:`table` and
+        :meth:`row_mask`). Returns self."""
+        import numpy as np
+
+        names = self.splits()
+        keep = np.array([n == split for n in names], dtype=bool)
+        if not keep.any():
+            have = sorted({n for n in names if n is not None})
+            raise BadInput(
+                f"no item of split {split!r} in the features' manifest",
+                where=self.manifest_path,
+                hint=f"splits there: {', '.join(have)}"
+                if have
+                else "the manifest has no split field",
+            )
+        self.keep, self.split = keep, split
+        return self
+
+    def row_mask(self, table: str):
+        """bool [rows] of ``table`` (all shards, in order): the rows of kept items, or None
+        when every item is kept."""
+        import numpy as np
+
+        if self.keep is None:
+            return None
+        return np.concatenate([self.keep[items.numpy()] for _, items in self.iter_shards(table)])
 
     def labels(self):
         """int64 label per item (numpy), -1 = none, indexing :attr:`label_names`."""

@@ -139,7 +139,14 @@ def resolve_scoring(scoring: str, device: Any = "cpu") -> str:
 class ExactIndex:
     """Exact search over a list of ``[n, D]`` tables (memory-mapped shards, stored dtype)."""
 
-    def __init__(self, parts: Sequence[Any], *, chunk_rows: int | None = None, items: Any = None):
+    def __init__(
+        self,
+        parts: Sequence[Any],
+        *,
+        chunk_rows: int | None = None,
+        items: Any = None,
+        row_mask: Any = None,
+    ):
         import torch
 
         self.parts = [p for p in parts]
@@ -169,6 +176,11 @@ class ExactIndex:
         self._norms: list[float | None] = [None] * len(self._chunks)
         #: item number of each row, when built from features
         self.items = items
+        #: bool [rows]: the rows that may be hits (None: all), e.g. the items of one split
+        self.row_mask = (
+            None if row_mask is None or np.all(row_mask) else np.asarray(row_mask, dtype=bool)
+        )
+        self.searchable = self.size if self.row_mask is None else int(self.row_mask.sum())
 
     @classmethod
     def from_features(cls, features, table: str, **kwargs: Any) -> ExactIndex:
@@ -179,6 +191,7 @@ class ExactIndex:
         for data, it in features.iter_shards(table):
             parts.append(data)
             items.append(it)
+        kwargs.setdefault("row_mask", features.row_mask(table))
         return cls(parts, items=torch.cat(items) if items else None, **kwargs)
 
     @property
@@ -239,7 +252,7 @@ class ExactIndex:
             raise BadInput("a query holds NaN or infinite values")
         mode = resolve_scoring(scoring, device)
         n = q.shape[0]
-        k_eff = min(k, self.size)
+        k_eff = min(k, self.searchable)
         indices = torch.full((n, k), -1, dtype=torch.int64)
         scores = torch.full((n, k), float("-inf"), dtype=torch.float32)
         total = 0
@@ -279,6 +292,11 @@ class ExactIndex:
             for c, (i, lo, hi) in enumerate(self._chunks):
                 if hi <= lo:
                     continue
+                allowed = None
+                if self.row_mask is not None:
+                    allowed = self.row_mask[self.offsets[i] + lo : self.offsets[i] + hi]
+                    if not allowed.any():
+                        continue
                 x = self.parts[i][lo:hi]
                 xn = self.chunk_norm(c, x)
                 if mode == "bf16":
@@ -292,6 +310,8 @@ class ExactIndex:
                     s = qp @ xf.to(dev).T  # (B, n) float32
                     a = gamma * qn * xn * MARGIN + ABS_SLACK
                 a = a.numpy()  # (B,) absolute error bound of this chunk's scores
+                if allowed is not None:  # rows that may not be hits score -inf
+                    s[:, torch.from_numpy(~allowed).to(s.device)] = float("-inf")
                 seeded = not np.isfinite(best[:, -1]).all()
                 if seeded:
                     # fewer than k rows seen yet: this chunk's k best set the bound
@@ -299,6 +319,9 @@ class ExactIndex:
                     best = _merge(best, _lower(top.astype(np.float64), a, rel))
                 tau = best[:, -1]  # k-th best lower bound so far
                 qi, ci, sv = _above(s, _score_floor(tau, a, rel))
+                if allowed is not None and len(qi):
+                    ok = allowed[ci]
+                    qi, ci, sv = qi[ok], ci[ok], sv[ok]
                 if len(qi):
                     if not seeded:  # (a seeded chunk's best are merged already)
                         best = _merge_sparse(best, qi, _lower(sv, a[qi], rel))

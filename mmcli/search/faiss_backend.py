@@ -185,7 +185,9 @@ class FaissIndex:
                 hint="encode queries with the model that produced the index features",
             )
         b = q.shape[0]
-        kk = min(max(k, k * self.params.candidates), self.exact.size)
+        mask = self.exact.row_mask  # rows that may be hits (a split), or None
+        spread = 1 if mask is None else -(-self.exact.size // max(self.exact.searchable, 1))
+        kk = min(max(k, k * self.params.candidates) * spread, self.exact.size)
         hnsw = _hnsw(import_faiss(), self.index)
         if hnsw is not None and hnsw.hnsw.efSearch < kk:
             hnsw.hnsw.efSearch = kk
@@ -193,9 +195,11 @@ class FaissIndex:
         qi = np.repeat(np.arange(b), kk)
         rows = labels.reshape(-1).astype(np.int64)
         ok = rows >= 0
+        if mask is not None:
+            ok &= mask[np.maximum(rows, 0)]
         qi, rows = qi[ok], rows[ok]
         scores = self.exact.rescore(q.double(), qi, rows)
-        k_eff = min(k, self.exact.size)
+        k_eff = min(k, self.exact.searchable)
         out_rows, out_scores = _top_k(qi, rows, scores, b, k_eff)
         indices = torch.full((b, k), -1, dtype=torch.int64)
         vals = torch.full((b, k), float("-inf"))

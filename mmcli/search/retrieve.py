@@ -48,6 +48,7 @@ class RetrieveConfig:
     device: str = "cpu"
     batch_size: int = 256
     with_fields: bool = True
+    split: str | None = None  # search only the items of this manifest split
 
 
 def default_target(tables: list[str]) -> str:
@@ -65,6 +66,8 @@ class Retriever:
             raise BadInput("-k must be at least 1")
         self.cfg = cfg
         self.features = FeatureSet.open(cfg.index)
+        if cfg.split:
+            self.features.select_split(cfg.split)
         self.target = cfg.target or default_target(self.features.tables)
         self.features.require(self.target, hint="pick the table to search with --target")
         self.features.dim(self.target)
@@ -117,7 +120,7 @@ class Retriever:
     def _table_rows(self, table: str) -> tuple[Any, np.ndarray]:
         if table not in self._query_rows:
             self.features.require(table, hint="pick the table of --id queries with --query-table")
-            x, items = self.features.table(table)
+            x, items = self.features.table(table, every_item=True)  # a query may be any item
             self._query_rows[table] = (x, items.numpy())
         return self._query_rows[table]
 

@@ -132,3 +132,20 @@ def test_non_finite_index_is_bad_input():
     x[42, 3] = float("nan")
     with pytest.raises(BadInput, match="rows 0 to 99"):
         ExactIndex([x]).search(normalized(1, 8, 1), 3)
+
+
+def test_row_mask_restricts_hits_exactly():
+    x = normalized(3000, 16, 13)
+    q = normalized(6, 16, 14)
+    mask = np.zeros(3000, dtype=bool)
+    mask[::7] = True
+    mask[100:700] = False  # whole chunks with no allowed row
+    index = ExactIndex([x[:1500], x[1500:]], chunk_rows=256, row_mask=mask)
+    allowed = np.flatnonzero(mask)
+    rows, scores = exact_search_reference(q, x[torch.from_numpy(allowed)], 10)
+    for scoring in ("fp32", "bf16"):
+        res = index.search(q, 10, scoring=scoring)
+        np.testing.assert_array_equal(res.indices.numpy(), allowed[rows])
+        np.testing.assert_array_equal(res.scores.numpy(), scores)
+    few = ExactIndex([x], row_mask=np.arange(3000) < 3).search(q, 10)
+    assert (few.indices[:, :3] >= 0).all() and (few.indices[:, 3:] == -1).all()

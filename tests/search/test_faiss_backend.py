@@ -75,3 +75,13 @@ def test_missing_faiss(monkeypatch):
     with pytest.raises(MissingDependency) as e:
         import_faiss()
     assert 'pip install "mmcli[faiss]"' in str(e.value)
+
+
+def test_only_kept_items_are_hits(tmp_path):
+    x = make(tmp_path / "f.safetensors", n=2000)
+    fs = FeatureSet.open(tmp_path / "f.safetensors")
+    fs.keep = np.arange(2000) % 4 == 0  # what select_split sets
+    index = FaissIndex.open(fs, "image", FaissParams(kind="hnsw"))
+    res = index.search(x[:8], 5)
+    assert (res.indices >= 0).all() and (res.indices % 4 == 0).all()
+    assert res.indices[0, 0] == 0
