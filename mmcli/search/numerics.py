@@ -11,24 +11,39 @@ SMALL_WORK = 1 << 27  # multiply-adds below which one CPU thread is faster than 
 @contextlib.contextmanager
 def exact_matmul() -> Iterator[None]:
     """Inside: float32 products in IEEE float32 (no TF32 / bf16 shortcuts), bf16 products
-    accumulate in float32 (no reduced-precision reductions on CUDA)."""
+    accumulate in float32 (no reduced-precision reductions on CUDA). Settings are only
+    touched when they differ from that (torch's defaults), and restored after."""
     import torch
 
+    changed: list[tuple[object, str, object]] = []
+
+    def ensure(obj: object, name: str, value: object) -> None:
+        try:
+            old = getattr(obj, name)
+            if old != value:
+                setattr(obj, name, value)
+                changed.append((obj, name, old))
+        except (AttributeError, RuntimeError, ValueError):
+            pass
+
     cuda = torch.backends.cuda.matmul
-    old = (
-        torch.get_float32_matmul_precision(),
-        cuda.allow_tf32,
-        cuda.allow_bf16_reduced_precision_reduction,
-    )
-    torch.set_float32_matmul_precision("highest")
-    cuda.allow_tf32 = False
-    cuda.allow_bf16_reduced_precision_reduction = False
+    ensure(cuda, "allow_bf16_reduced_precision_reduction", False)
+    for backend in (getattr(torch.backends.mkldnn, "matmul", None), cuda):
+        if getattr(backend, "fp32_precision", "none") not in ("none", "ieee"):  # newer torch API
+            ensure(backend, "fp32_precision", "ieee")
+    legacy = None
+    with contextlib.suppress(RuntimeError):  # raised when the newer API is in use (above)
+        legacy = torch.get_float32_matmul_precision()
+    if legacy not in (None, "highest"):
+        torch.set_float32_matmul_precision("highest")
+        ensure(cuda, "allow_tf32", False)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old[0])
-        cuda.allow_tf32 = old[1]
-        cuda.allow_bf16_reduced_precision_reduction = old[2]
+        if legacy not in (None, "highest"):
+            torch.set_float32_matmul_precision(legacy)
+        for obj, name, old in reversed(changed):
+            setattr(obj, name, old)
 
 
 @contextlib.contextmanager
