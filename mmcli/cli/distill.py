@@ -208,10 +208,9 @@ def distill(
         from mmcli.train.fuse import parse_pairs
         from mmcli.train.loop import LoopConfig
 
-        cross = from_ is not None or to is not None
         cfg = DistillConfig(
             teacher=teacher,
-            student=list(student or ([] if cross else ["derive:0.5"])),
+            student=list(student or []),
             losses=parse_losses(loss),
             temperature=temperature,
             feature_loss=feature_loss,

@@ -28,8 +28,6 @@ import json
 import logging
 import math
 import shutil
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ CLASS_LOSSES = ("kd", "ce")
 DEFAULT_LOSSES = {"similarity": 1.0, "contrastive": 1.0, "feature": 1.0}
 CROSS_DEFAULT_LOSSES = {"feature": 1.0, "contrastive": 1.0}
 HEADS = ("linear", "mlp", "identity")
+DEFAULT_DERIVE = (0.5, 1.0)  # the student without --student: every encoder half as wide
 CACHE_DIR = "teacher-cache"
 REPORT_FILE = "report.json"
 
@@ -197,7 +196,7 @@ def parse_student(values: list[str] | None) -> StudentSpec:
 
 
 def _parse_derive(rest: str) -> tuple[float, float]:
-    width, depth = 0.5, 1.0
+    width, depth = DEFAULT_DERIVE
     for part in rest.split(","):
         part = part.strip()
         if not part:
@@ -422,6 +421,8 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
     spec = parse_student(cfg.student)
     if cfg.cross:
         return _cross_student(data, cfg, teacher, spec)
+    if not (spec.checkpoint or spec.derive or spec.encoders):
+        spec.derive = DEFAULT_DERIVE
     if spec.checkpoint:
         return _checkpoint_student(data, cfg, teacher, spec.checkpoint)
     ds = data.dataset
@@ -850,6 +851,14 @@ class DistillTask(nn.Module):
         x = gather_with_grad(x) if grad else gather(x.contiguous())
         return x[gather(present)], gather(items)[gather(present)]
 
+    @staticmethod
+    def _aligned(t: torch.Tensor, s: torch.Tensor, b: int) -> torch.Tensor:
+        """The teacher's rows lined up with the student's (cross-modal: one image per item
+        against K captions, or the first caption against one audio clip)."""
+        if t.shape[0] == s.shape[0]:
+            return t
+        return t[:b].repeat(s.shape[0] // b, 1)
+
     def _in_teacher_space(self, m: str, raw: torch.Tensor) -> torch.Tensor:
         return self.projector[m](raw) if m in self.projector else raw
 
@@ -864,18 +873,14 @@ class DistillTask(nn.Module):
         # per modality: feature and relational, each student modality vs its teacher target
         feats, rels = [], []
         for m in self.trained:
-            tm = self.targets[m]
+            t_m = self._aligned(t_raw[self.targets[m]], s_raw[m], len(batch))
             present = batch.present[m].repeat(s_raw[m].shape[0] // len(batch))
-            s_m = self._in_teacher_space(m, s_raw[m])[present]
-            t_m = t_raw[tm][present]
-            if "feature" in w and len(s_m):
-                if self.cfg.feature_loss == "cosine":
-                    feats.append(obj.feature_loss(s_m, t_m, "cosine"))
-                else:
-                    feats.append(obj.feature_loss(s_m, t_m, "mse"))
+            if "feature" in w and present.any():
+                s_m = self._in_teacher_space(m, s_raw[m])[present]
+                feats.append(obj.feature_loss(s_m, t_m[present], self.cfg.feature_loss))
             if "relational" in w:
                 s_all, _ = self._rows(batch, F.normalize(s_raw[m], dim=-1), m)
-                t_all, _ = self._rows(batch, F.normalize(t_raw[tm], dim=-1), m, grad=False)
+                t_all, _ = self._rows(batch, F.normalize(t_m, dim=-1), m, grad=False)
                 rels.append(obj.relational_loss(s_all, t_all))
         if feats:
             losses["feature"] = torch.stack(feats).mean()
@@ -891,8 +896,9 @@ class DistillTask(nn.Module):
         if set(w) & set(PAIR_LOSSES):
             if self.cfg.cross:
                 a, b = self.cfg.from_modality, self.cfg.to_modality
+                t_a = self._aligned(t_raw[a], s_raw[b], len(batch))
                 s_b, ib = self._rows(batch, F.normalize(s_raw[b], dim=-1), b)
-                t_a, ia = self._rows(batch, F.normalize(t_raw[a], dim=-1), a, grad=False)
+                t_a, ia = self._rows(batch, F.normalize(t_a, dim=-1), b, grad=False)
                 # the student's B rows stand in for the teacher's A rows (its head maps B
                 # into A's space): against the teacher's A rows of the other items
                 if "similarity" in w:
@@ -992,225 +998,6 @@ def combine(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch
             hint=f"chosen: {', '.join(weights)}",
         )
     return sum(weights[k] * v for k, v in losses.items())
-
-
-# ----------------------------------------------------------------------- report
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def encode_throughput(
-    models: dict[str, MultimodalModel],
-    modalities: dict[str, str],
-    ds: Dataset,
-    items: np.ndarray,
-    *,
-    batch_size: int,
-    max_rows: int,
-    repeats: int,
-    device: torch.device,
-    precision: str = "fp32",
-) -> dict[str, dict[str, float]]:
-    """Rows/s of ``model.encode`` over the rows of ``items`` (at most ``max_rows`` per
-    modality), each named model with its modality (``modalities[name]``), batches read
-    beforehand, the same batch size for all, models interleaved, median of ``repeats``.
-    Per model: ``{modality: rows/s, "all": rows / total seconds}``."""
-    from mmcli.runtime import autocast
-
-    out: dict[str, dict[str, float]] = {}
-    times: dict[str, list[float]] = {n: [] for n in models}
-    batches: dict[str, list[torch.Tensor]] = {}
-    for m in modalities.values():
-        if m in batches:
-            continue
-        rows = np.concatenate([ds.rows_of[m][i] for i in items])[:max_rows]
-        batches[m] = [
-            ds.tables[m].fetch(rows[s : s + batch_size]).to(device)
-            for s in range(0, len(rows), batch_size)
-        ]
-    for name, model in models.items():  # warm up
-        model.eval().encode(modalities[name], batches[modalities[name]][0])
-    for _ in range(repeats):
-        for name, model in models.items():
-            m = modalities[name]
-            start = time.perf_counter()
-            for x in batches[m]:
-                with autocast(device, precision):
-                    model.encode(m, x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    for name in models:
-        m = modalities[name]
-        n = sum(len(x) for x in batches[m])
-        out[name] = {"modality": m, "rows": n, "rows_per_s": n / statistics.median(times[name])}
-    return out
-
-
-def final_report(
-    teacher: MultimodalModel,
-    student_path: Path,
-    student: Student,
-    data: DistillData,
-    cfg: DistillConfig,
-    *,
-    device: torch.device,
-    precision: str,
-    summary: dict[str, Any],
-) -> dict[str, Any]:
-    """Teacher vs student: parameters, encode throughput, the same held-out metrics, retention."""
-    from mmcli.train.evaluation import evaluate_model
-
-    best = MultimodalModel.from_checkpoint(student_path, device=device)
-    report: dict[str, Any] = {
-        "command": "distill",
-        "run_dir": summary.get("run_dir"),
-        "student_model": str(student_path),
-        "losses": cfg.losses,
-        "temperature": cfg.temperature,
-    }
-    metrics: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
-    if data.test is not None:
-        pairs = data.eval_pairs
-        t_pairs = [p for p in pairs if p[0] in teacher.encoders and p[1] in teacher.encoders]
-        if cfg.cross:  # the teacher's own pairs too, for the record
-            t_pairs = [
-                p for p in PAIR_ORDER if p[0] in teacher.encoders and p[1] in teacher.encoders
-            ]
-            t_pairs = [
-                p
-                for p in t_pairs
-                if p[0] in data.test_dataset.tables and p[1] in data.test_dataset.tables
-            ]
-        bs = cfg.eval_batch_size
-        metrics["teacher"] = evaluate_model(teacher, data.test_dataset, data.test, t_pairs, bs)
-        metrics["student"] = evaluate_model(
-            best, data.test_dataset, data.test, list(dict.fromkeys(t_pairs + pairs)), bs
-        )
-    # throughput: each distilled modality of the student, vs the teacher's encoder it replaces
-    models, mods = {}, {}
-    for m in student.trained:
-        models[f"student.{m}"], mods[f"student.{m}"] = best, m
-        tm = student.targets[m]
-        if tm in teacher.encoders:
-            models[f"teacher.{tm}"], mods[f"teacher.{tm}"] = teacher, tm
-    rates = encode_throughput(
-        models,
-        mods,
-        data.dataset,
-        data.train,
-        batch_size=cfg.throughput_batch_size,
-        max_rows=cfg.throughput_rows,
-        repeats=cfg.throughput_repeats,
-        device=device,
-        precision=precision,
-    )
-
-    def side(prefix: str, model: MultimodalModel, path: str | None, trained: int | None):
-        mine = {k.split(".", 1)[1]: v for k, v in rates.items() if k.startswith(prefix + ".")}
-        rows = sum(v["rows"] for v in mine.values())
-        secs = sum(v["rows"] / v["rows_per_s"] for v in mine.values())
-        out = {
-            "model": path,
-            "parameters": count_parameters(model),
-            "encoders": {m: model.config.encoders[m]["name"] for m in model.modalities},
-            "extract_rows_per_s": {
-                **{m: round(v["rows_per_s"], 1) for m, v in mine.items()},
-                **({"all": round(rows / secs, 1)} if len(mine) > 1 else {}),
-            },
-            "metrics": metrics[prefix],
-        }
-        if trained is not None:
-            out["trained_parameters"] = trained
-        return out
-
-    report["teacher"] = side("teacher", teacher, (teacher.checkpoint or {}).get("path"), None)
-    report["student"] = side(
-        "student",
-        best,
-        str(student_path),
-        sum(p.numel() for p in student.model.parameters() if p.requires_grad),
-    )
-    report["student"]["kind"] = student.description
-    report["parameter_ratio"] = round(
-        report["student"]["parameters"] / max(1, report["teacher"]["parameters"]), 4
-    )
-    speed = {}
-    for m in student.trained:
-        tm = student.targets[m]
-        s = report["student"]["extract_rows_per_s"].get(m)
-        t = report["teacher"]["extract_rows_per_s"].get(tm)
-        if s and t:
-            speed[m if m == tm else f"{m}/{tm}"] = round(s / t, 2)
-    s_all = report["student"]["extract_rows_per_s"].get("all")
-    t_all = report["teacher"]["extract_rows_per_s"].get("all")
-    if s_all and t_all:
-        speed["all"] = round(s_all / t_all, 2)
-    report["speedup"] = speed
-    shared = [
-        k
-        for k in metrics["student"]
-        if k in metrics["teacher"] and not k.endswith("/pairs") and metrics["teacher"][k] > 0
-    ]
-    report["retention"] = {
-        k: round(metrics["student"][k] / metrics["teacher"][k], 4) for k in shared
-    }
-    report["split"] = data.test_split
-    report["items"] = int(len(data.test)) if data.test is not None else 0
-    if data.eval_pairs and not cfg.cross:
-        a, b = data.eval_pairs[0]
-        key = f"{a}-{b}/{a}_retrieval_recall@1"
-        if key in metrics["student"]:
-            report["headline"] = {
-                "metric": key,
-                "meaning": f"{b} -> {a} recall@1 on the {data.test_split} split",
-                "teacher": metrics["teacher"].get(key),
-                "student": metrics["student"][key],
-                "retention": report["retention"].get(key),
-            }
-    if cfg.cross:
-        report["cross_modal"] = _cross_summary(cfg, data, metrics["student"])
-        b = cfg.to_modality
-        for p in data.eval_pairs:  # the new modality against one it never saw in training
-            if b in p and cfg.from_modality not in p:
-                other = p[0] if p[1] == b else p[1]
-                key = f"{p[0]}-{p[1]}/{other}_retrieval_recall@1"
-                if key in metrics["student"]:
-                    report["headline"] = {
-                        "metric": key,
-                        "meaning": f"{b} -> {other} recall@1 on the {data.test_split} split "
-                        f"(no {b}-{other} pair trained)",
-                        "teacher": None,
-                        "student": metrics["student"][key],
-                        "retention": None,
-                    }
-                    break
-    report["train"] = {
-        k: summary.get(k)
-        for k in ("steps", "epochs", "seconds", "samples_per_s", "final_loss", "best_metrics")
-    }
-    return report
-
-
-def _cross_summary(cfg: DistillConfig, data: DistillData, metrics: dict[str, float]) -> dict:
-    """Recall of the new modality against each of the teacher's others (never trained on)."""
-    b = cfg.to_modality
-    out: dict[str, Any] = {"from": cfg.from_modality, "to": b, "split": data.test_split}
-    for p in data.eval_pairs:
-        if b not in p:
-            continue
-        other = p[0] if p[1] == b else p[1]
-        for k in (1, 5, 10):
-            key = f"{p[0]}-{p[1]}/{other}_retrieval_recall@{k}"
-            if key in metrics:
-                out[f"{b}->{other} recall@{k}"] = metrics[key]
-            key = f"{p[0]}-{p[1]}/{b}_retrieval_recall@{k}"
-            if key in metrics:
-                out[f"{other}->{b} recall@{k}"] = metrics[key]
-    return out
 
 
 # ----------------------------------------------------------------------- run
@@ -1313,8 +1100,8 @@ def distill(
             sampler = CachedTeacherSampler(
                 data.dataset, data.train, batch_size, cache=cache, **sampler_args
             )
-        n_teacher = count_parameters(teacher)
-        n_student = count_parameters(student.model)
+        n_teacher = sum(p.numel() for p in teacher.parameters())
+        n_student = sum(p.numel() for p in student.model.parameters())
         log.info(
             "distill: %d train items, %s val items, %s, teacher %s params -> student %s "
             "(%s trained; %.1f%%), losses %s, device %s",
@@ -1342,6 +1129,8 @@ def distill(
         )
     if not dist.is_main:
         return summary
+    from mmcli.train.distill_report import final_report
+
     log.info("distill: comparing teacher and student on the %s split", data.test_split or "(none)")
     report = final_report(
         teacher,
