@@ -42,7 +42,7 @@ from mmcli.search.numerics import SMALL_WORK, exact_matmul, few_threads
 DEFAULT_KS = (1, 5, 10)
 NDCG_AT = 10
 BLOCK_ELEMS = 1 << 23  # scores per block: 8M float32 = 32 MB
-SLICE_ROWS = 256  # rows counted at a time (keeps the slice in cache)
+SLICE_ELEMS = 1 << 18  # scores computed and counted at a time (1 MB: stays in cache)
 HOST_NUMPY = True  # count CPU blocks with numpy (False: the torch code path GPUs take)
 
 
@@ -55,7 +55,8 @@ class PositiveRanks:
 
     Only queries with at least one positive appear. ``ranks[offsets[i]:offsets[i+1]]``
     are the ranks of query ``i``'s positives, ascending; ``query_rows[i]`` is its row in
-    the query table.
+    the query table. With ``pair_ranks(exact_up_to=K)``, ranks above K other than the
+    first hit's are lower bounds (still above K and above the first hit).
     """
 
     offsets: np.ndarray  # int64 [n_queries + 1]
@@ -126,47 +127,65 @@ def _cmp(s, t, ge: bool):
 def _count_ahead(s, thr: np.ndarray, rows: bool, mode: str) -> dict[str, np.ndarray]:
     """Candidates scoring above each threshold, per query and level.
 
-    ``s``: a score block; ``rows``: queries are its rows (candidates along axis 1), else
+    ``s``: a score slice; ``rows``: queries are its rows (candidates along axis 1), else
     its columns; ``thr``: float32 [queries, levels] (+inf pads a missing level);
     ``mode``: ``gt`` (count s > t), ``ge`` (s >= t) or ``both``. Returns {mode: int64
     [queries, levels]}.
+
+    Several levels: most candidates score below every positive of a query, so the
+    entries at or above each query's lowest threshold are found in one pass and, when
+    they are few, compared per level (else one comparison pass per level).
     """
     axis = 1 if rows else 0
     nq, levels = thr.shape
     modes = ("gt", "ge") if mode == "both" else (mode,)
     out = {m: np.zeros((nq, levels), dtype=np.int64) for m in modes}
-    if levels == 0 or nq == 0:
+    if levels == 0 or nq == 0 or s.shape[axis] == 0:
         return out
-    cpu = _is_cpu(s)
-    if not cpu:
-        import torch
-
-        thr_t = torch.from_numpy(thr).to(s.device)
-
-    def level(m: int):
-        t = thr[:, m] if cpu else thr_t[:, m]
-        return t[:, None] if rows else t[None, :]
-
-    if levels > 1 or mode == "both":
-        # most candidates score below every positive of a query: the few at or above the
-        # query's lowest threshold are picked out once and compared level by level
-        tmin = thr.min(1) if cpu else thr_t.min(1).values
-        gate = s >= (tmin[:, None] if rows else tmin[None, :])
-        passed = _count(gate, axis)
-        if not passed.any():
+    if not _is_cpu(s):
+        return _count_ahead_torch(s, thr, rows, modes, out)
+    if levels == 1 and mode != "both":  # one comparison pass
+        t = thr[:, 0]
+        out[mode][:, 0] = _count(_cmp(s, t[:, None] if rows else t[None, :], mode == "ge"), axis)
+        return out
+    tmin = thr.min(1)
+    gate = s >= (tmin[:, None] if rows else tmin[None, :])
+    if levels == 1:  # the gate is the ">=" count
+        out["ge"][:, 0] = _count(gate, axis)
+        modes = tuple(m for m in modes if m != "ge")
+        if not modes:
             return out
-        if cpu and passed.sum() <= PICK_SHARE * s.size:
-            r, c = np.divmod(np.flatnonzero(gate), s.shape[1])
-            vals = s[r, c]
-            q = r if rows else c
-            for name in modes:
-                for m in range(levels):
-                    hit = _cmp(vals, thr[q, m], name == "ge")
-                    out[name][:, m] = np.bincount(q[hit], minlength=nq)
-            return out
+    flat = np.flatnonzero(gate)
+    if len(flat) <= PICK_SHARE * gate.size:
+        r, c = np.divmod(flat, s.shape[1])
+        vals = s[r, c]
+        q = r if rows else c
+        for name in modes:
+            for m in range(levels):
+                hit = _cmp(vals, thr[q, m], name == "ge")
+                out[name][:, m] = np.bincount(q[hit], minlength=nq)
+        return out
     for name in modes:
         for m in range(levels):
-            out[name][:, m] = _count(_cmp(s, level(m), name == "ge"), axis)
+            t = thr[:, m]
+            out[name][:, m] = _count(
+                _cmp(s, t[:, None] if rows else t[None, :], name == "ge"), axis
+            )
+    return out
+
+
+def _count_ahead_torch(s, thr: np.ndarray, rows: bool, modes: tuple[str, ...], out):
+    """:func:`_count_ahead` with torch ops (scores on a GPU): plain comparison passes."""
+    import torch
+
+    axis = 1 if rows else 0
+    thr_t = torch.from_numpy(thr).to(s.device)
+    for name in modes:
+        for m in range(thr.shape[1]):
+            t = thr_t[:, m]
+            out[name][:, m] = _count(
+                _cmp(s, t[:, None] if rows else t[None, :], name == "ge"), axis
+            )
     return out
 
 
@@ -211,8 +230,9 @@ def _diagonal_counts(s, thr: np.ndarray, pos0: np.ndarray, npos: np.ndarray, c, 
     if levels == 0:
         return
     counts = {"gt": np.zeros((nq, levels), np.int64), "ge": np.zeros((nq, levels), np.int64)}
-    for r0 in range(0, s.shape[0], SLICE_ROWS):
-        sl = s[r0 : r0 + SLICE_ROWS]
+    step = _slice_rows(s.shape[1])
+    for r0 in range(0, s.shape[0], step):
+        sl = s[r0 : r0 + step]
         r1 = r0 + sl.shape[0]
         part = _count_ahead(sl, thr[r0:r1] if rows else thr, rows, "both")
         for name in counts:
@@ -239,21 +259,34 @@ def _off_diagonal(s, va, ca, vb, cb, rows_first: bool) -> None:
     the column queries. ``rows_first``: the block's rows come before the positives of the
     column queries (so ties count for the column queries and not for the row queries).
     """
-    la = int((va < np.inf).sum(1).max(initial=0))
-    lb = int((vb < np.inf).sum(1).max(initial=0))
+    la, lb = _levels_in_use(va), _levels_in_use(vb)
     tb = np.ascontiguousarray(vb[:, :lb])
-    for r0 in range(0, s.shape[0], SLICE_ROWS):
-        sl = s[r0 : r0 + SLICE_ROWS]
+    mode_a, mode_b = ("gt", "ge") if rows_first else ("ge", "gt")
+    step = _slice_rows(s.shape[1])
+    for r0 in range(0, s.shape[0], step):
+        sl = s[r0 : r0 + step]
         r1 = r0 + sl.shape[0]
         if la:
             ta = np.ascontiguousarray(va[r0:r1, :la])
-            ca[r0:r1, :la] += _count_ahead(sl, ta, True, "gt" if rows_first else "ge")[
-                "gt" if rows_first else "ge"
-            ]
+            ca[r0:r1, :la] += _count_ahead(sl, ta, True, mode_a)[mode_a]
         if lb:
-            cb[:, :lb] += _count_ahead(sl, tb, False, "ge" if rows_first else "gt")[
-                "ge" if rows_first else "gt"
-            ]
+            cb[:, :lb] += _count_ahead(sl, tb, False, mode_b)[mode_b]
+
+
+def _levels_in_use(v: np.ndarray) -> int:
+    """1 + the last level with a finite threshold for some query (0: none)."""
+    used = np.flatnonzero((v < np.inf).any(0))
+    return int(used[-1]) + 1 if len(used) else 0
+
+
+def _host(s):
+    """CPU scores as numpy (faster to count); other devices stay torch."""
+    return s.numpy() if s.device.type == "cpu" and HOST_NUMPY else s
+
+
+def _slice_rows(cols: int) -> int:
+    """Rows per counted slice: about SLICE_ELEMS scores (a few hundred KB, in cache)."""
+    return max(16, min(4096, SLICE_ELEMS // max(cols, 1)))
 
 
 def pair_ranks(
@@ -264,6 +297,7 @@ def pair_ranks(
     *,
     device: Any = "cpu",
     block_elems: int = BLOCK_ELEMS,
+    exact_up_to: int | None = None,
     progress: ProgressFactory = null_progress,
 ) -> tuple[PositiveRanks, PositiveRanks]:
     """Exact ranks of the positives for queries ``a`` over candidates ``b`` and back.
@@ -272,6 +306,12 @@ def pair_ranks(
     ``a_items`` / ``b_items`` the item number of each row (rows of the same item are
     each other's positives). Returns ``(a -> b, b -> a)`` :class:`PositiveRanks`.
     Memory: O(block_elems) scores at a time.
+
+    ``exact_up_to=K``: the first hit of every query is ranked exactly, its other
+    positives only while their rank is at most max(K, positives per query): past that
+    they stop being counted (their rank stays a lower bound above K). That is all
+    recall@k, the first-hit ranks, mAP@R and nDCG@10 need, and it saves most of the
+    counting for queries with several positives. None: every rank exact.
     """
     import torch
 
@@ -295,6 +335,8 @@ def pair_ranks(
     ca = np.zeros((na, ma), dtype=np.int64)  # candidates ranked ahead of each positive
     cb = np.zeros((nb, mb), dtype=np.int64)
 
+    cap = None if exact_up_to is None else max(int(exact_up_to), ma, mb)
+    first_a = first_b = None  # the first-hit level of each query, known after the diagonal
     groups = _item_groups(ia, ib, block_elems)
     order = [(g, g) for g in range(len(groups))]  # diagonal blocks first: they hold the positives
     order += [(g, h) for g in range(len(groups)) for h in range(len(groups)) if g != h]
@@ -308,24 +350,47 @@ def pair_ranks(
         for g, h in order:
             a0, a1, _, _ = groups[g]
             _, _, b0, b1 = groups[h]
-            if a1 > a0 and b1 > b0:
-                s = A[a0:a1] @ B[b0:b1].T  # (a1-a0, b1-b0) float32
-                if s.device.type == "cpu" and HOST_NUMPY:
-                    s = s.numpy()
-                if g == h:  # the block of the positives: score them, mask them, count
-                    pa, pb = lo_b[a0:a1] - b0, lo_a[b0:b1] - a0
-                    ta = _positive_scores(s, pa, npos_a[a0:a1], rows=True)
-                    tb = _positive_scores(s, pb, npos_b[b0:b1], rows=False)
-                    va[a0:a1, : ta.shape[1]], vb[b0:b1, : tb.shape[1]] = ta, tb
-                    _mask_positives(s, pa, npos_a[a0:a1])
-                    _diagonal_counts(s, ta, pa, npos_a[a0:a1], ca[a0:a1], rows=True)
-                    _diagonal_counts(s, tb, pb, npos_b[b0:b1], cb[b0:b1], rows=False)
-                else:
-                    # the positives of group g's rows lie in group g: candidates of an earlier
-                    # group (h < g) come first in the tie order, so equal scores count for them
-                    _off_diagonal(s, va[a0:a1], ca[a0:a1], vb[b0:b1], cb[b0:b1], rows_first=g < h)
+            if a1 > a0 and b1 > b0 and g == h:  # the positives' block: score, mask, count
+                s = _host(A[a0:a1] @ B[b0:b1].T)  # (a1-a0, b1-b0) float32
+                pa, pb = lo_b[a0:a1] - b0, lo_a[b0:b1] - a0
+                ta = _positive_scores(s, pa, npos_a[a0:a1], rows=True)
+                tb = _positive_scores(s, pb, npos_b[b0:b1], rows=False)
+                va[a0:a1, : ta.shape[1]], vb[b0:b1, : tb.shape[1]] = ta, tb
+                _mask_positives(s, pa, npos_a[a0:a1])
+                _diagonal_counts(s, ta, pa, npos_a[a0:a1], ca[a0:a1], rows=True)
+                _diagonal_counts(s, tb, pb, npos_b[b0:b1], cb[b0:b1], rows=False)
+            elif a1 > a0 and b1 > b0:
+                # the positives of group g's rows lie in group g: candidates of an earlier
+                # group (h < g) come first in the tie order, so equal scores count for them
+                s = _host(A[a0:a1] @ B[b0:b1].T)
+                ta, tb = va[a0:a1], vb[b0:b1]
+                if cap is not None:  # positives already ranked past the cap: no more counting
+                    if first_a is None:
+                        first_a, first_b = _first_levels(va), _first_levels(vb)
+                    ta = np.where((ca[a0:a1] >= cap) & ~first_a[a0:a1], np.inf, ta).astype(
+                        np.float32
+                    )
+                    tb = np.where((cb[b0:b1] >= cap) & ~first_b[b0:b1], np.inf, tb).astype(
+                        np.float32
+                    )
+                _off_diagonal(s, ta, ca[a0:a1], tb, cb[b0:b1], rows_first=g < h)
             bar.update(1)
+    if first_a is not None:  # capped positives: lower bounds, but never before the first hit
+        for counts, first in ((ca, first_a), (cb, first_b)):
+            ahead_of_first = (counts * first).sum(1, keepdims=True)
+            dead = (counts >= cap) & ~first
+            np.copyto(counts, np.maximum(counts, ahead_of_first + 1), where=dead)
     return _collect(ca, npos_a, perm_a, nb), _collect(cb, npos_b, perm_b, na)
+
+
+def _first_levels(v: np.ndarray) -> np.ndarray:
+    """bool [queries, levels]: the level of each query's best-ranked positive (highest
+    score; the earliest on a tie, as the tie rule ranks it first)."""
+    out = np.zeros(v.shape, dtype=bool)
+    if v.shape[1]:
+        finite = np.where(v < np.inf, v, -np.inf)
+        out[np.arange(len(v)), np.argmax(finite, axis=1)] = True
+    return out
 
 
 def _collect(
@@ -358,9 +423,9 @@ def retrieval_metrics(r: PositiveRanks, ks: Sequence[int] = DEFAULT_KS) -> dict[
     - ``recall@k``: share of queries with a positive in their top k (a query with several
       positives is a hit when any of them is);
     - ``mean_rank`` / ``median_rank`` / ``mrr``: of the first hit (best-ranked positive);
-    - ``map``: mean average precision over all positives, AP = (1/R) sum_i i / rank_i;
-    - ``map@r``: mAP@R (R = the query's number of positives): (1/R) sum_{i: rank_i <= R}
-      i / rank_i; with one positive it equals recall@1;
+    - ``map@r``: mAP@R, the mean average precision within the top R (R = the query's
+      number of positives): (1/R) sum_{i: rank_i <= R} i / rank_i; with one positive it
+      equals recall@1;
     - ``ndcg@10``: sum_{rank_i <= 10} 1/log2(1 + rank_i) / sum_{j <= min(R, 10)} 1/log2(1 + j).
     """
     if r.n_queries == 0:
@@ -377,7 +442,6 @@ def retrieval_metrics(r: PositiveRanks, ks: Sequence[int] = DEFAULT_KS) -> dict[
     i = np.arange(len(r.ranks)) - r.offsets[:-1][q] + 1  # 1-based position among positives
     rank = r.ranks.astype(np.float64)
     prec = i / rank
-    out["map"] = float((np.bincount(q, prec, r.n_queries) / n).mean())
     within_r = rank <= n[q]
     out["map@r"] = float((np.bincount(q, prec * within_r, r.n_queries) / n).mean())
     gain = np.where(rank <= NDCG_AT, 1.0 / np.log2(1.0 + rank), 0.0)
@@ -442,7 +506,8 @@ def evaluate_retrieval(
     xq, iq = features.table(query)
     xt, it = features.table(target)
     for name, x in ((query, xq), (target, xt)):
-        if not bool(torch.isfinite(x).all()):
+        # a sum is finite when every value is (a huge but finite one may overflow it: recheck)
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise BadInput(
                 f"the {name} features hold NaN or infinite values", where=features.paths[0]
             )
@@ -453,7 +518,16 @@ def evaluate_retrieval(
                 f"k={max(ks)} is larger than the {n_cand} {what} candidates",
                 hint="lower --k",
             )
-    fwd, bwd = pair_ranks(xq, iq, xt, it, device=device, block_elems=block_elems, progress=progress)
+    fwd, bwd = pair_ranks(
+        xq,
+        iq,
+        xt,
+        it,
+        device=device,
+        block_elems=block_elems,
+        progress=progress,
+        exact_up_to=max([*ks, NDCG_AT]),
+    )
     if fwd.n_queries == 0:
         raise BadInput(
             f"no item has both {query} and {target} rows, so no query has a positive",
