@@ -154,7 +154,7 @@ def main() -> None:
             + ", ".join(
                 f"{k}={v:.4f}"
                 for k, v in m.items()
-                if k.endswith(("@1", "@5", "map", "median_rank"))
+                if k.endswith(("@1", "@5", "map@r", "median_rank"))
             )
         )
     finally:
