@@ -53,6 +53,15 @@ def generate(path: Path, images: int, captions: int, dim: int, noise: float, see
 
 
 def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: unlike ru_maxrss, not inherited from the
+    parent across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
