@@ -3,7 +3,9 @@
     python benchmarks/bench_search.py [--rows 500000] [--dim 512] [--queries 256] [-k 10]
                                       [--repeats 5] [--no-hnsw] [--keep DIR]
 
-Generates N random L2-normalised float32 vectors and Q queries (seeded) and writes them
+Generates N random L2-normalised float32 vectors and Q queries (seeded; --clusters C
+draws them around C centres, closer to real embeddings than uniform noise, on which
+approximate indices have little to exploit) and writes them
 as feature shards stored as float32, float16 and bfloat16. Each contender runs in its
 own process (so its peak RSS is its own), is built once, searched once to warm up, then
 timed over --repeats searches of all Q queries at once (median):
@@ -44,14 +46,20 @@ SHARDS = 4
 # ------------------------------------------------------------------------- data
 
 
-def generate(folder: Path, rows: int, dim: int, queries: int, seed: int) -> None:
+def generate(folder: Path, rows: int, dim: int, queries: int, seed: int, clusters: int = 0) -> None:
     import torch
 
     from mmcli.formats.tensorfile import Shard, shard_name, write_shard
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(rows, dim, generator=g), dim=1)
-    q = torch.nn.functional.normalize(torch.randn(queries, dim, generator=g), dim=1)
+    x = torch.randn(rows, dim, generator=g)
+    q = torch.randn(queries, dim, generator=g)
+    if clusters:  # a mixture: points near one of `clusters` centres, like real embeddings
+        centres = torch.randn(clusters, dim, generator=g) * 2.0
+        x += centres[torch.randint(clusters, (rows,), generator=g)]
+        q += centres[torch.randint(clusters, (queries,), generator=g)]
+    x = torch.nn.functional.normalize(x, dim=1)
+    q = torch.nn.functional.normalize(q, dim=1)
     np.save(folder / "queries.npy", q.numpy())
     per = -(-rows // SHARDS)
     for dtype in ("float32", "float16", "bfloat16"):
@@ -258,6 +266,12 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--clusters",
+        type=int,
+        default=0,
+        help="draw vectors around this many centres (0: uniform random, the hardest case for ANN)",
+    )
     ap.add_argument("--no-hnsw", action="store_true", help="skip the faiss HNSW build (slow)")
     ap.add_argument(
         "--keep", help="folder for the generated data (default: a temp folder, removed)"
@@ -283,9 +297,10 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         if not (folder / "queries.npy").exists():
-            generate(folder, args.rows, args.dim, args.queries, args.seed)
+            generate(folder, args.rows, args.dim, args.queries, args.seed, args.clusters)
         print(
-            f"data: {args.rows:,} x {args.dim} normalised, {args.queries} queries, k={args.k} "
+            f"data: {args.rows:,} x {args.dim} normalised ({args.clusters or 'no'} clusters), "
+            f"{args.queries} queries, k={args.k} "
             f"({time.perf_counter() - t0:.0f} s to generate); torch threads {os.cpu_count()} cpus",
             file=sys.stderr,
         )
