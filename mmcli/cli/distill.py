@@ -254,11 +254,19 @@ def distill(
             progress=ctx.progress,
         )
         if dist_info().is_main:
-            speed = report["speedup"].get("all") or next(iter(report["speedup"].values()), 0)
-            line = (
-                f"student {report['student']['parameters']:,} params "
-                f"({report['parameter_ratio']:.0%} of the teacher's), encodes {speed:.1f}x as fast"
-            )
+            if "cross_modal" in report:
+                cm = report["cross_modal"]
+                line = (
+                    f"new {cm['to']} encoder + head: {report['student']['trained_parameters']:,} "
+                    f"params, in the teacher's {cm['from']} space"
+                )
+            else:
+                speed = report["speedup"].get("all") or next(iter(report["speedup"].values()), 0)
+                line = (
+                    f"student {report['student']['parameters']:,} params "
+                    f"({report['parameter_ratio']:.0%} of the teacher's), encodes {speed:.1f}x "
+                    "as fast"
+                )
             head_line = report.get("headline")
             if head_line:
                 line += f"; {head_line['meaning']}: student {head_line['student']:.3f}"

@@ -327,13 +327,13 @@ def setup_data(
         train = train[both]
         if len(train) == 0:
             raise BadInput(f"no training item has both {cfg.from_modality} and {cfg.to_modality}")
-    test_ds, test, test_split = base.val_dataset, base.val, cfg.val_split
+    # the final report's items: the test split, else the validation data
+    test_ds, test = base.val_dataset, base.val
+    test_split = "--val" if val_sources else cfg.val_split
     if any(s is not None for s in ds.splits):
         items = ds.subset(cfg.test_split)
         if len(items):
             test_ds, test, test_split = ds, items, cfg.test_split
-    if val_sources:
-        test_split = "--val"
     modalities = base.modalities
     if cfg.cross:
         modalities = [cfg.from_modality, cfg.to_modality]
@@ -466,10 +466,11 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
         classifier=classifier,
         extra=_extra(teacher, cfg),
     )
+    if fusion:
+        fusion["modalities"] = [m for m in fusion.get("modalities", encoders) if m in encoders]
     if fusion and fusion["kind"] == "attention":
         from mmcli.train.fuse import _token_counts
 
-        probe = MultimodalModel(ModelConfig(encoders=encoders))
         fusion["max_tokens"] = _token_counts(probe, ds, fusion["modalities"])
     model = MultimodalModel(config)
     for m in frozen:
@@ -713,7 +714,7 @@ def build_teacher_cache(
         )
     except BadInput as e:
         raise BadInput(f"--cache-teacher: {e}") from None
-    cached = load_dataset([str(folder)], modalities=modalities, in_memory=True)
+    cached = load_dataset([str(folder)], modalities=modalities, in_memory=False)  # memory-mapped
     for m in modalities:
         same = cached.ids == ds.ids and all(
             np.array_equal(x, y) for x, y in zip(cached.rows_of[m], ds.rows_of[m])

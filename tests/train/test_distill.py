@@ -41,6 +41,16 @@ def softplus(x):
     return math.log1p(math.exp(x))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine every op of a
+    two-thread run waits for the other thread's time slice (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def teacher(toy_tensors, tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher") / "run"
@@ -247,6 +257,7 @@ def test_cross_modal_audio_lands_in_the_teacher_space(toy_tensors, teacher, tmp_
         "audio",
         "--student",
         "audio=melcnn:width=4,depth=2,dim=16",
+        "--cache-teacher",
         "--max-steps",
         "30",
         "--batch-size",
