@@ -281,6 +281,38 @@ def test_csv_groups_captions_by_image(tmp_path):
         list(import_items(path, "csv", ImportOptions(image_col="nope"))[1])
 
 
+def test_csv_on_stdin_through_a_pipe(run_mmcli, tmp_path):
+    """A pipe cannot seek: the CSV delimiter sniffing must not need it."""
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    data = b"image;text;label\na.png;a red one;x\nb.png;a blue one;y\n"
+    r = run_mmcli(
+        "preprocess", "-", "-f", "csv", "-o", tmp_path / "o", "--image-size", "16", "-q",
+        input=data, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    ts = TensorSet(tmp_path / "o")
+    assert ts.ids() == ["a.png", "b.png"] and ts.label_names == ["x", "y"]
+    r = run_mmcli("preprocess", "-", "-f", "csv", "-o", tmp_path / "o2", input=b"\xff\xfe,x\n")
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+    assert b"<stdin>: not valid UTF-8" in r.stderr
+
+
+def test_imagefolder_with_symlinked_files(tmp_path):
+    """Class folders of links to files elsewhere (a shared store) are read, named by their
+    path under ROOT."""
+    store = tmp_path / "store"
+    _png(store / "x1.png")
+    _png(store / "x2.png", color=(0, 255, 0))
+    for label, name in (("cat", "x1"), ("dog", "x2")):
+        (tmp_path / "root" / label).mkdir(parents=True)
+        (tmp_path / "root" / label / f"{name}.png").symlink_to(store / f"{name}.png")
+    preprocess(str(tmp_path / "root"), str(tmp_path / "o"), config=SMALL)
+    ts = TensorSet(tmp_path / "o")
+    assert ts.ids() == ["cat/x1", "dog/x2"]
+    assert int(ts.shards[0].numpy("image")[1, 1].max()) == 255  # the green one, decoded
+
+
 def test_unknown_layouts(tmp_path):
     (tmp_path / "x.json").write_text('{"foo": 1}')
     with pytest.raises(BadInput, match="neither a Karpathy split file nor a COCO"):

@@ -171,7 +171,9 @@ def _folder_items(root: Path, exts: set[str], modality: str, fmt: str) -> Iterat
             for f in _folder_files(class_dir):
                 if f.suffix.lower() not in exts:
                     continue
-                rel = f.resolve().relative_to(base).as_posix()
+                # relative to ROOT as walked, not resolved: a symlinked file may point
+                # anywhere, and its path under ROOT is what the item is called
+                rel = f.relative_to(root).as_posix()
                 fields: dict[str, Any] = {
                     "id": str(Path(rel).with_suffix("")),
                     modality: rel,
@@ -272,7 +274,14 @@ def _coco_items(path: str, opts: ImportOptions) -> Iterator[Item]:
 
 def _csv_items(path: str, opts: ImportOptions) -> Iterator[Item]:
     if is_stdio(path):
-        stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+        # read whole: the delimiter sniffing below seeks back, and a pipe cannot seek
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise BadInput(
+                f"not valid UTF-8 ({e.reason})", where="<stdin>", hint="save the CSV as UTF-8"
+            ) from None
+        stream = io.StringIO(text, newline="")
         base, name = Path.cwd(), "<stdin>"
     else:
         p = Path(path)
@@ -364,9 +373,14 @@ def _csv_items(path: str, opts: ImportOptions) -> Iterator[Item]:
             if text:
                 item.fields["text"].append(text)
         yield from items.values()
+    except UnicodeDecodeError as e:
+        raise BadInput(
+            f"not valid UTF-8 ({e.reason})", where=path, hint="save the CSV as UTF-8"
+        ) from None
+    except csv.Error as e:
+        raise BadInput(f"bad CSV ({e})", where=path) from None
     finally:
-        if stream is not sys.stdin:
-            stream.close()
+        stream.close()
 
 
 def import_items(
