@@ -107,6 +107,8 @@ def test_summarize(cli, feats, tmp_path):
         (["{both}", "--k", "one"], "--k expects integers"),
         ([], "no feature files given"),
         (["{both}", "-o", "{{nope}}.json"], "bad --output template"),
+        (["{both}", "--device", "gpu"], "bad device 'gpu'"),
+        (["--task", "retrieval", "--train", "{both}", "--split", "test"], "needs FEATURES"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(cli, feats, args, message):

@@ -165,6 +165,7 @@ def test_stdin_lines_bad_lines_answered_in_place(cli, toy):
         (["--id", "it1", "--target", "audio"], "no audio table"),
         (["--text", "a cat"], "need --model"),
         (["--id", "it1", "-k", "0"], "Invalid value"),
+        (["--id", "it1", "--device", "gpu"], "bad device 'gpu'"),
     ],
 )
 def test_bad_input_one_line_exit_2(cli, toy, args, message):

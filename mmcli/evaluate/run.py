@@ -48,13 +48,10 @@ class EvalConfig:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """``auto|cpu|cuda|cuda:N``, checked as every command checks it, as a string."""
+    from mmcli.runtime import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: CUDA is not available here", hint="use --device cpu")
-    return device
+    return str(resolve(device))
 
 
 def _pick_task(cfg: EvalConfig, features) -> str:
@@ -118,6 +115,10 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
     if features is None and split_sets["train"] is None:
         raise BadInput("no feature files given", hint="mmcli eval FEATURES... (or --train/--test)")
     task = _pick_task(cfg, features if features is not None else split_sets["train"])
+    if features is None and task != "linear-probe":
+        raise BadInput(
+            f"--task {task} needs FEATURES", hint="--train/--val/--test are for the linear probe"
+        )
     if cfg.split:
         if task == "linear-probe":
             raise BadInput(
@@ -137,10 +138,6 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
         from mmcli.search.queries import load_model
 
         model = load_model(cfg.model, device)
-    if features is None and task != "linear-probe":
-        raise BadInput(
-            f"--task {task} needs FEATURES", hint="--train/--val/--test are for the linear probe"
-        )
     metrics: dict[str, float] = {}
     info: dict[str, Any] = {}
     query = target = None
