@@ -75,6 +75,7 @@ def extract(
     dtype: str = "float16",
     normalize: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
     seed: int = 0,
     channels_last: bool | None = None,
     prefetch: int = 3,
@@ -87,8 +88,11 @@ def extract(
     "transformer:depth=2"}``, default: one per modality in the input) with optional
     ``weights`` per modality (a file or ``imagenet``) give backbone features.
     ``out``: a folder (one shard per input shard), or ``-`` / a ``.safetensors`` file
-    when the input is one shard. ``seed`` fixes the random init of encoders without
-    weights (so every torchrun rank, and a resumed run, builds the same model).
+    when the input is one shard. ``resume`` keeps the finished shards of the same run in
+    ``out``; ``overwrite`` replaces the features shards of any earlier run there (as in
+    ``preprocess``, only mmcli's own files; it wins over ``resume``). ``seed`` fixes the
+    random init of encoders without weights (so every torchrun rank, and a resumed run,
+    builds the same model).
     ``channels_last`` (None = yes): run the image encoder and its input in channels_last.
     Returns a summary (rows per modality, rows/s, shards written and skipped, ...).
     """
@@ -111,8 +115,9 @@ def extract(
         )
     dev = runtime.resolve_device(device)
     outputs = _output_paths(out, tensors, runtime.dist_info().world_size)
+    resume = resume and not overwrite
     if not _single_output(out):
-        _check_folder(Path(out), len(outputs), resume)
+        _check_folder(Path(out), len(outputs), resume, overwrite)
     precision = runtime.check_precision(precision, dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -127,7 +132,8 @@ def extract(
     with runtime.distributed(dev) as dist:
         run_id = _run_id(model, modalities, tensors, dtype, normalize, seed)
         mine = dist.my_shards(len(tensors.shards))
-        todo, skipped = _pending(outputs, mine, tensors, run_id, resume)
+        folder_out = overwrite and not _single_output(out)
+        todo, skipped = _pending(outputs, mine, tensors, run_id, resume, folder_out)
         runtime.barrier()  # every rank has checked OUT before any writes to it
 
         if dist.is_main:
@@ -338,11 +344,30 @@ def _run_id(model, modalities, tensors: TensorSet, dtype: str, normalize: bool, 
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _pending(outputs: list[str], mine: list[int], tensors: TensorSet, run_id: str, resume: bool):
-    """(shards to compute, shards already done) among this rank's ``mine``."""
+def _pending(
+    outputs: list[str],
+    mine: list[int],
+    tensors: TensorSet,
+    run_id: str,
+    resume: bool,
+    overwrite: bool = False,
+):
+    """(shards to compute, shards already done) among this rank's ``mine``.
+
+    ``overwrite`` (a folder output): the features shards of an earlier run there go first
+    (every rank may try; it all happens before the barrier that precedes any write).
+    """
+    from mmcli.runtime import dist_info
+
     if is_stdio(outputs[0]):
         return mine, []
     folder = Path(outputs[0]).parent
+    if overwrite:
+        old = _own_shards(folder)
+        for f in old:
+            f.unlink(missing_ok=True)
+        if old and dist_info().is_main:
+            log.info("overwrite: removed %d features shard(s) of an earlier run", len(old))
     todo, done = [], []
     for i in mine:
         path = Path(outputs[i])
@@ -357,25 +382,32 @@ def _pending(outputs: list[str], mine: list[int], tensors: TensorSet, run_id: st
     return todo, done
 
 
-def _check_folder(folder: Path, count: int, resume: bool) -> None:
+def _own_shards(folder: Path) -> list[Path]:
+    """The features shards in ``folder`` (what extract writes there; nothing else)."""
     if not folder.is_dir():
+        return []
+    return sorted(
+        f for f in folder.iterdir() if (m := SHARD_RE.match(f.name)) and m["name"] == OUT_NAME
+    )
+
+
+def _check_folder(folder: Path, count: int, resume: bool, overwrite: bool = False) -> None:
+    if overwrite:  # replaced in _pending, once the model and the input are known to be good
         return
-    existing = []
-    for f in folder.iterdir():
-        m = SHARD_RE.match(f.name)
-        if m and m["name"] == OUT_NAME:
-            existing.append(f.name)
-            if int(m["count"]) != count:
-                raise BadInput(
-                    f"holds {f.name}, from a run over {int(m['count'])} shards (this input has {count})",
-                    where=str(folder),
-                    hint="use another output folder or remove it",
-                )
+    existing = _own_shards(folder)
+    for f in existing:
+        n = int(SHARD_RE.match(f.name)["count"])
+        if n != count:
+            raise BadInput(
+                f"holds {f.name}, from a run over {n} shards (this input has {count})",
+                where=str(folder),
+                hint="pass --overwrite to replace that run, or use another output folder",
+            )
     if existing and not resume:
         raise BadInput(
             f"already holds {len(existing)} features shard(s)",
             where=str(folder),
-            hint="pass --resume to finish that run, or use another output folder",
+            hint="pass --resume to finish that run, --overwrite to replace it, or use another output folder",
         )
 
 
@@ -390,7 +422,7 @@ def _finished(path: Path, source: ShardFile, run_id: str) -> bool:
         raise BadInput(
             "holds features from a different extract run (other model, weights, input or options)",
             where=str(path),
-            hint="use another output folder, or remove it to start over",
+            hint="pass --overwrite to replace that run, or use another output folder",
         )
     return done.num_items == source.num_items
 

@@ -189,3 +189,31 @@ def test_existing_output_needs_resume(cli, shards, tmp_path):
     assert cli("extract", tmp_path / "tensors", "-o", out, "-e", "image=tiny").exit_code == 0
     result = cli("extract", tmp_path / "tensors", "-o", out, "-e", "image=tiny")
     _one_line_error(result, "already holds 2 features shard(s); pass --resume")
+
+
+def test_overwrite_replaces_only_extracts_own_files(cli, shards, tmp_path):
+    """--overwrite as in preprocess: an earlier run's features shards (any shard count) go,
+    the user's other files stay."""
+    out = tmp_path / "feats"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "features-00000-of-00005.safetensors").write_bytes(b"an old run over 5 shards")
+    result = cli("extract", tmp_path / "tensors", "-o", out, "-e", "image=tiny")
+    _one_line_error(result, "from a run over 5 shards", "--overwrite")
+    result = cli("extract", tmp_path / "tensors", "-o", out, "-e", "image=nope", "--overwrite")
+    _one_line_error(result, "nope")
+    assert (out / "features-00000-of-00005.safetensors").exists()  # bad input removes nothing
+    result = cli("extract", tmp_path / "tensors", "-o", out, "-e", "image=tiny", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "features-00000-of-00002.safetensors",
+        "features-00001-of-00002.safetensors",
+        "notes.txt",
+    ]
+    assert (out / "notes.txt").read_text() == "mine"
+    # a different run over the same folder: refused, then replaced with --overwrite
+    again = ("extract", tmp_path / "tensors", "-o", out, "-e", "image=tiny:width=4")
+    _one_line_error(cli(*again, "--resume"), "different extract run", "--overwrite")
+    assert cli(*again, "--overwrite", "--resume").exit_code == 0
+    spec = ShardFile(out / "features-00000-of-00002.safetensors").specs["image"]
+    assert spec["encoder_config"]["width"] == 4

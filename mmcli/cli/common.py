@@ -38,6 +38,12 @@ Seed = Annotated[int, typer.Option(help="Random seed (makes CPU runs reproducibl
 Resume = Annotated[
     bool, typer.Option("--resume", help="Keep finished work in OUT and do the rest.")
 ]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an earlier run in OUT (only mmcli's own files in it)."
+    ),
+]
 OnError = Annotated[
     Literal["skip", "fail"],
     typer.Option(

@@ -8,6 +8,7 @@ from mmcli.cli.common import (
     BatchSize,
     Debug,
     Device,
+    Overwrite,
     Precision,
     Quiet,
     Resume,
@@ -74,6 +75,7 @@ def extract(
         bool, typer.Option("--normalize/--no-normalize", help="L2-normalise the features.")
     ] = True,
     resume: Resume = False,
+    overwrite: Overwrite = False,
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -84,7 +86,7 @@ def extract(
     joint-space embeddings from a trained checkpoint (--model). Item ids,
     labels and the row -> item mapping are copied unchanged. Streams the
     shards and writes one features shard per input shard; --resume skips
-    finished ones. Under torchrun --nproc_per_node N, each rank takes every
+    finished ones, --overwrite replaces an earlier run's shards. Under torchrun --nproc_per_node N, each rank takes every
     N-th shard.
 
     Examples:
@@ -120,6 +122,7 @@ def extract(
             dtype=dtype,
             normalize=normalize,
             resume=resume,
+            overwrite=overwrite,
             seed=seed,
             progress=ctx.progress,
         )

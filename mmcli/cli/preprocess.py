@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from mmcli.cli.common import Debug, OnError, Quiet, Resume, Workers, command
+from mmcli.cli.common import Debug, OnError, Overwrite, Quiet, Resume, Workers, command
 
 Format = Literal["auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder"]
 _LAYOUT = "Dataset layout"
@@ -108,10 +108,7 @@ def preprocess(
     workers: Workers = 0,
     on_error: OnError = "skip",
     resume: Resume = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="Replace an earlier run in OUT (only mmcli's files)."),
-    ] = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
