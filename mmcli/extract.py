@@ -29,7 +29,15 @@ from typing import Any
 
 from mmcli.errors import BadInput, RunFailure
 from mmcli.formats.atomic import is_stdio
-from mmcli.formats.tensorfile import SHARD_RE, Shard, ShardFile, TensorSet, shard_name, write_shard
+from mmcli.formats.tensorfile import (
+    SHARD_RE,
+    Shard,
+    ShardFile,
+    TensorSet,
+    shard_name,
+    where_paths,
+    write_shard,
+)
 from mmcli.progress import ProgressFactory, null_progress
 
 log = logging.getLogger("mmcli")
@@ -211,7 +219,7 @@ def _setup_model(model, encoders, weights, tensors: TensorSet):
             raise BadInput(
                 f"the model encodes {', '.join(model.modalities)} but the input has "
                 f"{', '.join(tensors.tables) or 'no tables'}",
-                where=_where(tensors.paths),
+                where=where_paths(tensors.paths),
             )
         for m in model.modalities:
             if m not in modalities:
@@ -226,7 +234,7 @@ def _setup_model(model, encoders, weights, tensors: TensorSet):
         if not encoders:
             raise BadInput(
                 f"no image, text or audio table in the input (it has: {', '.join(tensors.tables) or 'none'})",
-                where=_where(tensors.paths),
+                where=where_paths(tensors.paths),
             )
     weights = dict(weights or {})
     if "" in weights:  # weights without a modality: for the only encoder
@@ -515,10 +523,6 @@ def _fused_table(model, shard: ShardFile):
 
     with torch.inference_mode():
         return model.fuse_shard(shard)
-
-
-def _where(paths: list[str]) -> str:
-    return paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
 
 
 # ------------------------------------------------------------------------ loader

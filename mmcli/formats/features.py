@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.errors import BadInput
-from mmcli.formats.tensorfile import ShardFile, TensorSet, resolve_sources, table_order
+from mmcli.formats.tensorfile import (
+    ShardFile,
+    TensorSet,
+    resolve_sources,
+    table_order,
+    where_paths,
+)
 
 log = logging.getLogger("mmcli")
 
@@ -59,8 +65,8 @@ class FeatureSet:
                 if name in self._table_group:
                     other = self._groups[self._table_group[name]].tensors
                     raise BadInput(
-                        f"the {name} table is in two sets of files ({_where(other.paths)} and "
-                        f"{_where(ts.paths)}) with different specs",
+                        f"the {name} table is in two sets of files ({where_paths(other.paths)} and "
+                        f"{where_paths(ts.paths)}) with different specs",
                         hint="pass features of one encoder per table",
                     )
                 self._table_group[name] = g
@@ -121,7 +127,7 @@ class FeatureSet:
         if table not in self._table_group:
             raise BadInput(
                 f"no {table} table in the features (they have: {', '.join(self.tables) or 'none'})",
-                where=_where(self.paths),
+                where=where_paths(self.paths),
                 hint=hint,
             )
 
@@ -133,7 +139,7 @@ class FeatureSet:
         if len(info.shape) != 2:
             raise BadInput(
                 f"the {table} table is not a feature table (shape {list(info.shape)}, expected [rows, D])",
-                where=_where(self.tensors(table).paths),
+                where=where_paths(self.tensors(table).paths),
                 hint="turn tensor shards into features with mmcli extract",
             )
         return int(info.shape[1])
@@ -225,7 +231,7 @@ class FeatureSet:
             remap = np.array([names.index(n) for n in g.tensors.label_names] or [0], dtype=np.int64)
             has = local >= 0
             if (local[has] >= len(g.tensors.label_names)).any():
-                raise BadInput("label index out of range", where=_where(g.tensors.paths))
+                raise BadInput("label index out of range", where=where_paths(g.tensors.paths))
             new = np.where(has, remap[np.where(has, local, 0)], -1)
             items = g.item_map
             clash = has & (out[items] >= 0) & (out[items] != new)
@@ -234,7 +240,7 @@ class FeatureSet:
                 raise BadInput(
                     f"item {self.ids[items[j]]} has label {names[out[items[j]]]!r} in one file "
                     f"and {names[new[j]]!r} in another",
-                    where=_where(g.tensors.paths),
+                    where=where_paths(g.tensors.paths),
                     hint="pass features of one dataset",
                 )
             out[items[has]] = new[has]
@@ -272,7 +278,7 @@ class FeatureSet:
         if m is None:
             raise BadInput(
                 "the features name no readable manifest, so items have no split",
-                where=_where(self.paths),
+                where=where_paths(self.paths),
                 hint="pass --train/--val/--test feature files instead",
             )
         return [m.split(i) for i in self.ids]
@@ -331,12 +337,6 @@ class _Manifest:
 def _check_items(local, shard: ShardFile, table: str) -> None:
     if len(local) and (int(local.min()) < 0 or int(local.max()) >= shard.num_items):
         raise BadInput(f"{table}.item points outside the file's items", where=shard.path)
-
-
-def _where(paths: list[str]) -> str:
-    if len(paths) == 1:
-        return paths[0]
-    return f"{paths[0]} (+{len(paths) - 1} more)"
 
 
 def open_features(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> FeatureSet:

@@ -514,7 +514,7 @@ class TensorSet:
         if table not in self.tables:
             raise BadInput(
                 f"no {table} table in the input (it has: {', '.join(self.tables) or 'none'})",
-                where=_where(self.paths),
+                where=where_paths(self.paths),
                 hint=hint,
             )
 
@@ -554,7 +554,8 @@ def _short(x: Any, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def _where(paths: list[str]) -> str:
+def where_paths(paths: Sequence[str]) -> str:
+    """A set of files for an error's *where*: the first path, and how many more."""
     if len(paths) == 1:
         return paths[0]
     return f"{paths[0]} (+{len(paths) - 1} more)"

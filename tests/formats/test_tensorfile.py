@@ -146,3 +146,10 @@ def test_invalid_table_names():
             kind="tensors",
             specs={},
         )
+
+
+def test_where_paths_names_a_set_of_files_once():
+    from mmcli.formats.tensorfile import where_paths
+
+    assert where_paths(["a.safetensors"]) == "a.safetensors"
+    assert where_paths(["a", "b", "c"]) == "a (+2 more)"
