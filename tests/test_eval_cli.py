@@ -83,6 +83,15 @@ def test_output_template_and_table(cli, feats, tmp_path):
     assert "image_retrieval_recall@1" in r.stderr  # the table, for people
 
 
+def test_output_options_spelled_as_in_other_commands(cli, feats, tmp_path):
+    """-k as in retrieve, --out as in preprocess / extract (aliases of --k / --output)."""
+    r = cli("eval", feats["both"], "-k", "1,5", "--out", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert "image_retrieval_recall@5" in out["metrics"]
+    assert "image_retrieval_recall@10" not in out["metrics"]
+
+
 def test_summarize(cli, feats, tmp_path):
     for k in ("1", "1,5"):
         cli("eval", feats["both"], "--k", k, "-o", tmp_path / f"r{k.replace(',', '')}.json")

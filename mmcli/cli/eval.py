@@ -38,7 +38,10 @@ def eval_command(
         ),
     ] = None,
     k: Annotated[
-        str, typer.Option("--k", help="Retrieval: recall@k cut-offs.", rich_help_panel="Retrieval")
+        str,
+        typer.Option(
+            "--k", "-k", help="Retrieval: recall@k cut-offs.", rich_help_panel="Retrieval"
+        ),
     ] = "1,5,10",
     model: Annotated[
         str | None,
@@ -86,6 +89,7 @@ def eval_command(
         str,
         typer.Option(
             "--output",
+            "--out",
             "-o",
             help="Where the JSON goes: - (stdout) or a path; {model} {task} {dataset} {query} {target} are filled in.",
         ),

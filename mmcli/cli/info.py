@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from mmcli.cli.common import Debug, command
+from mmcli.cli.common import Debug, Quiet, command
 
 
 def info(
@@ -16,6 +16,7 @@ def info(
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    quiet: Quiet = False,  # accepted like every command's; info logs nothing anyway
     debug: Debug = False,
 ) -> None:
     """Summarise any mmcli file: tables, rows, shapes, dtypes, items, labels, metadata.

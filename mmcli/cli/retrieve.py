@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, OnError, Quiet, command
+from mmcli.cli.common import BatchSize, Debug, Device, Quiet, command
 
 Many = list[str] | None
 
@@ -130,7 +130,13 @@ def retrieve(
     table: Annotated[
         bool, typer.Option("--table", help="Also print hits as tables on stderr.")
     ] = False,
-    on_error: OnError = "skip",
+    on_error: Annotated[
+        Literal["skip", "fail"],
+        typer.Option(
+            help='A bad stdin query line: answer it with {"query": ..., "error": ...} and go on, '
+            "or stop (exit 2). Queries given as arguments always stop."
+        ),
+    ] = "skip",
     device: Device = "auto",
     batch_size: BatchSize = 256,
     quiet: Quiet = False,

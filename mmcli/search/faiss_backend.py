@@ -242,7 +242,7 @@ def _build(faiss, exact: ExactIndex, factory: str, params: FaissParams, progress
         if ivf is not None and exact.size < nlist:
             raise BadInput(
                 f"the index has {exact.size} rows, fewer than the {nlist} IVF lists",
-                hint="lower --nlist or use --backend exact",
+                hint="give a factory string with fewer lists (--faiss-index IVF64,Flat) or use --backend exact",
             )
         log.info("faiss: training %s on %d rows", factory, n_train)
         index.train(np.ascontiguousarray(sample, dtype=np.float32))

@@ -85,3 +85,13 @@ def test_only_kept_items_are_hits(tmp_path):
     res = index.search(x[:8], 5)
     assert (res.indices >= 0).all() and (res.indices % 4 == 0).all()
     assert res.indices[0, 0] == 0
+
+
+def test_more_lists_than_rows_names_an_option_that_exists(tmp_path):
+    from mmcli.errors import BadInput
+
+    make(tmp_path / "f.safetensors", n=40)
+    fs = FeatureSet.open(tmp_path / "f.safetensors")
+    with pytest.raises(BadInput, match="fewer than the 64 IVF lists") as e:
+        FaissIndex.open(fs, "image", FaissParams(kind="IVF64,Flat"))
+    assert "--faiss-index" in str(e.value) and "--nlist" not in str(e.value)
