@@ -211,13 +211,21 @@ def _parse_header(raw: bytes, where: str) -> tuple[dict[str, TensorInfo], dict[s
         header = json.loads(raw[8 : 8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadInput("not a safetensors file (header is not JSON)", where=where) from None
+    if not isinstance(header, dict):
+        raise BadInput("not a safetensors file (header is not a JSON object)", where=where)
     metadata = header.pop("__metadata__", None) or {}
     tensors = {}
     for name, t in header.items():
-        if t.get("dtype") not in DTYPES:
-            raise BadInput(f"unsupported dtype {t.get('dtype')!r} for tensor {name!r}", where=where)
-        begin, end = t["data_offsets"]
-        tensors[name] = TensorInfo(t["dtype"], tuple(t["shape"]), begin, end)
+        if not isinstance(t, dict) or t.get("dtype") not in DTYPES:
+            dtype = t.get("dtype") if isinstance(t, dict) else None
+            raise BadInput(f"unsupported dtype {dtype!r} for tensor {name!r}", where=where)
+        try:
+            begin, end = (int(x) for x in t["data_offsets"])
+            tensors[name] = TensorInfo(t["dtype"], tuple(int(d) for d in t["shape"]), begin, end)
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(
+                f"not a safetensors file (bad entry for {name!r})", where=where
+            ) from None
     return tensors, metadata, 8 + n
 
 

@@ -129,6 +129,20 @@ def test_not_an_mmcli_file(tmp_path):
         TensorSet(str(tmp_path / "zzz*.safetensors"))
 
 
+@pytest.mark.parametrize(
+    "header",
+    [b"[1, 2]", b'{"x": 3}', b'{"x": {"dtype": "F32", "shape": [1]}}', b'{"x": {"dtype": "F32"}}'],
+)
+def test_malformed_headers_are_bad_input(tmp_path, header):
+    """A JSON header that is not safetensors' layout: one line (exit 2), not a crash."""
+    import struct
+
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(BadInput, match="not a safetensors file|unsupported dtype"):
+        TensorSet(path)
+
+
 def test_serialized_bytes_read_back_from_memory():
     rng = np.random.default_rng(0)
     data = serialize_shard(
