@@ -95,6 +95,12 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> Checkpoint:
     else:
         if not os.path.exists(path):
             raise BadInput("checkpoint not found", where=where, hint="check the path")
+        if os.path.isdir(path):
+            raise BadInput(
+                "expected a checkpoint file, got a folder",
+                where=where,
+                hint="pass the model file, e.g. RUN/model.safetensors",
+            )
         with open(path, "rb") as f:
             data = f.read()
     from mmcli.formats.tensorfile import _parse_header

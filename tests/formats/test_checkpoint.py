@@ -30,3 +30,5 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "w.safetensors")
     with pytest.raises(BadInput, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(BadInput, match="got a folder.*RUN/model.safetensors"):
+        load_checkpoint(tmp_path)  # e.g. --model RUN instead of RUN/model.safetensors
