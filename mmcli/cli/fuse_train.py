@@ -105,6 +105,13 @@ def fuse_train(
             rich_help_panel=_MODEL,
         ),
     ] = None,
+    batch_with: Annotated[
+        str | None,
+        typer.Option(
+            help="Manifest field naming another item to put in the same batch (a hard negative both ways), e.g. swap_id.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
     epochs: Annotated[
         int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
     ] = 10,
@@ -209,6 +216,7 @@ def fuse_train(
             temperature=temperature,
             captions_per_item=captions_per_item,
             hard_negatives=hard_negatives,
+            batch_with=batch_with,
             train_split=train_split,
             val_split=val_split,
         )

@@ -318,6 +318,7 @@ class BatchSampler:
         drop_last: bool = True,
         captions_per_item: int = 1,
         modalities: Sequence[str] | None = None,
+        batch_with: str | None = None,
     ):
         self.ds = dataset
         self.items = np.asarray(items, dtype=np.int64)
@@ -326,6 +327,7 @@ class BatchSampler:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.captions_per_item = captions_per_item
         self.modalities = list(modalities or dataset.modalities)
+        self.units = self._units(batch_with)
         global_batch = batch_size * world
         if drop_last and len(self.items) < global_batch:
             raise BadInput(
@@ -340,9 +342,40 @@ class BatchSampler:
         n = len(self.items)
         return n // g if self.drop_last else -(-n // g)
 
+    def _units(self, batch_with: str | None) -> list[np.ndarray] | None:
+        """With ``batch_with``: items kept next to the item their manifest field names."""
+        if not batch_with:
+            return None
+        if not self.ds.manifest:
+            raise BadInput("--batch-with reads a manifest field, and the data has no manifest")
+        pos = {self.ds.ids[i]: k for k, i in enumerate(self.items)}
+        used = np.zeros(len(self.items), dtype=bool)
+        units, linked = [], 0
+        for k, i in enumerate(self.items):
+            if used[k]:
+                continue
+            used[k] = True
+            other = pos.get(self.ds.manifest.get(self.ds.ids[i], {}).get(batch_with))
+            if other is not None and not used[other]:
+                used[other] = True
+                units.append(np.array([k, other]))
+                linked += 1
+            else:
+                units.append(np.array([k]))
+        if not linked:
+            raise BadInput(
+                f"no training item names another training item in its {batch_with!r} field",
+                hint="check --batch-with",
+            )
+        log.info("batch-with %s: %d pairs of items share their batches", batch_with, linked)
+        return units
+
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.items
+        if self.units is not None:
+            perm = torch.randperm(len(self.units), generator=_generator(self.seed, epoch)).numpy()
+            return self.items[np.concatenate([self.units[u] for u in perm])]
         perm = torch.randperm(len(self.items), generator=_generator(self.seed, epoch)).numpy()
         return self.items[perm]
 

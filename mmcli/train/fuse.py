@@ -53,6 +53,7 @@ class FuseConfig:
     temperature: float = 0.07  # initial; learned, clamped at 1/100
     captions_per_item: int = 1
     hard_negatives: str | None = None  # manifest field with hard-negative captions (NegCLIP)
+    batch_with: str | None = None  # manifest field naming an item to share the batch with
     train_split: str = "train"
     val_split: str = "val"
     eval_batch_size: int = 256
@@ -445,6 +446,7 @@ def fuse_train(
             world=dist.world_size,
             captions_per_item=cfg.captions_per_item,
             modalities=data.modalities,
+            batch_with=cfg.batch_with,
         )
         task = FuseTask(model, cfg, data, seed=loop.seed)
         n_params = sum(p.numel() for p in model.parameters())
