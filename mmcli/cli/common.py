@@ -53,6 +53,82 @@ OnError = Annotated[
 Workers = Annotated[int, typer.Option(min=0, help="Parallel worker processes (0 = in-process).")]
 
 
+# ---------------------------------------------------- training loop (fuse-train, distill)
+
+_OPT, _RUN = "Optimisation", "Run"
+Val = Annotated[
+    list[str] | None,
+    typer.Option(help="Validation data (default: the 'val' split of DATA's manifest)."),
+]
+Epochs = Annotated[
+    int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
+]
+MaxSteps = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Stop after this many optimizer steps (overrides --epochs).",
+        rich_help_panel=_OPT,
+    ),
+]
+LearningRate = Annotated[
+    float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=_OPT)
+]
+WeightDecay = Annotated[
+    float,
+    typer.Option(
+        help="AdamW weight decay (not on biases, norms, temperature).", rich_help_panel=_OPT
+    ),
+]
+Warmup = Annotated[
+    float,
+    typer.Option(
+        help="Warmup: a fraction of all steps (< 1) or a number of steps.", rich_help_panel=_OPT
+    ),
+]
+GradClip = Annotated[
+    float, typer.Option(help="Clip the gradient norm (0 = off).", rich_help_panel=_OPT)
+]
+AccumSteps = Annotated[
+    int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
+]
+TrainSplit = Annotated[str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)]
+ValSplit = Annotated[str, typer.Option(help="Manifest split to validate on.", rich_help_panel=_RUN)]
+BestMetric = Annotated[
+    str | None,
+    typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),
+]
+SaveEvery = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Also checkpoint every N steps (always every epoch).", rich_help_panel=_RUN
+    ),
+]
+LogEvery = Annotated[
+    int, typer.Option(min=1, help="Log metrics every N steps.", rich_help_panel=_RUN)
+]
+ResumeRun = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue the run in OUT from its last checkpoint.", rich_help_panel=_RUN
+    ),
+]
+OverwriteRun = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace the run in OUT (only mmcli's files).", rich_help_panel=_RUN
+    ),
+]
+
+
+def loop_config(**options: Any):
+    """A :class:`mmcli.train.loop.LoopConfig` from the shared training options."""
+    from mmcli.train.loop import LoopConfig
+
+    options["grad_clip"] = options.get("grad_clip") or None
+    return LoopConfig(**options)
+
+
 # ------------------------------------------------------------------ output helpers
 
 

@@ -4,10 +4,33 @@ from typing import Annotated
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, Precision, Quiet, Seed, command
+from mmcli.cli.common import (
+    AccumSteps,
+    BatchSize,
+    BestMetric,
+    Debug,
+    Device,
+    Epochs,
+    GradClip,
+    LearningRate,
+    LogEvery,
+    MaxSteps,
+    OverwriteRun,
+    Precision,
+    Quiet,
+    ResumeRun,
+    SaveEvery,
+    Seed,
+    TrainSplit,
+    Val,
+    ValSplit,
+    Warmup,
+    WeightDecay,
+    command,
+    loop_config,
+)
 
 _DISTILL = "Distillation"
-_OPT = "Optimisation"
 _RUN = "Run"
 
 
@@ -103,50 +126,21 @@ def distill(
             rich_help_panel=_DISTILL,
         ),
     ] = True,
-    val: Annotated[
-        list[str] | None,
-        typer.Option(help="Validation data (default: the 'val' split of DATA's manifest)."),
-    ] = None,
+    val: Val = None,
     captions_per_item: Annotated[
         int,
         typer.Option(min=1, help="Captions of an item per batch.", rich_help_panel=_DISTILL),
     ] = 1,
-    epochs: Annotated[
-        int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
-    ] = 10,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Stop after this many optimizer steps (overrides --epochs).",
-            rich_help_panel=_OPT,
-        ),
-    ] = None,
+    epochs: Epochs = 10,
+    max_steps: MaxSteps = None,
     batch_size: BatchSize = 128,
-    lr: Annotated[
-        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_OPT)
-    ] = 1e-3,
-    weight_decay: Annotated[
-        float, typer.Option(help="AdamW weight decay.", rich_help_panel=_OPT)
-    ] = 0.05,
-    warmup: Annotated[
-        float,
-        typer.Option(
-            help="Warmup: a fraction of all steps (< 1) or a number of steps.", rich_help_panel=_OPT
-        ),
-    ] = 0.05,
-    grad_clip: Annotated[
-        float, typer.Option(help="Clip the gradient norm (0 = off).", rich_help_panel=_OPT)
-    ] = 1.0,
-    accum_steps: Annotated[
-        int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
-    ] = 1,
-    train_split: Annotated[
-        str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)
-    ] = "train",
-    val_split: Annotated[
-        str, typer.Option(help="Manifest split to validate on.", rich_help_panel=_RUN)
-    ] = "val",
+    lr: LearningRate = 1e-3,
+    weight_decay: WeightDecay = 0.05,
+    warmup: Warmup = 0.05,
+    grad_clip: GradClip = 1.0,
+    accum_steps: AccumSteps = 1,
+    train_split: TrainSplit = "train",
+    val_split: ValSplit = "val",
     test_split: Annotated[
         str,
         typer.Option(
@@ -154,30 +148,11 @@ def distill(
             rich_help_panel=_RUN,
         ),
     ] = "test",
-    best_metric: Annotated[
-        str | None,
-        typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),
-    ] = None,
-    save_every: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Also checkpoint every N steps (always every epoch).", rich_help_panel=_RUN
-        ),
-    ] = None,
-    log_every: Annotated[
-        int, typer.Option(min=1, help="Log metrics every N steps.", rich_help_panel=_RUN)
-    ] = 10,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the run in OUT from its last checkpoint.",
-            rich_help_panel=_RUN,
-        ),
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run in OUT.", rich_help_panel=_RUN)
-    ] = False,
+    best_metric: BestMetric = None,
+    save_every: SaveEvery = None,
+    log_every: LogEvery = 10,
+    resume: ResumeRun = False,
+    overwrite: OverwriteRun = False,
     device: Device = "auto",
     precision: Precision = "fp32",
     seed: Seed = 0,
@@ -206,7 +181,6 @@ def distill(
         from mmcli.train.distill import DistillConfig, parse_losses
         from mmcli.train.distill import distill as run
         from mmcli.train.fuse import parse_pairs
-        from mmcli.train.loop import LoopConfig
 
         cfg = DistillConfig(
             teacher=teacher,
@@ -227,13 +201,13 @@ def distill(
             eval_batch_size=max(batch_size, 256),
             throughput_batch_size=batch_size,
         )
-        loop = LoopConfig(
+        loop = loop_config(
             epochs=epochs,
             max_steps=max_steps,
             lr=lr,
             weight_decay=weight_decay,
             warmup=warmup,
-            grad_clip=grad_clip or None,
+            grad_clip=grad_clip,
             accum_steps=accum_steps,
             precision=precision,
             log_every=log_every,

@@ -5,18 +5,33 @@ from typing import Annotated
 import typer
 
 from mmcli.cli.common import (
+    AccumSteps,
     BatchSize,
+    BestMetric,
     Debug,
     Device,
+    Epochs,
+    GradClip,
+    LearningRate,
+    LogEvery,
+    MaxSteps,
+    OverwriteRun,
     Precision,
     Quiet,
+    ResumeRun,
+    SaveEvery,
     Seed,
+    TrainSplit,
+    Val,
+    ValSplit,
+    Warmup,
+    WeightDecay,
     command,
+    loop_config,
     parse_key_values,
 )
 
 _MODEL = "Model"
-_OPT = "Optimisation"
 _RUN = "Run"
 
 
@@ -30,10 +45,7 @@ def fuse_train(
     out: Annotated[
         str, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, state.")
     ],
-    val: Annotated[
-        list[str] | None,
-        typer.Option(help="Validation data (default: the 'val' split of DATA's manifest)."),
-    ] = None,
+    val: Val = None,
     pairs: Annotated[
         str | None,
         typer.Option(
@@ -112,69 +124,21 @@ def fuse_train(
             rich_help_panel=_MODEL,
         ),
     ] = None,
-    epochs: Annotated[
-        int, typer.Option(min=1, help="Passes over the training items.", rich_help_panel=_OPT)
-    ] = 10,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Stop after this many optimizer steps (overrides --epochs).",
-            rich_help_panel=_OPT,
-        ),
-    ] = None,
+    epochs: Epochs = 10,
+    max_steps: MaxSteps = None,
     batch_size: BatchSize = 128,
-    lr: Annotated[
-        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_OPT)
-    ] = 1e-3,
-    weight_decay: Annotated[
-        float,
-        typer.Option(
-            help="AdamW weight decay (not on biases, norms, temperature).", rich_help_panel=_OPT
-        ),
-    ] = 0.05,
-    warmup: Annotated[
-        float,
-        typer.Option(
-            help="Warmup: a fraction of all steps (< 1) or a number of steps.", rich_help_panel=_OPT
-        ),
-    ] = 0.05,
-    grad_clip: Annotated[
-        float, typer.Option(help="Clip the gradient norm (0 = off).", rich_help_panel=_OPT)
-    ] = 1.0,
-    accum_steps: Annotated[
-        int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
-    ] = 1,
-    train_split: Annotated[
-        str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)
-    ] = "train",
-    val_split: Annotated[
-        str, typer.Option(help="Manifest split to validate on.", rich_help_panel=_RUN)
-    ] = "val",
-    best_metric: Annotated[
-        str | None,
-        typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),
-    ] = None,
-    save_every: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Also checkpoint every N steps (always every epoch).", rich_help_panel=_RUN
-        ),
-    ] = None,
-    log_every: Annotated[
-        int, typer.Option(min=1, help="Log metrics every N steps.", rich_help_panel=_RUN)
-    ] = 10,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the run in OUT from its last checkpoint.",
-            rich_help_panel=_RUN,
-        ),
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run in OUT.", rich_help_panel=_RUN)
-    ] = False,
+    lr: LearningRate = 1e-3,
+    weight_decay: WeightDecay = 0.05,
+    warmup: Warmup = 0.05,
+    grad_clip: GradClip = 1.0,
+    accum_steps: AccumSteps = 1,
+    train_split: TrainSplit = "train",
+    val_split: ValSplit = "val",
+    best_metric: BestMetric = None,
+    save_every: SaveEvery = None,
+    log_every: LogEvery = 10,
+    resume: ResumeRun = False,
+    overwrite: OverwriteRun = False,
     device: Device = "auto",
     precision: Precision = "fp32",
     seed: Seed = 0,
@@ -200,7 +164,6 @@ def fuse_train(
 
         from mmcli.train.fuse import FuseConfig, parse_objectives, parse_pairs
         from mmcli.train.fuse import fuse_train as run
-        from mmcli.train.loop import LoopConfig
 
         cfg = FuseConfig(
             pairs=parse_pairs(pairs),
@@ -220,13 +183,13 @@ def fuse_train(
             train_split=train_split,
             val_split=val_split,
         )
-        loop = LoopConfig(
+        loop = loop_config(
             epochs=epochs,
             max_steps=max_steps,
             lr=lr,
             weight_decay=weight_decay,
             warmup=warmup,
-            grad_clip=grad_clip or None,
+            grad_clip=grad_clip,
             accum_steps=accum_steps,
             precision=precision,
             log_every=log_every,

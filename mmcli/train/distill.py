@@ -1024,44 +1024,33 @@ def distill(
     from mmcli.formats.atomic import atomic_open
     from mmcli.formats.manifest import file_sha256
     from mmcli.progress import null_progress
-    from mmcli.runtime import (
-        barrier,
-        check_precision,
-        dist_info,
-        distributed,
-        resolve_device,
-        seed_everything,
-    )
-    from mmcli.train.loop import fit
-    from mmcli.train.state import BEST_FILE, RUN_FILE, RunDir
+    from mmcli.runtime import barrier
+    from mmcli.train.loop import fit, training_run
+    from mmcli.train.state import BEST_FILE, RUN_FILE
 
-    dist = dist_info()
-    dev = resolve_device(device)
-    loop.precision = check_precision(loop.precision, dev)
     if not Path(cfg.teacher).is_file():
         raise BadInput("teacher checkpoint not found", where=cfg.teacher, hint="check --teacher")
     sha = file_sha256(cfg.teacher)
     train_args = args or {"distill": asdict(cfg), "loop": asdict(loop)}
     train_args = {**train_args, "teacher_sha256": sha}
-    run = RunDir(
+    with training_run(
         run_dir,
         command="distill",
         args=train_args,
+        loop=loop,
+        device=device,
         resume=resume,
         overwrite=overwrite,
-        is_main=dist.is_main,
-    )
-    if resume:
-        old = json.loads(run.file(RUN_FILE).read_text()) if run.file(RUN_FILE).exists() else {}
-        was = old.get("args", {}).get("teacher_sha256")
-        if was and was != sha:
-            raise BadInput(
-                "the teacher checkpoint changed since this run started",
-                where=cfg.teacher,
-                hint="resume with the same teacher, or start a new run",
-            )
-    with distributed(dev):
-        seed_everything(loop.seed)
+    ) as (dev, dist, run):
+        if resume:
+            old = json.loads(run.file(RUN_FILE).read_text()) if run.file(RUN_FILE).exists() else {}
+            was = old.get("args", {}).get("teacher_sha256")
+            if was and was != sha:
+                raise BadInput(
+                    "the teacher checkpoint changed since this run started",
+                    where=cfg.teacher,
+                    hint="resume with the same teacher, or start a new run",
+                )
         teacher = load_teacher(cfg.teacher, dev)
         data = setup_data(sources, val_sources, cfg, teacher)
         student = setup_student(data, cfg, teacher)

@@ -410,29 +410,18 @@ def fuse_train(
     args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from mmcli.progress import null_progress
-    from mmcli.runtime import (
-        check_precision,
-        dist_info,
-        distributed,
-        resolve_device,
-        seed_everything,
-    )
-    from mmcli.train.loop import fit
-    from mmcli.train.state import RunDir
+    from mmcli.train.loop import fit, training_run
 
-    dist = dist_info()
-    dev = resolve_device(device)
-    loop.precision = check_precision(loop.precision, dev)
-    run = RunDir(
+    train_args = args or {"fuse": asdict(cfg), "loop": asdict(loop)}
+    with training_run(
         run_dir,
         command="fuse-train",
-        args=args or {"fuse": asdict(cfg), "loop": asdict(loop)},
+        args=train_args,
+        loop=loop,
+        device=device,
         resume=resume,
         overwrite=overwrite,
-        is_main=dist.is_main,
-    )
-    with distributed(dev):
-        seed_everything(loop.seed)
+    ) as (dev, dist, run):
         data = setup_data(sources, val_sources, cfg)
         model = setup_model(data, cfg)
         if loop.best_metric is None:
@@ -469,7 +458,7 @@ def fuse_train(
             device=dev,
             resume=resume,
             progress=progress or null_progress,
-            train_args=args or {"fuse": asdict(cfg), "loop": asdict(loop)},
+            train_args=train_args,
         )
     summary["parameters"] = n_params
     return summary

@@ -75,6 +75,37 @@ class Task(Protocol):
     def save_model(self, path: Any, **meta: Any) -> None: ...
 
 
+@contextlib.contextmanager
+def training_run(
+    run_dir: str,
+    *,
+    command: str,
+    args: dict[str, Any],
+    loop: LoopConfig,
+    device: str,
+    resume: bool,
+    overwrite: bool,
+):
+    """What every recipe starts with: the device and precision, the run folder (checked, not
+    yet written), the torchrun process group and the seed. Yields ``(device, dist, run)``."""
+    from mmcli.runtime import check_precision, distributed, resolve_device, seed_everything
+
+    dist = dist_info()
+    dev = resolve_device(device)
+    loop.precision = check_precision(loop.precision, dev)
+    run = RunDir(
+        run_dir,
+        command=command,
+        args=args,
+        resume=resume,
+        overwrite=overwrite,
+        is_main=dist.is_main,
+    )
+    with distributed(dev):
+        seed_everything(loop.seed)
+        yield dev, dist, run
+
+
 def decay_groups(
     named: list[tuple[str, nn.Parameter]], weight_decay: float
 ) -> list[dict[str, Any]]:
