@@ -276,9 +276,13 @@ class FuseTask(nn.Module):
                 pooled = model.encoders[m](x)
             emb[m] = F.normalize(model.heads[m](pooled).float(), dim=-1)
         if "text_neg" in batch.data:
-            emb["text_neg"] = F.normalize(
-                model.heads["text"](model.encoders["text"](batch.data["text_neg"])).float(), dim=-1
-            )
+            text = model.encoders["text"]
+            if need_tokens and "text" in toks:
+                pooled, tok, mask = text.forward_tokens(batch.data["text_neg"])
+                toks["text_neg"] = (tok, mask & batch.present["text_neg"][:, None])
+            else:
+                pooled = text(batch.data["text_neg"])
+            emb["text_neg"] = F.normalize(model.heads["text"](pooled).float(), dim=-1)
         return emb, toks
 
     def _rows(self, batch: Batch, emb: dict[str, torch.Tensor], m: str):
@@ -343,7 +347,9 @@ class FuseTask(nn.Module):
             ea, eb = emb[a][idx], emb[b][idx]
             items = batch.items[idx]
             same = items[:, None] == items[None, :]
-            sim = ea @ eb.T
+            # sample negatives by the contrastive logits (ALBEF): the most confusable pairs
+            scale = model.logit_scale.detach().exp() if model.logit_scale is not None else 1.0
+            sim = (ea @ eb.T).detach() * scale
             neg_b = obj.hard_negatives(sim.cpu(), same.cpu(), g).to(
                 idx.device
             )  # for each a, a wrong b
@@ -351,17 +357,32 @@ class FuseTask(nn.Module):
                 idx.device
             )  # for each b, a wrong a
             pos = model.match_score(self._pick(toks, emb, {a: idx, b: idx}))
-            n1 = model.match_score(self._pick(toks, emb, {a: idx, b: idx[neg_b]}))
-            n2 = model.match_score(self._pick(toks, emb, {a: idx[neg_a], b: idx}))
-            parts.append(obj.match_loss(pos, torch.cat([n1, n2])))
+            negs = [
+                model.match_score(self._pick(toks, emb, {a: idx, b: idx[neg_b]})),
+                model.match_score(self._pick(toks, emb, {a: idx[neg_a], b: idx})),
+            ]
+            if (
+                b == "text" and "text_neg" in emb
+            ):  # the hard-negative captions: (item, its wrong caption)
+                keep = idx[batch.present["text_neg"][idx]]
+                if len(keep):
+                    negs.append(
+                        model.match_score(self._pick(toks, emb, {a: keep, "text_neg": keep}))
+                    )
+            parts.append(obj.match_loss(pos, torch.cat(negs)))
         if not parts:
             return emb[self.modalities[0]].sum() * 0.0
         return torch.stack(parts).mean()
 
     def _pick(self, toks: dict, emb: dict, rows: dict[str, torch.Tensor]):
-        """Fusion inputs for the given rows of each modality (others absent)."""
-        t = {m: (toks[m][0][r], toks[m][1][r]) for m, r in rows.items() if m in toks}
-        e = {m: emb[m][r] for m, r in rows.items()}
+        """Fusion inputs for the given rows of each modality (others absent); the rows of
+        ``text_neg`` stand in as the text."""
+        t = {
+            m.removesuffix("_neg"): (toks[m][0][r], toks[m][1][r])
+            for m, r in rows.items()
+            if m in toks
+        }
+        e = {m.removesuffix("_neg"): emb[m][r] for m, r in rows.items()}
         return t, e
 
     def after_step(self) -> None:
