@@ -61,9 +61,9 @@ def tutorial_loop(
                 item.path("image").resolve(), view / item.label / Path(item.fields["image"]).name
             )
     for item in read_manifest(data_dir / "manifest.jsonl"):
-        captions[Path(item.fields["image"]).name] = torch.from_numpy(
-            tok.encode(item.texts[0])[0]
-        ).int()
+        captions[Path(item.fields["image"]).name] = torch.tensor(
+            tok.encode(item.texts[0])[0], dtype=torch.int32
+        )
 
     tf = transforms.Compose(
         [

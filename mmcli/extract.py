@@ -462,6 +462,9 @@ def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, mod
     import numpy as np
     import torch
 
+    from mmcli.formats.atomic import is_stdio
+    from mmcli.formats.manifest import locate_manifest, manifest_source
+
     sf = tensors.shards[i]
     tables, items = {}, {}
     for m in modalities:
@@ -494,6 +497,10 @@ def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, mod
                 "modalities": [m for m in model.encoders if m in sf.tables],
             },
         }
+    source = tensors.source
+    manifest = locate_manifest(source, tensors.paths)
+    if manifest is not None and not is_stdio(outputs[i]):
+        source = {**(source or {}), **manifest_source(manifest, Path(outputs[i]).parent)}
     shard = Shard(
         ids=sf.ids(),
         tables=tables,
@@ -506,7 +513,7 @@ def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, mod
         kind=FEATURES_KIND,
         specs=specs,
         label_names=tensors.label_names,
-        source=tensors.source,
+        source=source,
         index=i,
         count=len(tensors.shards),
         extra={"extract": {"run": run_id, "input": Path(sf.path).name}},

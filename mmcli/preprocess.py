@@ -33,7 +33,14 @@ from mmcli.data.importers import ImportOptions, import_items
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, is_stdio
-from mmcli.formats.manifest import MODALITY_FIELDS, Item, file_sha256, item_to_json
+from mmcli.formats.manifest import (
+    MANIFEST_NAME,
+    MODALITY_FIELDS,
+    Item,
+    file_sha256,
+    item_to_json,
+    manifest_source,
+)
 from mmcli.formats.tensorfile import (
     SHARD_RE,
     Shard,
@@ -48,7 +55,6 @@ log = logging.getLogger("mmcli")
 
 SHARD_PREFIX = "data"
 STATE_FILE = "preprocess.json"
-MANIFEST_FILE = "manifest.jsonl"
 ERRORS_FILE = "errors.jsonl"
 CHUNK = 16  # items per worker task
 
@@ -261,7 +267,7 @@ class _Output:
             return []
         owned = [
             self.dir / n
-            for n in (STATE_FILE, MANIFEST_FILE, ERRORS_FILE)
+            for n in (STATE_FILE, MANIFEST_NAME, ERRORS_FILE)
             if (self.dir / n).exists()
         ]
         owned += [
@@ -313,7 +319,7 @@ def preprocess(
     plans = [_ShardPlan(i, items[i * shard_size : (i + 1) * shard_size]) for i in range(count)]
     output = None
     if not to_stdout:
-        source["manifest"] = str((Path(out) / MANIFEST_FILE).resolve())
+        source.update(manifest_source(Path(out) / MANIFEST_NAME, out))
         state = {
             "version": 1,
             "input": source["input"],
@@ -498,7 +504,7 @@ def _finish(
             for m in modalities:
                 rows[m] += shard.rows(m)
         out_dir = output.dir.resolve()
-        with atomic_open(output.dir / MANIFEST_FILE) as f:
+        with atomic_open(output.dir / MANIFEST_NAME) as f:
             for item_id in kept_ids:
                 f.write(item_to_json(_relocated(by_id[item_id], out_dir)) + "\n")
         with atomic_open(output.dir / ERRORS_FILE) as f:

@@ -284,3 +284,33 @@ def test_split_restricts_the_index_not_the_queries(cli, pipe):
     assert len(o["hits"]) == 4 and {h["item"]["split"] for h in o["hits"]} == {"test"}
     r = cli("retrieve", "--index", pipe["features"], "--id", "x0", "--split", "nope")
     assert r.exit_code == 2 and "no item of split 'nope'" in r.stderr and "train" in r.stderr
+
+
+def test_a_moved_folder_tree_still_finds_its_manifest(tmp_path):
+    """Shards record their manifest's absolute path and its path relative to them: after
+    the whole tree is moved (or copied to another machine) item fields and splits are
+    still found."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mmcli.cli.app import app
+    from mmcli.train.data import load_dataset
+
+    runner = CliRunner()
+
+    def cli(*args):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    paths = make_pipeline(tmp_path / "before", cli)
+    shutil.move(str(paths["root"]), tmp_path / "after")
+    root = tmp_path / "after"
+    r = cli("retrieve", "--index", root / "feats", "--id", "x0", "--target", "text", "-k", "1", "-q")
+    assert r.exit_code == 0, r.stderr
+    hit = json.loads(r.stdout.splitlines()[0])["hits"][0]
+    assert hit["item"]["label"] == "red"
+    assert hit["item"]["image"] == os.path.normpath(root / "raw" / "imgs" / "0.png")
+    assert os.path.isfile(hit["item"]["image"])
+    # the training splits come from the manifest too, for tensors and features alike
+    for data in ("tensors", "feats"):
+        assert len(load_dataset([str(root / data)]).subset("train")) == 4

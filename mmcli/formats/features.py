@@ -294,26 +294,25 @@ class _Manifest:
     @classmethod
     def find(cls, fs: FeatureSet) -> _Manifest | None:
         source = fs.source
+        from mmcli.formats.manifest import locate_manifest
+
         name = source.get("manifest")
+        path = locate_manifest(source, fs.paths)
+        if path is not None:
+            sha = source.get("sha256") or (
+                source.get("input_sha256") if source.get("input") == name else None
+            )
+            if sha:
+                from mmcli.formats.manifest import file_sha256
+
+                if file_sha256(path) != sha:
+                    log.warning(
+                        "%s changed since the features were extracted; item fields may not match",
+                        path,
+                    )
+            return cls(path)
         if not name:
             return None
-        candidates = [Path(name)]
-        if not Path(name).is_absolute():
-            candidates = [Path(p).parent / name for p in fs.paths[:1]] + candidates
-        for path in candidates:
-            if path.is_file():
-                sha = source.get("sha256") or (
-                    source.get("input_sha256") if source.get("input") == name else None
-                )
-                if sha:
-                    from mmcli.formats.manifest import file_sha256
-
-                    if file_sha256(path) != sha:
-                        log.warning(
-                            "%s changed since the features were extracted; item fields may not match",
-                            path,
-                        )
-                return cls(path)
         log.warning("the features' manifest %s is not readable; hits carry ids only", name)
         return None
 

@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, is_stdio
 
+MANIFEST_NAME = "manifest.jsonl"  # the normalized manifest preprocess writes beside its shards
+
 PATH_FIELDS = ("image", "audio")
 MODALITY_FIELDS = ("image", "text", "audio")
 
@@ -193,3 +195,39 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def manifest_source(manifest: str | os.PathLike, shard_dir: str | os.PathLike) -> dict[str, str]:
+    """How shards written to ``shard_dir`` name their manifest: its absolute path, and its
+    path relative to the shards' folder, so a moved or copied folder tree still finds it."""
+    path = Path(manifest).resolve()
+    try:
+        relative = os.path.relpath(path, Path(shard_dir).resolve())
+    except ValueError:  # another drive (Windows)
+        return {"manifest": str(path)}
+    return {"manifest": str(path), "manifest_relative": Path(relative).as_posix()}
+
+
+def locate_manifest(
+    source: dict[str, Any] | None, shard_paths: Iterable[str | os.PathLike]
+) -> Path | None:
+    """The manifest that tensor or feature shards point to (their ``mmcli.source``).
+
+    Tried in order: the recorded path; the recorded path relative to the shards' folder
+    (``manifest_relative``, for a folder tree that was moved or copied); ``manifest.jsonl``
+    beside the shards. None when none is a file.
+    """
+    source = source or {}
+    first = next((Path(p) for p in shard_paths if not is_stdio(p)), None)
+    candidates: list[Path] = []
+    name = source.get("manifest")
+    if name and not is_stdio(name):
+        if Path(name).is_absolute() or first is None:
+            candidates.append(Path(name))
+        else:
+            candidates.append(first.parent / name)
+    if first is not None:
+        if source.get("manifest_relative"):
+            candidates.append(first.parent / source["manifest_relative"])
+        candidates.append(first.parent / MANIFEST_NAME)
+    return next((c for c in candidates if c.is_file()), None)

@@ -22,7 +22,6 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,15 +150,12 @@ def _group_sets(sources: Sequence[str]) -> list[TensorSet]:
 
 
 def _read_manifest_fields(ts: TensorSet) -> dict[str, dict[str, Any]]:
-    from mmcli.formats.manifest import read_manifest
+    from mmcli.formats.manifest import locate_manifest, read_manifest
 
-    path = (ts.source or {}).get("manifest")
-    candidates = [Path(path)] if path else []
-    candidates.append(Path(ts.paths[0]).parent / "manifest.jsonl")
-    for c in candidates:
-        if c.is_file():
-            return {it.id: it.fields for it in read_manifest(c, on_error="skip")}
-    return {}
+    path = locate_manifest(ts.source, ts.paths)
+    if path is None:
+        return {}
+    return {it.id: it.fields for it in read_manifest(path, on_error="skip")}
 
 
 def load_dataset(
