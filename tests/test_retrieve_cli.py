@@ -305,7 +305,9 @@ def test_a_moved_folder_tree_still_finds_its_manifest(tmp_path):
     paths = make_pipeline(tmp_path / "before", cli)
     shutil.move(str(paths["root"]), tmp_path / "after")
     root = tmp_path / "after"
-    r = cli("retrieve", "--index", root / "feats", "--id", "x0", "--target", "text", "-k", "1", "-q")
+    r = cli(
+        "retrieve", "--index", root / "feats", "--id", "x0", "--target", "text", "-k", "1", "-q"
+    )
     assert r.exit_code == 0, r.stderr
     hit = json.loads(r.stdout.splitlines()[0])["hits"][0]
     assert hit["item"]["label"] == "red"

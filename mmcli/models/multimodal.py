@@ -158,7 +158,11 @@ class MultimodalModel(nn.Module):
         if config.matcher:
             if self.fusion is None:
                 raise BadInput("model config: a matcher needs a fusion module")
+            # the fusion learns a correction to the dual-encoder score (see match_score):
+            # zero-initialised, so matching starts exactly where the joint space is
             self.matcher = nn.Linear(self.fusion.width, 1)
+            nn.init.zeros_(self.matcher.weight)
+            nn.init.zeros_(self.matcher.bias)
         #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
         self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
         #: {"path", "sha256"} of the checkpoint this model was loaded from
@@ -291,13 +295,22 @@ class MultimodalModel(nn.Module):
         return fused, np.arange(n, dtype=np.int64)
 
     def match_score(self, parts: tuple[Mapping, Mapping]) -> torch.Tensor:
-        """Match logit [B] of fused (tokens, embeddings) pairs; cosine without a matcher."""
+        """Match logit [B] of (tokens, embeddings) pairs of two modalities.
+
+        ``t * cos(a, b) + matcher(fusion state)``: the dual-encoder's scaled similarity
+        (held fixed here: t is the learned logit scale, and the match loss does not move
+        the joint space through it) plus the fusion's correction, which sees both token
+        sequences at once and so can tell bound attributes apart where the two pooled
+        embeddings cannot. Without a matcher: the cosine alone.
+        """
         tokens, embeddings = parts
+        a, b = list(embeddings.values())[:2]
+        cos = (a * b).sum(-1)
         if self.matcher is None:
-            a, b = list(embeddings.values())[:2]
-            return (a * b).sum(-1)
+            return cos
         _, state = self.fuse_parts(tokens, embeddings)
-        return self.matcher(state).squeeze(-1)
+        scale = self.logit_scale.detach().exp() if self.logit_scale is not None else 1.0
+        return scale * cos.detach().float() + self.matcher(state).squeeze(-1).float()
 
     # -- checkpoints ---------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

@@ -362,3 +362,30 @@ def test_batch_with_keeps_partners_together_and_hard_negatives_are_sampled(toy_t
     assert torch.isfinite(loss)
     with pytest.raises(BadInput, match="no item has a 'nope' field"):
         ds.attach_hard_negatives("nope")
+
+
+def test_match_score_is_the_scaled_cosine_plus_the_fusion_correction(toy_tensors):
+    cfg = FuseConfig(
+        encoders=SMALL, embed_dim=32, fusion="attention", objectives={"contrastive": 1, "match": 1}
+    )
+    data = setup_data([str(toy_tensors)], None, cfg)
+    model = setup_model(data, cfg).eval()
+    batch = BatchSampler(data.dataset, data.train, 6, seed=0).make_batch(0, 0)
+    toks, emb = {}, {}
+    for m in ("image", "text"):
+        pooled, tok, mask = model.encoders[m].forward_tokens(batch.data[m][:6])
+        toks[m] = (tok, mask)
+        emb[m] = torch.nn.functional.normalize(model.heads[m](pooled), dim=-1)
+    scale = model.logit_scale.exp()
+    cos = (emb["image"] * emb["text"]).sum(-1)
+    # the head starts at zero: matching starts exactly at the joint space's score
+    torch.testing.assert_close(model.match_score((toks, emb)), scale * cos)
+    with torch.no_grad():
+        model.matcher.weight.normal_()
+    _, state = model.fuse_parts(toks, emb)
+    score = model.match_score((toks, emb))
+    torch.testing.assert_close(score, scale * cos + model.matcher(state).squeeze(-1))
+    # the cosine term is held fixed: no gradient reaches the embeddings through it
+    e = {m: v.detach().requires_grad_() for m, v in emb.items()}
+    model.match_score(({m: (t.detach(), k) for m, (t, k) in toks.items()}, e)).sum().backward()
+    assert e["image"].grad is None or not e["image"].grad.any()
