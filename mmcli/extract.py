@@ -575,16 +575,16 @@ class _Loader:
         raise _Stop
 
     def _copy(self, data, table: str):
-        import numpy as np
+        """The batch in RAM (from the memory-mapped shard), image batches already in
+        channels_last (torch's copy: measured faster here than numpy's strided one)."""
         import torch
 
-        if data.dtype == torch.bfloat16:  # numpy has no bfloat16
-            out = data.clone()
-        elif table in self.channels_last and data.dim() == 4:
-            nhwc = np.ascontiguousarray(data.numpy().transpose(0, 2, 3, 1))
-            out = torch.from_numpy(nhwc).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
+        if table in self.channels_last and data.dim() == 4:
+            out = data.contiguous(memory_format=torch.channels_last)
+            if out.data_ptr() == data.data_ptr():  # already channels_last: still copy
+                out = out.clone(memory_format=torch.channels_last)
         else:
-            out = torch.from_numpy(np.array(data.numpy(), copy=True))
+            out = data.clone()
         return out.pin_memory() if self.pin else out
 
     def _run(self) -> None:
