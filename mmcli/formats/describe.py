@@ -23,7 +23,9 @@ from mmcli.formats.tensorfile import (
 
 
 def _describe_model(path: str, tensors: dict, metadata: dict[str, str]) -> dict[str, Any]:
-    params = sum(math.prod(t.shape) for t in tensors.values())
+    # buffers saved with the weights (BatchNorm statistics) are not parameters
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    params = sum(math.prod(t.shape) for k, t in tensors.items() if not k.endswith(buffers))
     out: dict[str, Any] = {
         "path": path,
         "kind": "model",

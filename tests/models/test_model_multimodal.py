@@ -97,11 +97,14 @@ def test_checkpoint_round_trip_rebuilds_with_no_code(tmp_path):
 
 def test_info_shows_the_model_config(tmp_path, cli):
     path = tmp_path / "model.safetensors"
-    _model().to_checkpoint(path)
+    model = _model()
+    model.to_checkpoint(path)
     result = cli("info", path, "--json")
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["kind"] == "model"
+    # the convnet's BatchNorm statistics are saved too, but are not parameters
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
     image = info["model"]["encoders"]["image"]
     assert image["name"] == "convnet"
     assert {"width": 8, "depth": 4, "dim": 256, "dropout": 0.0}.items() <= image["config"].items()
