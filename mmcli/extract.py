@@ -542,8 +542,8 @@ class _Loader:
     to the device can be non-blocking; in channels_last layout for ``channels_last``
     tables), so page faults, disk reads and the layout change happen off the compute
     thread. Yields :class:`_Batch` and, after the last batch of a shard,
-    :class:`_EndOfShard`. The copies are single-threaded numpy copies: they do not compete
-    with torch's intra-op threads for the cores.
+    :class:`_EndOfShard`. The copies are torch's (``contiguous(channels_last)``,
+    ``clone``): measured faster than numpy's strided transpose.
     """
 
     def __init__(

@@ -29,7 +29,7 @@ from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
 from mmcli.data.image import ImageDecodeError, ImageTransform
-from mmcli.data.importers import ImportOptions, import_items
+from mmcli.data.importers import ImportOptions, import_items, manifest_in_folder
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, is_stdio
@@ -160,10 +160,12 @@ class _ShardPlan:
     results: dict[int, list[tuple]] = field(default_factory=dict)
 
 
-def _plan_ids_hash(items: list[Item]) -> str:
+def _plan_items_hash(items: list[Item]) -> str:
+    """sha256 of the items in order: ids and every field (captions, paths, labels), so a
+    resume notices any edit of the input's items (not of the image or audio files)."""
     h = hashlib.sha256()
     for it in items:
-        h.update(it.id.encode("utf-8") + b"\0")
+        h.update(item_to_json(it).encode("utf-8") + b"\n")
     return h.hexdigest()
 
 
@@ -181,6 +183,14 @@ def _collect_items(
             )
         items = [it for it in items if it.split == config.split]
     if not items:
+        if opts.errors and config.split is None:
+            first = opts.errors[0]
+            raise BadInput(
+                f"no items to preprocess: all {len(opts.errors)} were rejected "
+                f"(first, line {first.get('line')}: {first.get('reason')})",
+                where=input,
+                hint=f"is --format {fmt} right for this file?",
+            )
         raise BadInput(
             "no items to preprocess" + (f" in split {config.split!r}" if config.split else ""),
             where=input,
@@ -230,12 +240,14 @@ class _Output:
                 )
             diff = [
                 k
-                for k in ("input", "format", "options", "items", "ids_sha256")
+                for k in ("input", "format", "options", "items", "items_sha256")
                 if old.get(k) != state.get(k)
             ]
             if diff:
+                names = {"items_sha256": "items (ids, captions, paths or labels changed)"}
                 raise BadInput(
-                    f"cannot resume: the run in this folder had different {', '.join(diff)}",
+                    "cannot resume: the run in this folder had different "
+                    + ", ".join(names.get(k, k) for k in diff),
                     where=out,
                     hint="use --overwrite to start again, or another -o",
                 )
@@ -245,6 +257,7 @@ class _Output:
                 where=out,
                 hint="pick an empty or new folder, or use --overwrite (only mmcli's files are replaced)",
             )
+        self.created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for p in owned:
@@ -261,6 +274,15 @@ class _Output:
                         pass
         with atomic_open(state_path) as f:
             json.dump({**state, "complete": False}, f, indent=2, ensure_ascii=False)
+
+    def discard_if_unstarted(self) -> None:
+        """A run stopped by bad input before it finished a shard leaves nothing behind
+        (a run with finished shards keeps its state, for --resume)."""
+        if self.done or any(self.shard_path(i).exists() for i in range(self.count)):
+            return
+        (self.dir / STATE_FILE).unlink(missing_ok=True)
+        if self.created and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def _owned_files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -298,6 +320,7 @@ def preprocess(
     """
     config = config or PreprocessConfig()
     opts = import_options or ImportOptions()
+    input = manifest_in_folder(input, fmt)
     opts.on_error = config.on_error
     started = time.perf_counter()
     fmt, items = _collect_items(input, fmt, config, opts)
@@ -326,7 +349,7 @@ def preprocess(
             "format": fmt,
             "options": config.output_options(),
             "items": len(items),
-            "ids_sha256": _plan_ids_hash(items),
+            "items_sha256": _plan_items_hash(items),
             "shards": count,
         }
         output = _Output(out, state, resume, overwrite, count)
@@ -338,15 +361,52 @@ def preprocess(
     done_items = sum(len(p.items) for p in plans) - sum(len(p.items) for p in pending)
     with progress("preprocess", total=len(items), unit="items") as bar:
         bar.update(done_items)
-        for plan, results in _decode(pending, config, modalities):
-            data = writer.write(plan, results)
-            bar.update(len(plan.items))
-            if to_stdout:
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
+        try:
+            for plan, results in _decode(pending, config, modalities):
+                data = writer.write(plan, results)
+                bar.update(len(plan.items))
+                if to_stdout:
+                    if len(writer.errors) == len(items):
+                        _nothing_kept(writer.errors, fmt, input, out)
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+        except BadInput:
+            if output is not None:
+                output.discard_if_unstarted()
+            raise
 
-    summary = _finish(plans, output, writer, items, fmt, opts, modalities, started, input, out)
+    processed = sum(len(p.items) for p in pending)
+    summary = _finish(
+        plans, output, writer, items, fmt, opts, modalities, started, input, out, processed
+    )
+    if summary["kept"] == 0:
+        errors = writer.errors
+        if output is not None:  # keep only the list of reasons
+            errors = [json.loads(line) for line in (output.dir / ERRORS_FILE).open()]
+            errors = [e for e in errors if e.get("stage") != "manifest"] or errors
+            for i in range(count):
+                output.shard_path(i).unlink(missing_ok=True)
+            (output.dir / MANIFEST_NAME).unlink(missing_ok=True)
+            (output.dir / STATE_FILE).unlink(missing_ok=True)
+        _nothing_kept(errors, fmt, input, out)
     return summary
+
+
+def _nothing_kept(errors: list[dict[str, Any]], fmt: str, input: str, out: str) -> None:
+    """Every item was skipped: an error (exit 2), not an empty dataset."""
+    first = errors[0] if errors else {}
+    where_files = (
+        "; image paths resolve against --images-dir (default: the JSON file's folder)"
+        if fmt in ("karpathy", "coco")
+        else ""
+    )
+    listed = "" if is_stdio(out) else f"; all are listed in {Path(out) / ERRORS_FILE}"
+    raise BadInput(
+        f"every item was skipped ({len(errors)}); the first, {first.get('id')!r}: "
+        f"{first.get('reason')} ({first.get('path')}){listed}",
+        where=input,
+        hint="fix the paths or files" + where_files,
+    )
 
 
 def _decode(
@@ -488,7 +548,7 @@ class _ShardWriter:
 
 
 def _finish(
-    plans, output, writer, items, fmt, opts, modalities, started, input, out
+    plans, output, writer, items, fmt, opts, modalities, started, input, out, processed
 ) -> dict[str, Any]:
     """Summarise; for a folder output also write manifest.jsonl, errors.jsonl, preprocess.json."""
     by_id = {it.id: it for it in items}
@@ -518,14 +578,14 @@ def _finish(
         "input": str(input),
         "format": fmt,
         "out": str(out),
-        "items": len(items),
+        "items": len(items) + len(opts.errors),  # every item read, those rejected included
         "kept": n_kept,
         "skipped": len(item_errors) + len(opts.errors),
         "rows": rows,
         "truncated_captions": truncated,
         "shards": len(plans),
         "seconds": round(seconds, 3),
-        "items_per_s": round(len(items) / seconds, 1) if seconds > 0 else None,
+        "items_per_s": round(processed / seconds, 1) if seconds > 0 else None,  # by this run
     }
     if output is not None:
         state = json.loads((output.dir / STATE_FILE).read_text())

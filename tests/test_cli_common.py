@@ -41,3 +41,20 @@ def test_info_accepts_quiet(cli, tmp_path):
     r = cli("info", path, "-q", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["items"] == 2
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(run_mmcli):
+    """Typer's usage errors (missing option, bad choice, unknown option or command) come
+    out as one line naming the command, like every other bad input."""
+    for args, message in (
+        (["preprocess", "x"], "error: mmcli preprocess: Missing option '--out'"),
+        (["extract", "x", "-o", "y", "--precision", "fp64"], "error: mmcli extract: Invalid value"),
+        (["info", "--bogus"], "error: mmcli info: No such option: --bogus"),
+        (["nope"], "error: mmcli: No such command 'nope'"),
+    ):
+        r = run_mmcli(*args)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and r.stdout == b"", (args, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    r = run_mmcli("--help")
+    assert r.returncode == 0 and b"preprocess" in r.stdout

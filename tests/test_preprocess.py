@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,10 @@ def test_on_error_fail_names_the_file_and_writes_nothing(manifest, tmp_path):
     ):
         preprocess(str(manifest), str(tmp_path / "o"), config=config)
     assert not list((tmp_path / "o").glob("*.safetensors"))
+    # nothing is left behind: not even the run's state, so a plain rerun is not refused
+    assert not (tmp_path / "o").exists()
+    config = PreprocessConfig(**{**SMALL.__dict__, "shard_size": 100})
+    assert preprocess(str(manifest), str(tmp_path / "o"), config=config)["kept"] == 6
 
 
 def test_parallel_workers_give_identical_shards(manifest, tmp_path):
@@ -431,3 +436,70 @@ def test_resume_after_kill(run_mmcli, tmp_path):
     assert_same_shards(clean, out)
     assert (clean / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
     assert describe(out)[0]["items"] == 40
+
+
+def test_a_folder_holding_a_manifest_means_the_manifest(manifest, tmp_path):
+    """`mmcli preprocess DATA/` where DATA/manifest.jsonl exists (the toy data's layout,
+    with images/ and audio/ subfolders) reads the manifest, not an ImageFolder."""
+    (tmp_path / "manifest.jsonl").write_text(manifest.read_text(encoding="utf-8"), "utf-8")
+    s = preprocess(str(tmp_path), str(tmp_path / "o"), config=SMALL)
+    assert s["format"] == "jsonl" and s["kept"] == 6
+    assert TensorSet(tmp_path / "o").tables == ["image", "text", "audio"]
+
+
+def test_imagefolder_ids_stay_unique_when_only_the_extension_differs(tmp_path):
+    _png(tmp_path / "if" / "blue" / "a.png")
+    _png(tmp_path / "if" / "blue" / "a.jpg", color=(0, 0, 255))
+    _png(tmp_path / "if" / "blue" / "b.png")
+    _, items = import_items(str(tmp_path / "if"), "imagefolder")
+    assert [it.id for it in items] == ["blue/a.jpg", "blue/a.png", "blue/b"]
+
+
+def test_resume_refuses_an_input_whose_items_changed(manifest, tmp_path):
+    out = tmp_path / "o"
+    preprocess(str(manifest), str(out), config=SMALL)
+    (out / "preprocess.json").write_text(
+        (out / "preprocess.json").read_text().replace('"complete": true', '"complete": false')
+    )
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace("item 3", "CHANGED"), "utf-8")
+    with pytest.raises(BadInput, match="cannot resume: .*different items .*captions"):
+        preprocess(str(manifest), str(out), config=SMALL, resume=True)
+
+
+def test_every_item_skipped_is_an_error_not_an_empty_dataset(tmp_path, cli):
+    data = {"images": [{"filename": f"{n}.jpg", "split": "test", "sentences": [{"raw": n}]}
+                       for n in ("a", "b")]}  # fmt: skip
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps(data))
+    r = cli("preprocess", path, "-o", tmp_path / "o", "-q")
+    assert r.exit_code == 2
+    err = r.stderr.strip()
+    assert "\n" not in err and "every item was skipped (2)" in err and "--images-dir" in err
+    # the reasons stay listed; no shards, manifest or run state are left
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["errors.jsonl"]
+    r = cli("preprocess", path, "-o", "-", "-q")
+    assert r.exit_code == 2 and r.stdout == "" and "every item was skipped" in r.stderr
+
+
+def test_bad_json_inputs_are_one_line(tmp_path, cli):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "latin1.json").write_bytes(b'{"images": ["caf\xe9"]}')
+    (tmp_path / "t.csv").write_text("image,text\na.png,a cat\n")
+    for args, message in (
+        (["folder", "--format", "karpathy"], "expected a JSON file, got a folder"),
+        (["latin1.json"], "not a UTF-8 text file"),
+        (["latin1.json", "--format", "coco"], "not a UTF-8 text file"),
+        (["t.csv", "--format", "jsonl"], "all 2 were rejected .*is --format jsonl right"),
+    ):
+        r = cli("preprocess", *(tmp_path / args[0], *args[1:]), "-o", tmp_path / "o", "-q")
+        assert r.exit_code == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert re.search(message, r.stderr), r.stderr
+
+
+def test_counts_include_rejected_lines(manifest, tmp_path):
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8") + '{"id": "i0", "text": "again"}\n', "utf-8"
+    )
+    s = preprocess(str(manifest), str(tmp_path / "o"), config=SMALL)
+    assert (s["items"], s["kept"], s["skipped"]) == (9, 6, 3)

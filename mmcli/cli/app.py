@@ -47,8 +47,20 @@ app.command("retrieve")(retrieve.retrieve)
 
 
 def main() -> None:
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(prog_name="mmcli", standalone_mode=False)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
+    except TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        if getattr(e, "exit_code", 1) != 2 or type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(getattr(e, "exit_code", 1))
+        # a usage error (missing option, bad value, unknown option): one line, exit 2
+        command = ctx.command_path if ctx is not None else "mmcli"
+        sys.stderr.write(f"error: {command}: {e.format_message()} (see {command} --help)\n")
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

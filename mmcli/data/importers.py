@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,19 @@ class ImportOptions:
 
 
 # ------------------------------------------------------------------- detection
+
+
+def manifest_in_folder(path: str, fmt: str) -> str:
+    """A folder holding ``manifest.jsonl`` (what ``examples/toydata.py`` and ``mmcli
+    preprocess`` write) means that manifest, for ``--format auto`` and ``jsonl``: not an
+    ImageFolder whose class folders are ``images/`` and ``audio/``."""
+    if is_stdio(path) or fmt not in ("auto", "jsonl"):
+        return path
+    candidate = Path(path) / "manifest.jsonl"
+    if Path(path).is_dir() and candidate.is_file():
+        log.info("reading the manifest in the folder: %s", candidate)
+        return str(candidate)
+    return path
 
 
 def detect_format(path: str) -> str:
@@ -98,6 +112,8 @@ def _detect_json(p: Path) -> str:
             if first != "{":
                 raise BadInput("expected a JSON object", where=str(p))
             data = json.load(f)
+    except UnicodeDecodeError:
+        raise BadInput("not a UTF-8 text file (expected JSON)", where=str(p)) from None
     except json.JSONDecodeError as e:
         # a .json file holding JSON lines
         if e.msg == "Extra data":
@@ -168,14 +184,20 @@ def _folder_items(root: Path, exts: set[str], modality: str, fmt: str) -> Iterat
                 group_root,
             )
         for class_dir in _class_dirs(group_root):
-            for f in _folder_files(class_dir):
-                if f.suffix.lower() not in exts:
-                    continue
-                # relative to ROOT as walked, not resolved: a symlinked file may point
-                # anywhere, and its path under ROOT is what the item is called
-                rel = f.relative_to(root).as_posix()
+            # relative to ROOT as walked, not resolved: a symlinked file may point
+            # anywhere, and its path under ROOT is what the item is called
+            files = [
+                f.relative_to(root).as_posix()
+                for f in _folder_files(class_dir)
+                if f.suffix.lower() in exts
+            ]
+            # the id is the path without its extension, unless two files differ only by
+            # it (a.png and a.jpg): those keep the extension, so ids stay unique
+            stems = Counter(str(Path(rel).with_suffix("")) for rel in files)
+            for rel in files:
+                stem = str(Path(rel).with_suffix(""))
                 fields: dict[str, Any] = {
-                    "id": str(Path(rel).with_suffix("")),
+                    "id": stem if stems[stem] == 1 else rel,
                     modality: rel,
                     "label": class_dir.name,
                 }
@@ -197,6 +219,10 @@ def _load_json(path: str) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise BadInput("file not found", where=path) from None
+    except IsADirectoryError:
+        raise BadInput("expected a JSON file, got a folder", where=path) from None
+    except UnicodeDecodeError:
+        raise BadInput("not a UTF-8 text file (expected JSON)", where=path) from None
     except json.JSONDecodeError as e:
         raise BadInput(
             f"bad JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path

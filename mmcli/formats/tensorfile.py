@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob as globlib
 import json
+import math
 import os
 import re
 import struct
@@ -201,7 +202,11 @@ class TensorInfo:
         return DTYPES[self.dtype][1]
 
 
-def _parse_header(raw: bytes, where: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+def _parse_header(
+    raw: bytes, where: str, size: int | None = None
+) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse a safetensors header. ``size``: the whole file's size in bytes (``len(raw)``
+    when None: ``raw`` is the whole file); every tensor must lie inside it."""
     if len(raw) < 8:
         raise BadInput("not a safetensors file (too short)", where=where)
     (n,) = struct.unpack("<Q", raw[:8])
@@ -226,6 +231,18 @@ def _parse_header(raw: bytes, where: str) -> tuple[dict[str, TensorInfo], dict[s
             raise BadInput(
                 f"not a safetensors file (bad entry for {name!r})", where=where
             ) from None
+    total = len(raw) if size is None else size
+    for name, info in tensors.items():
+        nbytes = math.prod(info.shape) * DTYPES[info.dtype][2]
+        if not 0 <= info.begin <= info.end or info.end - info.begin != nbytes:
+            raise BadInput(f"corrupt safetensors file (bad offsets for {name!r})", where=where)
+        if 8 + n + info.end > total:
+            raise BadInput(
+                f"truncated file: tensor {name!r} ends at byte {8 + n + info.end:,} "
+                f"but the file has {total:,}",
+                where=where,
+                hint="the file was cut short (an interrupted copy or write); recreate it",
+            )
     return tensors, metadata, 8 + n
 
 
@@ -240,7 +257,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
                 raise BadInput("not a safetensors file (bad header)", where=where)
-            return _parse_header(head + f.read(n), where)
+            return _parse_header(head + f.read(n), where, os.fstat(f.fileno()).st_size)
     except FileNotFoundError:
         raise BadInput("file not found", where=where) from None
     except IsADirectoryError:

@@ -143,6 +143,21 @@ def test_malformed_headers_are_bad_input(tmp_path, header):
         TensorSet(path)
 
 
+def test_a_truncated_file_is_one_clear_line(tmp_path):
+    """A shard cut short (an interrupted copy) is refused up front, from a path or from
+    memory (stdin), not by an mmap or offset error later."""
+    rng = np.random.default_rng(0)
+    _write_set(tmp_path, [_shard(["a", "b", "c"], rng)])
+    path = tmp_path / shard_name("data", 0, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(BadInput, match="truncated file: tensor .* but the file has"):
+        TensorSet(path)
+    with pytest.raises(BadInput, match="truncated file"):
+        ShardFile("<stdin>", data=data[:-1])
+    assert ShardFile("<stdin>", data=data).ids() == ["a", "b", "c"]
+
+
 def test_serialized_bytes_read_back_from_memory():
     rng = np.random.default_rng(0)
     data = serialize_shard(
