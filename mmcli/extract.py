@@ -131,7 +131,7 @@ def extract(
         torch.manual_seed(seed)
         model, modalities = _setup_model(model, encoders, weights, tensors)
     for m in modalities:
-        _check_table(tensors, m, model)
+        check_input_table(tensors, m, model)
     if channels_last is None:  # faster for the CNNs on CUDA and, measured here, on the CPU too
         channels_last = True
     out_dtype = getattr(torch, dtype)
@@ -277,7 +277,7 @@ def _check_inputs(model, modalities: list[str], tensors: TensorSet) -> None:
             )
 
 
-def _check_table(tensors: TensorSet, m: str, model) -> None:
+def check_input_table(tensors: TensorSet, m: str, model) -> None:
     """The input table must be what the model's encoder takes (raw rows or features)."""
     info = tensors.shards[0].tensors[m]
     kind = info.torch_dtype_name

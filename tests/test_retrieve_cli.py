@@ -176,6 +176,30 @@ def test_bad_input_one_line_exit_2(cli, toy, args, message):
     assert message in r.stderr
 
 
+def test_feature_queries_of_another_width_stop_once(cli, toy, tmp_path):
+    q = write_features(
+        tmp_path / "q.safetensors",
+        ["a", "b"],
+        {"image": (np.ones((2, 8), np.float32), np.arange(2))},
+    )
+    r = cli("retrieve", "--index", toy["root"], "--queries", q, "--target", "image")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1
+    assert "the image queries have 8 dimensions, the image index 16" in r.stderr
+
+
+def test_raw_queries_need_a_model_that_encodes_raw_input(cli, pipe, tmp_path):
+    """A model trained on frozen features projects feature files: a raw text query gets one
+    line naming what to do instead of a shape error from inside the encoder."""
+    r = cli("fuse-train", pipe["features"], "-o", tmp_path / "heads", "--max-steps", "1",
+            "--batch-size", "4", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    r = cli("retrieve", "--index", pipe["features"], "--model", tmp_path / "heads" /
+            "last.safetensors", "--text", "a red circle")  # fmt: skip
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "text encoder takes precomputed features (of tiny), not raw text queries" in r.stderr
+
+
 def test_missing_faiss_says_how_to_install(cli, toy, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     r = cli("retrieve", "--index", toy["root"], "--id", "it1", "--backend", "faiss")

@@ -225,13 +225,22 @@ def _arg_queries(text, image, audio, item_id) -> list:
 def _feature_batches(
     paths: list[str], table: str | None, retriever, size: int = 1024
 ) -> Iterator[list]:
+    from mmcli.errors import BadInput
     from mmcli.formats.features import FeatureSet
+    from mmcli.formats.tensorfile import where_paths
     from mmcli.search.queries import Query
 
     fs = FeatureSet.open(paths)
     if table is None:
         table = fs.tables[0] if len(fs.tables) == 1 else retriever.target
     x, items = fs.table(table)
+    if x.shape[1] != retriever.index_dim:  # one line, exit 2: not an error per query row
+        raise BadInput(
+            f"the {table} queries have {x.shape[1]} dimensions, the {retriever.target} index "
+            f"{retriever.index_dim}",
+            where=where_paths(fs.paths),
+            hint="extract queries and index with the same model (or the same backbone)",
+        )
     items = items.tolist()
     seen: dict[int, int] = {}
     batch = []

@@ -81,6 +81,17 @@ class QueryEncoder:
                 f"the model has no {modality} encoder (it has: {', '.join(modalities)})",
                 hint="use a checkpoint trained with that modality",
             )
+        encoder = self.model.config.encoders.get(modality) or {}
+        if encoder.get("name") == "features":
+            spec = ((self.model.config.extra or {}).get("features") or {}).get(modality) or {}
+            backbone = spec.get("encoder")
+            raise BadInput(
+                f"the model's {modality} encoder takes precomputed features"
+                + (f" (of {backbone})" if backbone else "")
+                + f", not raw {modality} queries",
+                hint="extract the queries with that backbone and pass them with --queries, "
+                "or use a model trained end to end",
+            )
         return dict((self.model.config.inputs or {}).get(modality) or {})
 
     def transform(self, modality: str):

@@ -263,9 +263,16 @@ def setup_data(
     from mmcli.train.data import load_dataset
     from mmcli.train.fuse import setup_data as fuse_setup_data
 
+    from mmcli.extract import check_input_table
+
     has = teacher.modalities
     spec = parse_student(cfg.student)
-    present = load_dataset(sources).modalities
+    loaded = load_dataset(sources)
+    present = loaded.modalities
+    for ts in loaded.sources:  # raw rows for an end-to-end teacher, features for the other
+        for m in ts.tables:
+            if m in has:
+                check_input_table(ts, m, teacher)
     if cfg.cross:
         a, b = cfg.from_modality, cfg.to_modality
         if a not in has:
@@ -977,6 +984,14 @@ class DistillTask(nn.Module):
     def save_model(self, path, **meta) -> None:
         self.student.to_checkpoint(path, **meta)
 
+    def metric_names(self) -> list[str] | None:
+        """The validation metrics this task can report (None: it does not validate)."""
+        if self.data.val_dataset is None or self.data.val is None:
+            return None
+        from mmcli.train.evaluation import metric_names
+
+        return metric_names(self.data.eval_pairs, self.student.classifier is not None)
+
     def evaluate(self) -> dict[str, float]:
         if self.data.val_dataset is None or self.data.val is None:
             return {}
@@ -1031,7 +1046,7 @@ def distill(
     if not Path(cfg.teacher).is_file():
         raise BadInput("teacher checkpoint not found", where=cfg.teacher, hint="check --teacher")
     sha = file_sha256(cfg.teacher)
-    train_args = args or {"distill": asdict(cfg), "loop": asdict(loop)}
+    train_args = args or {"distill": asdict(cfg), "loop": asdict(loop), "batch_size": batch_size}
     train_args = {**train_args, "teacher_sha256": sha}
     with training_run(
         run_dir,

@@ -58,6 +58,22 @@ def embed_rows(
     return emb, owner, (toks if tokens else None)
 
 
+def metric_names(pairs: list[tuple[str, str]], classifier: bool) -> list[str]:
+    """Every name :func:`evaluate_model` can report for these pairs (what ``--best-metric``
+    may pick; recall@k for a k above the validation set's size is left out at run time)."""
+    names = []
+    for a, b in pairs:
+        for k in KS:
+            names += [
+                f"{a}-{b}/{a}_retrieval_recall@{k}",
+                f"{a}-{b}/{b}_retrieval_recall@{k}",
+                f"{a}-{b}/mean_recall@{k}",
+            ]
+    if classifier:
+        names.append("acc1")
+    return names + ["binding/acc", "binding/i2t_acc", "binding/t2i_acc"]
+
+
 @torch.no_grad()
 def evaluate_model(
     model, ds: Dataset, items: np.ndarray, pairs: list[tuple[str, str]], batch_size: int = 256
@@ -77,8 +93,7 @@ def evaluate_model(
         if len(ea) == 0 or len(eb) == 0:
             continue
         k = tuple(x for x in KS if x <= max(1, min(len(np.unique(oa)), len(np.unique(ob)))))
-        res = _recalls(eb, ob, ea, oa, k)  # b queries -> a targets
-        rev = _recalls(ea, oa, eb, ob, k)
+        rev, res = _ranks(ea, oa, eb, ob, k)  # a -> b, and b queries -> a targets
         for kk in k:
             metrics[f"{a}-{b}/{a}_retrieval_recall@{kk}"] = res[f"recall@{kk}"]
             metrics[f"{a}-{b}/{b}_retrieval_recall@{kk}"] = rev[f"recall@{kk}"]
@@ -89,20 +104,23 @@ def evaluate_model(
     return metrics
 
 
-def _recalls(
-    q: torch.Tensor, q_items: np.ndarray, t: torch.Tensor, t_items: np.ndarray, ks
-) -> dict[str, float]:
-    """recall@k of queries over targets, a hit when any positive ranks within k.
+def _ranks(
+    a: torch.Tensor, a_items: np.ndarray, b: torch.Tensor, b_items: np.ndarray, ks
+) -> tuple[dict[str, float], dict[str, float]]:
+    """recall@k both ways (a -> b, b -> a), a hit when any positive ranks within k.
 
-    Validation sets are small: the score matrix is built whole (``mmcli eval`` is the
-    chunked, full-featured evaluator). Ties count in the query's favour.
+    The ranks are ``mmcli eval``'s: exact, with its tie rule (equal scores are ordered by
+    candidate, never in the query's favour), so a collapsed model scores at chance here
+    too. A query whose item has no row in the other table is left out.
     """
-    scores = q @ t.T  # (Q, T)
-    pos = torch.from_numpy(q_items[:, None] == t_items[None, :]).to(scores.device)
-    best = scores.masked_fill(~pos, float("-inf")).max(1).values
-    rank = 1 + ((scores > best[:, None]) & ~pos).sum(1)
-    has = pos.any(1)
-    return {f"recall@{k}": float((rank[has] <= k).float().mean()) for k in ks}
+    from mmcli.evaluate.retrieval import pair_ranks
+
+    out = []
+    for r in pair_ranks(a, a_items, b, b_items, device=a.device, exact_up_to=max(ks)):
+        first = r.first() if r.n_queries else np.zeros(0)
+        out.append({f"recall@{k}": float((first <= k).mean()) if len(first) else float("nan")
+                    for k in ks})  # fmt: skip
+    return out[0], out[1]
 
 
 @torch.no_grad()

@@ -399,6 +399,14 @@ class FuseTask(nn.Module):
     def save_model(self, path, **meta) -> None:
         self.model.to_checkpoint(path, **meta)
 
+    def metric_names(self) -> list[str] | None:
+        """The validation metrics this task can report (None: it does not validate)."""
+        if self.data.val_dataset is None or self.data.val is None:
+            return None
+        from mmcli.train.evaluation import metric_names
+
+        return metric_names(self.pairs, self.model.classifier is not None)
+
     def evaluate(self) -> dict[str, float]:
         if self.data.val_dataset is None or self.data.val is None:
             return {}
@@ -433,7 +441,7 @@ def fuse_train(
     from mmcli.progress import null_progress
     from mmcli.train.loop import fit, training_run
 
-    train_args = args or {"fuse": asdict(cfg), "loop": asdict(loop)}
+    train_args = args or {"fuse": asdict(cfg), "loop": asdict(loop), "batch_size": batch_size}
     with training_run(
         run_dir,
         command="fuse-train",

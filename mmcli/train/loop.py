@@ -166,6 +166,12 @@ def fit(
     groups = task.param_groups(cfg.weight_decay)
     if not groups:
         raise BadInput("nothing to train: every parameter is frozen")
+    names = task.metric_names() if hasattr(task, "metric_names") else None
+    if cfg.best_metric and names is not None and cfg.best_metric not in names:
+        raise BadInput(
+            f"--best-metric {cfg.best_metric} is not among the validation metrics",
+            hint=f"pick one of {', '.join(names)}",
+        )
     run.create()
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")

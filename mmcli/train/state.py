@@ -31,6 +31,39 @@ BEST_FILE = "model.safetensors"
 OWNED = (RUN_FILE, METRICS_FILE, STATE_FILE, LAST_FILE, BEST_FILE, "report.json")
 
 
+# arguments a resumed run may change: they do not change what is trained
+RESUMABLE_CHANGES = (
+    "loop.log_every",
+    "loop.save_every",
+    "fuse.eval_batch_size",
+    "distill.eval_batch_size",
+    "distill.throughput_batch_size",
+    "distill.teacher",  # the path: its content is checked by sha256
+    "teacher_sha256",  # distill names a changed teacher itself
+)
+
+
+def changed_args(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of the arguments that differ, as JSON values."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in ("objectives", "encoders", "weights"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a = flat(json.loads(json.dumps(old, default=str)))
+    b = flat(json.loads(json.dumps(new, default=str)))
+    return [
+        (k, a.get(k), b.get(k))
+        for k in sorted(a)  # what the run recorded (an older run may have recorded less)
+        if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)
+    ]
+
+
 class RunDir:
     """A training run's folder: guards against clobbering, appends metrics, saves state.
 
@@ -66,6 +99,18 @@ class RunDir:
                 raise BadInput(
                     f"the run folder holds a {old.get('command')} run, not {command}",
                     where=str(path),
+                )
+            if overwrite:
+                raise BadInput("--resume and --overwrite: choose one", where=str(path))
+            changed = changed_args(old.get("args") or {}, args)
+            if changed:
+                shown = "; ".join(f"{k}: {a} -> {b}" for k, a, b in changed[:3])
+                more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+                raise BadInput(
+                    f"cannot resume with other arguments than the run's: {shown}{more}",
+                    where=str(path),
+                    hint=f"resume with the arguments in {run_file}, or start a new run "
+                    "(another -o, or --overwrite)",
                 )
         elif existing and not overwrite:
             what = "another run" if run_file.exists() else "other files"

@@ -464,4 +464,10 @@ def test_bad_inputs(cli, toy_tensors, teacher, tmp_path):
     fuse_setup_model(fuse_setup_data([str(toy_tensors)], None, fcfg), fcfg).to_checkpoint(other)
     code, err = run(*t, "--student", other, "--no-projector")
     assert code == 2 and "the teacher embeds image in 32 dims and the student in 16" in err
+    # an end-to-end teacher on feature files (what extract writes)
+    from mmcli.extract import extract
+
+    extract(str(toy_tensors), tmp_path / "feats", None, encoders={"image": "tiny", "text": "tiny"})
+    r = cli("distill", tmp_path / "feats", *t, "-o", tmp_path / "r", "--max-steps", "1")
+    assert r.exit_code == 2 and "the image encoder takes uint8 [rows, 3, H, W]" in r.stderr
     assert not (tmp_path / "r").exists()  # refused before anything was written

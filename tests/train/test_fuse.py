@@ -303,8 +303,10 @@ def test_bad_inputs(cli, toy_tensors, tmp_path):
     assert code == 2 and "split is empty" in err
     code, err = run("--objective", "magic")
     assert code == 2 and "unknown objective 'magic'" in err
-    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("*.safetensors"))
-    (tmp_path / "r").mkdir(exist_ok=True)
+    code, err = run("--best-metric", "foo", "--batch-size", "8")
+    assert code == 2 and "--best-metric foo is not among the validation metrics" in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    (tmp_path / "r").mkdir()
     (tmp_path / "r" / "notes.txt").write_text("mine")
     code, err = run()
     assert code == 2 and "run folder already holds other files" in err
@@ -389,3 +391,40 @@ def test_match_score_is_the_scaled_cosine_plus_the_fusion_correction(toy_tensors
     e = {m: v.detach().requires_grad_() for m, v in emb.items()}
     model.match_score(({m: (t.detach(), k) for m, (t, k) in toks.items()}, e)).sum().backward()
     assert e["image"].grad is None or not e["image"].grad.any()
+
+
+def test_validation_recall_breaks_ties_like_eval_not_in_the_querys_favour():
+    """A collapsed model (every embedding equal) must score at chance, not perfectly: the
+    validation metrics (best-checkpoint choice, distill's report) use eval's tie rule."""
+    from mmcli.train.evaluation import _ranks
+
+    items = np.arange(6)
+    flat = torch.ones(6, 4)
+    a_to_b, b_to_a = _ranks(flat, items, flat, items, (1, 5))
+    # ties go to the candidate of the lowest item: only item 0 is ranked first
+    assert a_to_b == b_to_a == {"recall@1": 1 / 6, "recall@5": 5 / 6}
+    sharp = torch.eye(6)
+    assert _ranks(sharp, items, sharp, items, (1,))[0] == {"recall@1": 1.0}
+
+
+def test_resume_with_other_arguments_is_refused(cli, toy_tensors, tmp_path):
+    def run(embed_dim="16", *extra):
+        return cli("fuse-train", toy_tensors, "-o", tmp_path / "r", "--encoder", "image=tiny",
+                   "--encoder", "text=tiny", "--embed-dim", embed_dim, "--max-steps", "2",
+                   "-q", *extra)  # fmt: skip
+
+    assert run("16", "--batch-size", "8").exit_code == 0
+    for embed_dim, extra, named in (
+        ("16", ["--batch-size", "16"], "batch_size: 8 -> 16"),
+        ("16", ["--batch-size", "8", "--fusion", "attention"], "fuse.fusion: none -> attention"),
+        ("32", ["--batch-size", "8"], "fuse.embed_dim: 16 -> 32"),
+    ):
+        r = run(embed_dim, *extra, "--resume")
+        assert r.exit_code == 2, r.stderr
+        assert "cannot resume with other arguments than the run's" in r.stderr
+        assert named in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("16", "--batch-size", "8", "--resume", "--overwrite")
+    assert r.exit_code == 2 and "--resume and --overwrite: choose one" in r.stderr
+    # the same arguments (and another logging interval) resume
+    r = run("16", "--batch-size", "8", "--log-every", "5", "--resume")
+    assert r.exit_code == 0, r.stderr
