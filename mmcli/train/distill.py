@@ -260,10 +260,9 @@ def _ordered(a: str, b: str) -> tuple[str, str]:
 def setup_data(
     sources: list[str], val_sources: list[str] | None, cfg: DistillConfig, teacher: MultimodalModel
 ) -> DistillData:
+    from mmcli.extract import check_input_table
     from mmcli.train.data import load_dataset
     from mmcli.train.fuse import setup_data as fuse_setup_data
-
-    from mmcli.extract import check_input_table
 
     has = teacher.modalities
     spec = parse_student(cfg.student)
