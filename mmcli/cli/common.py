@@ -93,7 +93,15 @@ AccumSteps = Annotated[
     int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
 ]
 TrainSplit = Annotated[str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)]
-ValSplit = Annotated[str, typer.Option(help="Manifest split to validate on.", rich_help_panel=_RUN)]
+ValSplit = Annotated[
+    str | None,
+    typer.Option(
+        help="Manifest split to validate on [default: val, when the data has one; "
+        "a split named here must exist].",
+        rich_help_panel=_RUN,
+        show_default=False,
+    ),
+]
 BestMetric = Annotated[
     str | None,
     typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),

@@ -140,14 +140,16 @@ def distill(
     grad_clip: GradClip = 1.0,
     accum_steps: AccumSteps = 1,
     train_split: TrainSplit = "train",
-    val_split: ValSplit = "val",
+    val_split: ValSplit = None,
     test_split: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Manifest split of the final teacher/student report (val when absent).",
+            help="Manifest split of the final teacher/student report [default: test, else "
+            "the validation data; a split named here must exist].",
             rich_help_panel=_RUN,
+            show_default=False,
         ),
-    ] = "test",
+    ] = None,
     best_metric: BestMetric = None,
     save_every: SaveEvery = None,
     log_every: LogEvery = 10,

@@ -133,7 +133,7 @@ def fuse_train(
     grad_clip: GradClip = 1.0,
     accum_steps: AccumSteps = 1,
     train_split: TrainSplit = "train",
-    val_split: ValSplit = "val",
+    val_split: ValSplit = None,
     best_metric: BestMetric = None,
     save_every: SaveEvery = None,
     log_every: LogEvery = 10,

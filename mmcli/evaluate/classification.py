@@ -87,17 +87,20 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
             "the checkpoint has no classifier head",
             hint="train one with mmcli fuse-train --objective classify, or use --task zeroshot / linear-probe",
         )
+    index = {name: i for i, name in enumerate(labels_of_model)}
+    names = features.label_names
+    target = np.array(
+        [index.get(names[i], -1) if i >= 0 else -1 for i in features.labels()], dtype=np.int64
+    )
+    joint = _own_embeddings(features, model)
+    if joint is not None:  # extract --model output of this very checkpoint
+        return _classify_embeddings(features, model, head, joint, target, labels_of_model, device)
     modalities = [m for m in model.modalities if m in features.tables]
     if not modalities:
         raise BadInput(
             f"the features have none of the tables the classifier reads ({', '.join(model.modalities)})",
             where=features.paths[0],
         )
-    index = {name: i for i, name in enumerate(labels_of_model)}
-    names = features.label_names
-    target = np.array(
-        [index.get(names[i], -1) if i >= 0 else -1 for i in features.labels()], dtype=np.int64
-    )
     first_row: dict[str, np.ndarray] = {}
     tables = {}
     for m in modalities:
@@ -142,3 +145,60 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
         "classes": len(labels_of_model),
         "inputs": modalities,
     }
+
+
+def _own_embeddings(features, model) -> list[str] | None:
+    """The tables of ``features`` that ``extract --model`` wrote with this checkpoint
+    (same sha256): ``["fused"]`` when there is a fused table, else the joint tables of a
+    model without fusion module (its fused embedding is their mean). None otherwise."""
+    mine = (getattr(model, "checkpoint", None) or {}).get("sha256")
+    if not mine:
+        return None
+
+    def own(table: str) -> bool:
+        return ((features.spec(table) or {}).get("model") or {}).get("sha256") == mine
+
+    if "fused" in features.tables and own("fused"):
+        return ["fused"]
+    if getattr(model, "fusion_kind", "none") == "none":
+        tables = [m for m in model.modalities if m in features.tables and own(m)]
+        return tables or None
+    return None
+
+
+def _classify_embeddings(features, model, head, tables, target, labels_of_model, device):
+    """Accuracy of the label head on embeddings extracted by the same model: the fused
+    table, or (no fusion module) the mean of each item's first joint-space rows."""
+    import torch
+
+    from mmcli.models.fusion import mean_fusion
+
+    embeddings, present = {}, {}
+    for m in tables:
+        x, items = features.table(m)
+        items = items.numpy()
+        row = np.full(features.num_items, -1, dtype=np.int64)
+        row[items[::-1]] = np.arange(len(items))[::-1]  # the first row of each item
+        has = row >= 0
+        embeddings[m] = x[torch.from_numpy(np.where(has, row, 0))].float()
+        present[m] = torch.from_numpy(has)
+    has_any = torch.stack(list(present.values())).any(0).numpy()
+    items = np.flatnonzero((target >= 0) & has_any)
+    if len(items) == 0:
+        raise BadInput(
+            "no item has both a label the classifier knows and embeddings",
+            where=features.paths[0],
+            hint=f"the classifier's classes: {', '.join(labels_of_model[:8])}",
+        )
+    sel = torch.from_numpy(items)
+    if tables == ["fused"]:
+        fused = torch.nn.functional.normalize(embeddings["fused"][sel], dim=-1)
+    else:
+        fused = mean_fusion(
+            {m: torch.nn.functional.normalize(e[sel], dim=-1) for m, e in embeddings.items()},
+            {m: p[sel] for m, p in present.items()},
+        )
+    with torch.inference_mode():
+        logits = head.to(device)(fused.to(device)).float().cpu()
+    metrics = classification_metrics(logits, target[items], len(labels_of_model))
+    return metrics, {"samples": int(len(items)), "classes": len(labels_of_model), "inputs": tables}

@@ -87,8 +87,8 @@ class DistillConfig:
     cache_teacher: bool = False
     captions_per_item: int = 1
     train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"  # the final report's split (val when the data has no test split)
+    val_split: str | None = None  # None: "val" when the data has it
+    test_split: str | None = None  # the final report's split; None: "test", else the val data
     eval_batch_size: int = 256
     throughput_batch_size: int = 256
     throughput_rows: int = 4096  # at most this many rows per modality are timed
@@ -335,11 +335,15 @@ def setup_data(
             raise BadInput(f"no training item has both {cfg.from_modality} and {cfg.to_modality}")
     # the final report's items: the test split, else the validation data
     test_ds, test = base.val_dataset, base.val
-    test_split = "--val" if val_sources else cfg.val_split
+    test_split = "--val" if val_sources else (cfg.val_split or "val")
     if any(s is not None for s in ds.splits):
-        items = ds.subset(cfg.test_split)
+        items = ds.subset(cfg.test_split or "test")
         if len(items):
-            test_ds, test, test_split = ds, items, cfg.test_split
+            test_ds, test, test_split = ds, items, cfg.test_split or "test"
+        elif cfg.test_split is not None:
+            raise BadInput(f"the {cfg.test_split!r} split is empty", hint="check --test-split")
+    elif cfg.test_split is not None:
+        raise BadInput(f"--test-split {cfg.test_split}: the items have no splits")
     modalities = base.modalities
     if cfg.cross:
         modalities = [cfg.from_modality, cfg.to_modality]

@@ -55,7 +55,7 @@ class FuseConfig:
     hard_negatives: str | None = None  # manifest field with hard-negative captions (NegCLIP)
     batch_with: str | None = None  # manifest field naming an item to share the batch with
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str | None = None  # None: "val" when the data has it; a named split must exist
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -122,6 +122,10 @@ class Data:
     modalities: list[str]
 
 
+def _split_names(ds) -> str:
+    return ", ".join(sorted({s for s in ds.splits if s is not None})) or "none"
+
+
 def setup_data(sources: list[str], val_sources: list[str] | None, cfg: FuseConfig) -> Data:
     ds = load_dataset(sources)
     present = ds.modalities
@@ -146,7 +150,10 @@ def setup_data(sources: list[str], val_sources: list[str] | None, cfg: FuseConfi
     if any(s is not None for s in ds.splits):
         train = ds.subset(cfg.train_split)
         if len(train) == 0:
-            raise BadInput(f"the {cfg.train_split!r} split is empty", hint="check --train-split")
+            raise BadInput(
+                f"the {cfg.train_split!r} split is empty",
+                hint=f"the data's splits: {_split_names(ds)}; check --train-split",
+            )
     else:
         train = ds.subset(None)
         log.info("the items have no split: training on all %d of them", len(train))
@@ -155,9 +162,14 @@ def setup_data(sources: list[str], val_sources: list[str] | None, cfg: FuseConfi
         val_ds = load_dataset(val_sources, modalities=modalities)
         val = val_ds.subset(None)
     elif any(s is not None for s in ds.splits):
-        val_ds, val = ds, ds.subset(cfg.val_split)
+        val_ds, val = ds, ds.subset(cfg.val_split or "val")
         if len(val) == 0:
-            log.warning("the %r split is empty: no validation", cfg.val_split)
+            if cfg.val_split is not None:
+                raise BadInput(
+                    f"the {cfg.val_split!r} split is empty",
+                    hint=f"the data's splits: {_split_names(ds)}; check --val-split",
+                )
+            log.warning("the data has no 'val' split: no validation, the last model is kept")
             val_ds, val = None, None
     else:
         log.warning("no validation data (no splits, no --val): the last model is kept")

@@ -440,6 +440,8 @@ def test_bad_inputs(cli, toy_tensors, teacher, tmp_path):
         return r.exit_code, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
 
     t = ["--teacher", teacher]
+    code, err = run(*t, "--test-split", "nope")
+    assert code == 2 and "the 'nope' split is empty" in err
     code, err = run(*t, "--temperature", "0")
     assert code == 2 and "--temperature must be positive, got 0.0" in err
     code, err = run(*t, "--loss", "similarity,magic")

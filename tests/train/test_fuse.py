@@ -300,7 +300,9 @@ def test_bad_inputs(cli, toy_tensors, tmp_path):
     code, err = run("--batch-size", "1000")
     assert code == 2 and "batch size 1000 is larger than the" in err
     code, err = run("--train-split", "nope")
-    assert code == 2 and "split is empty" in err
+    assert code == 2 and "split is empty" in err and "the data's splits: test, train, val" in err
+    code, err = run("--val-split", "nope", "--batch-size", "8")
+    assert code == 2 and "the 'nope' split is empty" in err
     code, err = run("--objective", "magic")
     assert code == 2 and "unknown objective 'magic'" in err
     code, err = run("--best-metric", "foo", "--batch-size", "8")
@@ -428,3 +430,29 @@ def test_resume_with_other_arguments_is_refused(cli, toy_tensors, tmp_path):
     # the same arguments (and another logging interval) resume
     r = run("16", "--batch-size", "8", "--log-every", "5", "--resume")
     assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("fusion", ["attention", "none"])
+def test_eval_classify_on_what_extract_wrote_for_an_end_to_end_model(
+    cli, toy_tensors, tmp_path, fusion
+):
+    """`eval --task classify` on `extract --model` output of an end-to-end classifier: the
+    label head reads the fused table (or, without a fusion module, the mean of the joint
+    rows) and agrees with the head on the model's own forward pass of the raw rows."""
+    from mmcli.train.evaluation import _accuracy
+
+    cfg = _cfg(fusion=fusion, objectives={"contrastive": 1.0, "classify": 1.0})
+    fuse_train([str(toy_tensors)], str(tmp_path / "run"), cfg,
+               LoopConfig(epochs=1, max_steps=6, lr=3e-3), batch_size=16, device="cpu")  # fmt: skip
+    ckpt = tmp_path / "run" / "last.safetensors"
+    r = cli("extract", toy_tensors, "-o", tmp_path / "joint", "--model", ckpt,
+            "--dtype", "float32", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    r = cli("eval", tmp_path / "joint", "--task", "classify", "--model", ckpt, "-q")
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)
+    model = MultimodalModel.from_checkpoint(ckpt).eval()
+    data = setup_data([str(toy_tensors)], None, cfg)
+    everything = np.arange(len(data.dataset.ids))
+    want = _accuracy(model, data.dataset, everything, 64)["acc1"]
+    assert got["metrics"]["acc1"] == pytest.approx(want)
