@@ -150,7 +150,9 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
             prefix = f"{q}_{t}/" if len(pairs) > 1 else ""
             metrics.update({prefix + k: v for k, v in m.items()})
             info.update({prefix + k: v for k, v in i.items()})
-        query, target = pairs[0]
+        query, target = pairs[0] if len(pairs) == 1 else (None, None)  # several: in the keys
+        if len(pairs) > 1:
+            info["pairs"] = [f"{q}_{t}" for q, t in pairs]
     elif task == "zeroshot":
         from mmcli.evaluate.linear_probe import probe_table
         from mmcli.evaluate.zeroshot import evaluate_zeroshot, load_templates

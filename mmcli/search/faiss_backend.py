@@ -222,12 +222,18 @@ def _hnsw(faiss, index):
     return index if hasattr(index, "hnsw") else None
 
 
+def _faiss_reason(e: Exception) -> str:
+    """The readable end of a faiss C++ error ("Error in <signature> at file:line: reason")."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.rsplit(": ", 1)[-1][:160] if " at " in text else text[:160]
+
+
 def _build(faiss, exact: ExactIndex, factory: str, params: FaissParams, progress: ProgressFactory):
     try:
         index = faiss.index_factory(exact.dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise BadInput(
-            f"faiss cannot build {factory!r} ({str(e).splitlines()[0][:120]})",
+            f"faiss cannot build {factory!r} ({_faiss_reason(e)})",
             hint="use --faiss-index ivf, hnsw or a valid faiss factory string",
         ) from None
     if hasattr(index, "hnsw"):
