@@ -342,3 +342,12 @@ def test_a_moved_folder_tree_still_finds_its_manifest(tmp_path):
     # the training splits come from the manifest too, for tensors and features alike
     for data in ("tensors", "feats"):
         assert len(load_dataset([str(root / data)]).subset("train")) == 4
+
+
+def test_table_for_people_on_stderr_data_on_stdout(cli, toy):
+    r = cli("retrieve", "--index", toy["root"], "--id", "it3", "--target", "image", "-k", "2",
+            "--table")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    line = json.loads(r.stdout)  # stdout is still one JSON line per query
+    assert [h["id"] for h in line["hits"]][0] == "it3"
+    assert "it3" in r.stderr and "score" in r.stderr.lower()
