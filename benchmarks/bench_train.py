@@ -135,7 +135,7 @@ def mmcli_loop(tensors: Path, run: Path, steps: int, batch_size: int):
     from mmcli.train.loop import LoopConfig
 
     cfg = FuseConfig(
-        pairs=[("image", "text")], encoders={"image": IMAGE, "text": TEXT}, val_split="(none)"
+        pairs=[("image", "text")], encoders={"image": IMAGE, "text": TEXT}, val_split="none"
     )
     loop = LoopConfig(max_steps=steps, lr=1e-3, log_every=10**6, eval_every=10**6, grad_clip=None)
     s = fuse_train(

@@ -503,3 +503,55 @@ def test_counts_include_rejected_lines(manifest, tmp_path):
     )
     s = preprocess(str(manifest), str(tmp_path / "o"), config=SMALL)
     assert (s["items"], s["kept"], s["skipped"]) == (9, 6, 3)
+
+
+def _corrupt_inputs(tmp_path):
+    """A manifest with one good item and each kind of bad input the issue lists."""
+    from io import BytesIO
+
+    good = _png(tmp_path / "good.png")
+    buf = BytesIO()
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (tmp_path / "noise.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    lines = [
+        json.dumps({"id": "ok", "image": good.name, "text": "fine"}),
+        json.dumps({"id": "cut", "image": "cut.jpg", "text": "truncated jpeg"}),
+        json.dumps({"id": "deaf", "audio": "noise.wav", "text": "unreadable audio"}),
+        json.dumps({"id": "gone", "image": "nowhere.png", "text": "missing file"}),
+        '{"id": "broken", "text": ',
+        json.dumps({"id": "ok", "text": "duplicate id"}),
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_each_corrupt_input_through_preprocess_in_both_modes(tmp_path, cli):
+    manifest = _corrupt_inputs(tmp_path)
+    # skip: every bad input is skipped, counted and listed with its reason
+    r = cli("preprocess", manifest, "-o", tmp_path / "skip", "--image-size", "16",
+            "--audio-seconds", "0.25", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert TensorSet(tmp_path / "skip").ids() == ["ok"]
+    errors = {
+        e.get("id") or f"line {e.get('line')}": e["reason"]
+        for e in map(json.loads, (tmp_path / "skip" / "errors.jsonl").read_text().splitlines())
+    }
+    assert "cannot decode image" in errors["cut"]
+    assert "audio" in errors["deaf"].lower()
+    assert "file not found" in errors["gone"]
+    assert any("bad JSON" in v for v in errors.values())
+    assert any("duplicate id" in v for v in errors.values())
+    # fail: the first bad input stops the run with one line naming it, and nothing is written
+    r = cli("preprocess", manifest, "-o", tmp_path / "fail", "--on-error", "fail", "-q")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert "line 5" in r.stderr and "bad JSON" in r.stderr  # the manifest is read first
+    assert not (tmp_path / "fail").exists()
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:4]) + "\n")  # without the bad lines
+    r = cli("preprocess", manifest, "-o", tmp_path / "fail", "--on-error", "fail", "-q")
+    assert (
+        r.exit_code == 2 and "cut.jpg (line 2 of m.jsonl, id cut): cannot decode image" in r.stderr
+    )
+    assert not (tmp_path / "fail").exists()

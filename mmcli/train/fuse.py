@@ -161,6 +161,8 @@ def setup_data(sources: list[str], val_sources: list[str] | None, cfg: FuseConfi
     if val_sources:
         val_ds = load_dataset(val_sources, modalities=modalities)
         val = val_ds.subset(None)
+    elif cfg.val_split == "none":
+        log.info("--val-split none: no validation, the last model is kept")
     elif any(s is not None for s in ds.splits):
         val_ds, val = ds, ds.subset(cfg.val_split or "val")
         if len(val) == 0:

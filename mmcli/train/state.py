@@ -102,7 +102,7 @@ class RunDir:
                 )
             if overwrite:
                 raise BadInput("--resume and --overwrite: choose one", where=str(path))
-            changed = changed_args(old.get("args") or {}, args)
+            changed = changed_args(old.get("args") or {}, args) if args else []
             if changed:
                 shown = "; ".join(f"{k}: {a} -> {b}" for k, a, b in changed[:3])
                 more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
