@@ -104,21 +104,8 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
     first_row: dict[str, np.ndarray] = {}
     tables = {}
     for m in modalities:
-        x, items = features.table(m)
-        items = items.numpy()
-        row = np.full(features.num_items, -1, dtype=np.int64)
-        row[items[::-1]] = np.arange(len(items))[::-1]  # the first row of each item
-        first_row[m], tables[m] = row, x
-    has_any = np.zeros(features.num_items, dtype=bool)
-    for m in modalities:
-        has_any |= first_row[m] >= 0
-    items = np.flatnonzero((target >= 0) & has_any)
-    if len(items) == 0:
-        raise BadInput(
-            "no item has both a label the classifier knows and feature rows",
-            where=features.paths[0],
-            hint=f"the classifier's classes: {', '.join(labels_of_model[:8])}",
-        )
+        first_row[m], tables[m] = _first_rows(features, m)
+    items = _scored_items(features, first_row, target, labels_of_model)
     logits = []
     with torch.inference_mode():
         for b0 in range(0, len(items), batch_size):
@@ -173,23 +160,13 @@ def _classify_embeddings(features, model, head, tables, target, labels_of_model,
 
     from mmcli.models.fusion import mean_fusion
 
-    embeddings, present = {}, {}
+    embeddings, present, first_row = {}, {}, {}
     for m in tables:
-        x, items = features.table(m)
-        items = items.numpy()
-        row = np.full(features.num_items, -1, dtype=np.int64)
-        row[items[::-1]] = np.arange(len(items))[::-1]  # the first row of each item
+        row, x = _first_rows(features, m)
         has = row >= 0
         embeddings[m] = x[torch.from_numpy(np.where(has, row, 0))].float()
-        present[m] = torch.from_numpy(has)
-    has_any = torch.stack(list(present.values())).any(0).numpy()
-    items = np.flatnonzero((target >= 0) & has_any)
-    if len(items) == 0:
-        raise BadInput(
-            "no item has both a label the classifier knows and embeddings",
-            where=features.paths[0],
-            hint=f"the classifier's classes: {', '.join(labels_of_model[:8])}",
-        )
+        present[m], first_row[m] = torch.from_numpy(has), row
+    items = _scored_items(features, first_row, target, labels_of_model)
     sel = torch.from_numpy(items)
     if tables == ["fused"]:
         fused = torch.nn.functional.normalize(embeddings["fused"][sel], dim=-1)
@@ -202,3 +179,27 @@ def _classify_embeddings(features, model, head, tables, target, labels_of_model,
         logits = head.to(device)(fused.to(device)).float().cpu()
     metrics = classification_metrics(logits, target[items], len(labels_of_model))
     return metrics, {"samples": int(len(items)), "classes": len(labels_of_model), "inputs": tables}
+
+
+def _first_rows(features, table: str):
+    """(the first row of each item in ``table``, -1 where it has none; the table)."""
+    x, items = features.table(table)
+    items = items.numpy()
+    row = np.full(features.num_items, -1, dtype=np.int64)
+    row[items[::-1]] = np.arange(len(items))[::-1]
+    return row, x
+
+
+def _scored_items(features, first_row: dict, target: np.ndarray, classes: list) -> np.ndarray:
+    """Items with a label the classifier knows and a row in at least one table."""
+    has_any = np.zeros(features.num_items, dtype=bool)
+    for row in first_row.values():
+        has_any |= row >= 0
+    items = np.flatnonzero((target >= 0) & has_any)
+    if len(items) == 0:
+        raise BadInput(
+            "no item has both a label the classifier knows and rows to classify",
+            where=features.paths[0],
+            hint=f"the classifier's classes: {', '.join(classes[:8])}",
+        )
+    return items
