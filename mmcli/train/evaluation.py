@@ -100,7 +100,7 @@ def evaluate_model(
             metrics[f"{a}-{b}/mean_recall@{kk}"] = 0.5 * (res[f"recall@{kk}"] + rev[f"recall@{kk}"])
     if model.classifier is not None:
         metrics.update(_accuracy(model, ds, items, batch_size))
-    metrics.update(binding_accuracy(model, ds, items, batch_size))
+    metrics.update(binding_accuracy(model, ds, items, batch_size, embedded=get))
     return metrics
 
 
@@ -163,9 +163,12 @@ def _accuracy(model, ds: Dataset, items: np.ndarray, batch_size: int) -> dict[st
 
 @torch.no_grad()
 def binding_accuracy(
-    model, ds: Dataset, items: np.ndarray, batch_size: int = 256
+    model, ds: Dataset, items: np.ndarray, batch_size: int = 256, embedded=None
 ) -> dict[str, Any]:
-    """Own caption vs the colour-swapped partner's caption (and own vs partner image)."""
+    """Own caption vs the colour-swapped partner's caption (and own vs partner image).
+
+    ``embedded(m)``: (embeddings, owner) of every row of ``items`` already computed (by
+    :func:`evaluate_model`); reused when the score is the cosine (no match head)."""
     if not ds.manifest or "image" not in ds.tables or "text" not in ds.tables:
         return {}
     pos = {ds.ids[i]: k for k, i in enumerate(items)}
@@ -179,12 +182,22 @@ def binding_accuracy(
     sel = np.array(sorted({x for p in pairs for x in p}))
     local = {k: j for j, k in enumerate(sel)}
     sub = items[sel]
-    img, _, img_tok = embed_rows(
-        model, ds, sub, "image", batch_size, tokens=model.matcher is not None
-    )
-    txt, txt_owner, txt_tok = embed_rows(
-        model, ds, sub, "text", batch_size, tokens=model.matcher is not None
-    )
+    if embedded is not None and model.matcher is None:  # rows of the pairs' items, in order
+
+        def rows_of(m: str):
+            emb, owner = embedded(m)
+            keep = np.isin(owner, sel)
+            return emb[torch.from_numpy(keep)], np.searchsorted(sel, owner[keep]), None
+
+        img, _, img_tok = rows_of("image")
+        txt, txt_owner, txt_tok = rows_of("text")
+    else:
+        img, _, img_tok = embed_rows(
+            model, ds, sub, "image", batch_size, tokens=model.matcher is not None
+        )
+        txt, txt_owner, txt_tok = embed_rows(
+            model, ds, sub, "text", batch_size, tokens=model.matcher is not None
+        )
     # the k-th caption of an item and the k-th caption of its partner are colour swaps of each other
     first_row = {}
     for r, o in enumerate(txt_owner):

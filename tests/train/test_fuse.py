@@ -456,3 +456,23 @@ def test_eval_classify_on_what_extract_wrote_for_an_end_to_end_model(
     everything = np.arange(len(data.dataset.ids))
     want = _accuracy(model, data.dataset, everything, 64)["acc1"]
     assert got["metrics"]["acc1"] == pytest.approx(want)
+
+
+def test_binding_accuracy_reuses_the_validation_embeddings_exactly(toy_tensors):
+    """evaluate_model hands its embeddings to the binding check (no second pass over the
+    same rows): the same figures as the binding check encoding on its own."""
+    from mmcli.train.evaluation import binding_accuracy, embed_rows, evaluate_model
+
+    data = setup_data([str(toy_tensors)], None, _cfg())
+    model = setup_model(data, _cfg()).eval()
+    items = data.dataset.subset(None)
+    alone = binding_accuracy(model, data.dataset, items)
+    assert alone["binding/pairs"] > 0
+
+    def embedded(m):
+        emb, owner, _ = embed_rows(model, data.dataset, items, m)
+        return emb, owner
+
+    assert binding_accuracy(model, data.dataset, items, embedded=embedded) == pytest.approx(alone)
+    assert {k: v for k, v in evaluate_model(model, data.dataset, items, data.pairs).items()
+            if k.startswith("binding/")} == pytest.approx(alone)  # fmt: skip
