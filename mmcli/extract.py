@@ -150,6 +150,7 @@ def extract(
         if channels_last and "image" in modalities:
             model.encoders["image"].to(memory_format=torch.channels_last)
         specs = _specs(model, modalities, tensors, dtype, normalize, seed)
+        source = _output_source(tensors, outputs[0])
         rows = dict.fromkeys(modalities, 0)
         total = sum(tensors.shards[i].rows(m) for i in todo for m in modalities)
         cl_tables = {"image"} if channels_last and "image" in modalities else set()
@@ -159,7 +160,8 @@ def extract(
             try:
                 for msg in loader:
                     if isinstance(msg, _EndOfShard):
-                        _write(msg.shard, feats, tensors, outputs, specs, run_id, modalities, model)
+                        _write(msg.shard, feats, tensors, outputs, specs, run_id, modalities, model,
+                               source)  # fmt: skip
                         feats = {}
                         continue
                     if msg.table not in feats:
@@ -458,12 +460,21 @@ def _specs(
     return specs
 
 
-def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, model) -> None:
+def _output_source(tensors: TensorSet, output: str) -> dict | None:
+    """The input's ``mmcli.source``, its manifest also recorded relative to the output
+    folder (so a moved tree still finds it)."""
+    from mmcli.formats.manifest import locate_manifest, manifest_source
+
+    source = tensors.source
+    manifest = locate_manifest(source, tensors.paths)
+    if manifest is None or is_stdio(output):
+        return source
+    return {**(source or {}), **manifest_source(manifest, Path(output).parent)}
+
+
+def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, model, source) -> None:
     import numpy as np
     import torch
-
-    from mmcli.formats.atomic import is_stdio
-    from mmcli.formats.manifest import locate_manifest, manifest_source
 
     sf = tensors.shards[i]
     tables, items = {}, {}
@@ -497,10 +508,6 @@ def _write(i, feats, tensors: TensorSet, outputs, specs, run_id, modalities, mod
                 "modalities": [m for m in model.encoders if m in sf.tables],
             },
         }
-    source = tensors.source
-    manifest = locate_manifest(source, tensors.paths)
-    if manifest is not None and not is_stdio(outputs[i]):
-        source = {**(source or {}), **manifest_source(manifest, Path(outputs[i]).parent)}
     shard = Shard(
         ids=sf.ids(),
         tables=tables,

@@ -171,14 +171,6 @@ def retrieve(
         given = [bool(text), bool(image), bool(audio), bool(item_id), bool(queries)]
         if sum(given) > 1 and queries:
             raise BadInput("--queries cannot be combined with other queries")
-        if threshold is not None and threshold != threshold:  # NaN
-            raise BadInput("--threshold must be a number, got nan")
-        if backend == "exact":  # faiss-only options would be silently ignored
-            used = [n for n, v in (("--nprobe", nprobe), ("--ef-search", ef_search),
-                                   ("--faiss-dir", faiss_dir), ("--rebuild-index", rebuild_index))
-                    if v]  # fmt: skip
-            if used:
-                raise BadInput(f"{used[0]} applies to --backend faiss", hint="add --backend faiss")
         cfg = RetrieveConfig(
             index=index,
             target=target,

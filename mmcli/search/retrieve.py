@@ -13,6 +13,7 @@ manifest fields with image / audio paths resolved.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,14 @@ class Retriever:
 
         if cfg.k < 1:
             raise BadInput("-k must be at least 1")
+        if cfg.threshold is not None and math.isnan(cfg.threshold):
+            raise BadInput("--threshold must be a number, got nan")
+        if cfg.backend == "exact":  # faiss-only options would be silently ignored
+            faiss_only = (("--nprobe", cfg.nprobe), ("--ef-search", cfg.ef_search),
+                          ("--faiss-dir", cfg.faiss_dir), ("--rebuild-index", cfg.rebuild))  # fmt: skip
+            used = [flag for flag, value in faiss_only if value]
+            if used:
+                raise BadInput(f"{used[0]} applies to --backend faiss", hint="add --backend faiss")
         self.cfg = cfg
         self.features = FeatureSet.open(cfg.index)
         if cfg.split:

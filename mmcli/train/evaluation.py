@@ -58,17 +58,19 @@ def embed_rows(
     return emb, owner, (toks if tokens else None)
 
 
+def _recall_keys(a: str, b: str, k: int) -> tuple[str, str, str]:
+    """Names of (b -> a recall, a -> b recall, their mean) at k for the pair a-b."""
+    return (
+        f"{a}-{b}/{a}_retrieval_recall@{k}",
+        f"{a}-{b}/{b}_retrieval_recall@{k}",
+        f"{a}-{b}/mean_recall@{k}",
+    )
+
+
 def metric_names(pairs: list[tuple[str, str]], classifier: bool) -> list[str]:
     """Every name :func:`evaluate_model` can report for these pairs (what ``--best-metric``
     may pick; recall@k for a k above the validation set's size is left out at run time)."""
-    names = []
-    for a, b in pairs:
-        for k in KS:
-            names += [
-                f"{a}-{b}/{a}_retrieval_recall@{k}",
-                f"{a}-{b}/{b}_retrieval_recall@{k}",
-                f"{a}-{b}/mean_recall@{k}",
-            ]
+    names = [name for a, b in pairs for k in KS for name in _recall_keys(a, b, k)]
     if classifier:
         names.append("acc1")
     return names + ["binding/acc", "binding/i2t_acc", "binding/t2i_acc"]
@@ -95,9 +97,8 @@ def evaluate_model(
         k = tuple(x for x in KS if x <= max(1, min(len(np.unique(oa)), len(np.unique(ob)))))
         rev, res = _ranks(ea, oa, eb, ob, k)  # a -> b, and b queries -> a targets
         for kk in k:
-            metrics[f"{a}-{b}/{a}_retrieval_recall@{kk}"] = res[f"recall@{kk}"]
-            metrics[f"{a}-{b}/{b}_retrieval_recall@{kk}"] = rev[f"recall@{kk}"]
-            metrics[f"{a}-{b}/mean_recall@{kk}"] = 0.5 * (res[f"recall@{kk}"] + rev[f"recall@{kk}"])
+            to_a, to_b = res[f"recall@{kk}"], rev[f"recall@{kk}"]
+            metrics.update(zip(_recall_keys(a, b, kk), (to_a, to_b, 0.5 * (to_a + to_b))))
     if model.classifier is not None:
         metrics.update(_accuracy(model, ds, items, batch_size))
     metrics.update(binding_accuracy(model, ds, items, batch_size, embedded=get))
