@@ -131,7 +131,7 @@ def extract(
         torch.manual_seed(seed)
         model, modalities = _setup_model(model, encoders, weights, tensors)
     for m in modalities:
-        check_input_table(tensors, m, model)
+        model.check_input(tensors, m)
     if channels_last is None:  # faster for the CNNs on CUDA and, measured here, on the CPU too
         channels_last = True
     out_dtype = getattr(torch, dtype)
@@ -277,40 +277,6 @@ def _check_inputs(model, modalities: list[str], tensors: TensorSet) -> None:
             log.warning(
                 "the %s input differs from the model's training data: %s", m, "; ".join(diff)
             )
-
-
-def check_input_table(tensors: TensorSet, m: str, model) -> None:
-    """The input table must be what the model's encoder takes (raw rows or features)."""
-    info = tensors.shards[0].tensors[m]
-    kind = info.torch_dtype_name
-    shape = list(info.shape)
-    where = tensors.shards[0].path
-    enc = model.encoders[m]
-    if model.config.encoders[m]["name"] == "features":  # fuse-train's passthrough over features
-        if tensors.kind != FEATURES_KIND or len(shape) != 2 or shape[1] != enc.out_dim:
-            raise BadInput(
-                f"the model's {m} encoder takes {enc.out_dim}-d features, the input {m} table "
-                f"is {kind} {shape} ({tensors.kind})",
-                where=where,
-                hint="extract with the backbone the model was trained on first, then pass those features",
-            )
-        return
-    ok = tensors.kind == "tensors" and {
-        "image": len(shape) == 4 and shape[1] == 3,
-        "text": len(shape) == 2 and "int" in kind,
-        "audio": len(shape) in (2, 3) and "float" in kind,
-    }.get(m, True)
-    if not ok:
-        expect = {
-            "image": "uint8 [rows, 3, H, W]",
-            "text": "integer token ids [rows, length]",
-            "audio": "float waveforms [rows, samples]",
-        }.get(m, "raw rows")
-        raise BadInput(
-            f"the {m} table is {kind} {shape} ({tensors.kind}), the {m} encoder takes {expect}",
-            where=where,
-            hint="pass tensor shards written by mmcli preprocess",
-        )
 
 
 # ------------------------------------------------------------------------ output

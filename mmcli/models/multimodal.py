@@ -294,6 +294,41 @@ class MultimodalModel(nn.Module):
         fused = torch.cat(out) if out else torch.zeros(0, self.config.embed_dim or 0)
         return fused, np.arange(n, dtype=np.int64)
 
+    def check_input(self, tensors, m: str) -> None:
+        """Table ``m`` of a tensor or feature set (:class:`~mmcli.formats.tensorfile.TensorSet`)
+        must be what this model's encoder takes: raw rows, or features for a ``features``
+        encoder. BadInput (one line) otherwise."""
+        info = tensors.shards[0].tensors[m]
+        kind = info.torch_dtype_name
+        shape = list(info.shape)
+        where = tensors.shards[0].path
+        enc = self.encoders[m]
+        if self.config.encoders[m]["name"] == "features":  # fuse-train's passthrough over features
+            if tensors.kind != "features" or len(shape) != 2 or shape[1] != enc.out_dim:
+                raise BadInput(
+                    f"the model's {m} encoder takes {enc.out_dim}-d features, the input {m} table "
+                    f"is {kind} {shape} ({tensors.kind})",
+                    where=where,
+                    hint="extract with the backbone the model was trained on first, then pass those features",
+                )
+            return
+        ok = tensors.kind == "tensors" and {
+            "image": len(shape) == 4 and shape[1] == 3,
+            "text": len(shape) == 2 and "int" in kind,
+            "audio": len(shape) in (2, 3) and "float" in kind,
+        }.get(m, True)
+        if not ok:
+            expect = {
+                "image": "uint8 [rows, 3, H, W]",
+                "text": "integer token ids [rows, length]",
+                "audio": "float waveforms [rows, samples]",
+            }.get(m, "raw rows")
+            raise BadInput(
+                f"the {m} table is {kind} {shape} ({tensors.kind}), the {m} encoder takes {expect}",
+                where=where,
+                hint="pass tensor shards written by mmcli preprocess",
+            )
+
     def match_score(self, parts: tuple[Mapping, Mapping]) -> torch.Tensor:
         """Match logit [B] of (tokens, embeddings) pairs of two modalities.
 

@@ -260,7 +260,6 @@ def _ordered(a: str, b: str) -> tuple[str, str]:
 def setup_data(
     sources: list[str], val_sources: list[str] | None, cfg: DistillConfig, teacher: MultimodalModel
 ) -> DistillData:
-    from mmcli.extract import check_input_table
     from mmcli.train.data import load_dataset
     from mmcli.train.fuse import setup_data as fuse_setup_data
 
@@ -271,7 +270,7 @@ def setup_data(
     for ts in loaded.sources:  # raw rows for an end-to-end teacher, features for the other
         for m in ts.tables:
             if m in has:
-                check_input_table(ts, m, teacher)
+                teacher.check_input(ts, m)
     if cfg.cross:
         a, b = cfg.from_modality, cfg.to_modality
         if a not in has:
