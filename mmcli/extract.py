@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,13 +36,14 @@ from mmcli.formats.tensorfile import (
     where_paths,
     write_shard,
 )
+from mmcli.modalities import EXTRACT_ENCODERS
 from mmcli.progress import ProgressFactory, null_progress
+from mmcli.runtime import Prefetch
 
 log = logging.getLogger("mmcli")
 
 OUT_NAME = "features"
 FEATURES_KIND = "features"
-DEFAULT_ENCODERS = {"image": "resnet18", "text": "transformer", "audio": "melcnn"}
 OUT_DTYPES = ("float16", "float32")
 #: table-spec keys that must agree between a model's training data and the input
 INPUT_KEYS = ("image_size", "tokenizer", "context_length", "lowercase", "sample_rate")
@@ -61,10 +60,6 @@ class _Batch:
 @dataclass
 class _EndOfShard:
     shard: int
-
-
-class _Stop(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------- entry
@@ -232,7 +227,7 @@ def _setup_model(model, encoders, weights, tensors: TensorSet):
         for m in encoders:
             tensors.require(m, hint=f"drop --encoder {m}=..., or pass shards that hold {m}")
     else:
-        encoders = {m: DEFAULT_ENCODERS[m] for m in tensors.tables if m in DEFAULT_ENCODERS}
+        encoders = {m: EXTRACT_ENCODERS[m] for m in tensors.tables if m in EXTRACT_ENCODERS}
         if not encoders:
             raise BadInput(
                 f"no image, text or audio table in the input (it has: {', '.join(tensors.tables) or 'none'})",
@@ -533,19 +528,7 @@ class _Loader:
         self.batch_size = batch_size
         self.pin = device.type == "cuda"
         self.channels_last = set(channels_last)
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="mmcli-extract-loader", daemon=True)
-        self.thread.start()
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _Stop
+        self.feed = Prefetch(self._batches, depth=prefetch, name="mmcli-extract-loader")
 
     def _copy(self, data, table: str):
         """The batch in RAM (from the memory-mapped shard), image batches already in
@@ -560,35 +543,20 @@ class _Loader:
             out = data.clone()
         return out.pin_memory() if self.pin else out
 
-    def _run(self) -> None:
-        try:
-            for i in self.shards:
-                sf = self.tensors.shards[i]
-                for table in self.tables:
-                    data = sf.tensor(table)  # memory-mapped (rows, ...)
-                    for start in range(0, data.shape[0], self.batch_size):
-                        batch = self._copy(data[start : start + self.batch_size], table)
-                        self._put(_Batch(i, table, start, batch))
-                    del data
-                self._put(_EndOfShard(i))
-            self._put(None)
-        except _Stop:
-            return
-        except BaseException as e:  # hand any failure to the consumer
-            try:
-                self._put(e)
-            except _Stop:
-                return
+    def _batches(self) -> Iterator[_Batch | _EndOfShard]:
+        for i in self.shards:
+            sf = self.tensors.shards[i]
+            for table in self.tables:
+                data = sf.tensor(table)  # memory-mapped (rows, ...)
+                for start in range(0, data.shape[0], self.batch_size):
+                    yield _Batch(
+                        i, table, start, self._copy(data[start : start + self.batch_size], table)
+                    )
+                del data
+            yield _EndOfShard(i)
 
     def __iter__(self) -> Iterator[_Batch | _EndOfShard]:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        return iter(self.feed)
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+        self.feed.close()

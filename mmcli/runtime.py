@@ -9,6 +9,8 @@ stays fast; every function here takes plain strings and returns torch objects.
     dist = dist_info()                              # rank / world size from torchrun's env
     with distributed(device) as dist:               # init gloo (cpu) / nccl (cuda) when world > 1
         for i in dist.my_shards(n_shards): ...
+    feed = Prefetch(lambda: (load(i) for i in range(n)), depth=3)   # a background producer
+    for item in feed: ...                           # feed.wait_seconds: time the consumer waited
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import random
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from mmcli.errors import BadInput
 
@@ -204,3 +209,77 @@ def describe_device(device) -> dict[str, Any]:
     else:
         out["threads"] = torch.get_num_threads()
     return out
+
+
+# --------------------------------------------------------------------------- prefetch
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class _Stopped(Exception):
+    """The consumer closed the queue: the producer thread ends quietly."""
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetch(Generic[T]):
+    """Runs ``produce()`` (an iterable, usually a generator) in a background thread, at most
+    ``depth`` items ahead of the consumer, so reading, copying and collating overlap the
+    compute. An exception in the producer is raised in the consumer; :meth:`close` (or
+    leaving the loop early and closing) stops the producer. ``wait_seconds`` is how long
+    the consumer waited for items: the share of time a job was starved of data.
+
+    Used by ``extract`` (batches from memory-mapped shards) and the training loop
+    (batches from the sampler).
+    """
+
+    def __init__(
+        self, produce: Callable[[], Iterable[T]], *, depth: int = 3, name: str = "mmcli-prefetch"
+    ):
+        self._produce = produce
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _run(self) -> None:
+        try:
+            for item in self._produce():
+                self._put(item)
+            self._put(_DONE)
+        except _Stopped:
+            return
+        except BaseException as e:  # hand any failure to the consumer
+            try:
+                self._put(_Failure(e))
+            except _Stopped:
+                return
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            t = time.perf_counter()
+            item = self._queue.get()
+            self.wait_seconds += time.perf_counter() - t
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
