@@ -12,18 +12,20 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from mmcli.modalities import PAIR_ORDER
 from mmcli.models.multimodal import MultimodalModel
+from mmcli.runtime import autocast
 from mmcli.train.data import Dataset
-from mmcli.train.fuse import PAIR_ORDER
-
-if TYPE_CHECKING:
-    from mmcli.train.distill import DistillConfig, DistillData, Student
+from mmcli.train.distill.config import DistillConfig
+from mmcli.train.distill.data import DistillData
+from mmcli.train.distill.students import Student
+from mmcli.train.evaluation import evaluate_model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -47,8 +49,6 @@ def encode_throughput(
     modality), each named model with its modality (``modalities[name]``), batches read
     beforehand, the same batch size for all, models interleaved, median of ``repeats``.
     Per model: ``{modality: rows/s, "all": rows / total seconds}``."""
-    from mmcli.runtime import autocast
-
     out: dict[str, dict[str, float]] = {}
     times: dict[str, list[float]] = {n: [] for n in models}
     batches: dict[str, list[torch.Tensor]] = {}
@@ -91,7 +91,6 @@ def final_report(
     summary: dict[str, Any],
 ) -> dict[str, Any]:
     """Teacher vs student: parameters, encode throughput, the same held-out metrics, retention."""
-    from mmcli.train.evaluation import evaluate_model
 
     best = MultimodalModel.from_checkpoint(student_path, device=device)
     report: dict[str, Any] = {
