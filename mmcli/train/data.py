@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
+from mmcli.formats.manifest import locate_manifest, read_manifest
 from mmcli.formats.tensorfile import ShardFile, TensorSet, resolve_sources
 from mmcli.modalities import in_order
 
@@ -72,7 +74,6 @@ class Dataset:
     def attach_hard_negatives(self, field_name: str) -> int:
         """Tokenize each item's hard-negative captions (manifest field ``field_name``: a
         string or a list) with the text table's tokenizer. Returns how many items have any."""
-        from mmcli.data.text import tokenizer_from_spec
 
         if "text" not in self.tables:
             raise BadInput("--hard-negatives needs text in the data")
@@ -134,12 +135,37 @@ def _group_sets(sources: Sequence[str]) -> list[TensorSet]:
 
 
 def _read_manifest_fields(ts: TensorSet) -> dict[str, dict[str, Any]]:
-    from mmcli.formats.manifest import locate_manifest, read_manifest
-
     path = locate_manifest(ts.source, ts.paths)
     if path is None:
         return {}
     return {it.id: it.fields for it in read_manifest(path, on_error="skip")}
+
+
+def _item_mapping(ts: TensorSet, first: TensorSet, ids: list[str], index: dict) -> np.ndarray:
+    """For each item of ``ts``, its index among the first set's ``ids`` (all must be there)."""
+    set_ids = ts.ids() if ts is not first else ids
+    mapping = np.array([index.get(i, -1) for i in set_ids], dtype=np.int64)
+    if ts is not first and (mapping < 0).any():
+        missing = set_ids[int(np.nonzero(mapping < 0)[0][0])]
+        raise BadInput(
+            f"item {missing!r} is in {ts.paths[0]} but not in {first.paths[0]}",
+            hint="pass files that describe the same items",
+        )
+    return mapping
+
+
+def _rows_per_item(ts: TensorSet, name: str, mapping: np.ndarray, n_items: int) -> list:
+    """Per item (in the joined order), the global indices of its rows in table ``name``."""
+    item_of_row = (
+        mapping[
+            np.concatenate([s.item_index(name) + off for s, off in zip(ts.shards, ts.item_offsets)])
+        ]
+        if ts.shards
+        else np.zeros(0, np.int64)
+    )
+    order = np.argsort(item_of_row, kind="stable")
+    bounds = np.searchsorted(item_of_row[order], np.arange(n_items + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(n_items)]
 
 
 def load_dataset(
@@ -164,14 +190,7 @@ def load_dataset(
     labels = np.full(len(ids), -1, dtype=np.int64)
     label_names: list[str] = []
     for ts in sets:
-        set_ids = ts.ids() if ts is not sets[0] else ids
-        mapping = np.array([index.get(i, -1) for i in set_ids], dtype=np.int64)
-        if ts is not sets[0] and (mapping < 0).any():
-            missing = set_ids[int(np.nonzero(mapping < 0)[0][0])]
-            raise BadInput(
-                f"item {missing!r} is in {ts.paths[0]} but not in {sets[0].paths[0]}",
-                hint="pass files that describe the same items",
-            )
+        mapping = _item_mapping(ts, sets[0], ids, index)
         if ts.label_names and not label_names:
             label_names = ts.label_names
             labels[mapping] = ts.labels()
@@ -186,18 +205,7 @@ def load_dataset(
                 )
             in_mem = in_memory if in_memory is not None else kind == "features"
             tables[name] = _Table(ts, name, in_mem)
-            item_of_row = (
-                mapping[
-                    np.concatenate(
-                        [s.item_index(name) + off for s, off in zip(ts.shards, ts.item_offsets)]
-                    )
-                ]
-                if ts.shards
-                else np.zeros(0, np.int64)
-            )
-            order = np.argsort(item_of_row, kind="stable")
-            bounds = np.searchsorted(item_of_row[order], np.arange(len(ids) + 1))
-            rows_of[name] = [order[bounds[i] : bounds[i + 1]] for i in range(len(ids))]
+            rows_of[name] = _rows_per_item(ts, name, mapping, len(ids))
     if modalities is not None:
         absent = [m for m in modalities if m not in tables]
         if absent:
