@@ -106,6 +106,14 @@ BestMetric = Annotated[
     str | None,
     typer.Option(help="Validation metric that picks model.safetensors.", rich_help_panel=_RUN),
 ]
+EarlyStop = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Stop when the best metric has not improved for N evaluations (default: never).",
+        rich_help_panel=_RUN,
+    ),
+]
 SaveEvery = Annotated[
     int | None,
     typer.Option(

@@ -10,6 +10,7 @@ from mmcli.cli.common import (
     BestMetric,
     Debug,
     Device,
+    EarlyStop,
     Epochs,
     GradClip,
     LearningRate,
@@ -151,6 +152,7 @@ def distill(
         ),
     ] = None,
     best_metric: BestMetric = None,
+    early_stop: EarlyStop = None,
     save_every: SaveEvery = None,
     log_every: LogEvery = 10,
     resume: ResumeRun = False,
@@ -215,6 +217,7 @@ def distill(
             log_every=log_every,
             save_every=save_every,
             best_metric=best_metric,
+            early_stop=early_stop,
             seed=seed,
         )
         report = run(

@@ -10,6 +10,7 @@ from mmcli.cli.common import (
     BestMetric,
     Debug,
     Device,
+    EarlyStop,
     Epochs,
     GradClip,
     LearningRate,
@@ -135,6 +136,7 @@ def fuse_train(
     train_split: TrainSplit = "train",
     val_split: ValSplit = None,
     best_metric: BestMetric = None,
+    early_stop: EarlyStop = None,
     save_every: SaveEvery = None,
     log_every: LogEvery = 10,
     resume: ResumeRun = False,
@@ -195,6 +197,7 @@ def fuse_train(
             log_every=log_every,
             save_every=save_every,
             best_metric=best_metric,
+            early_stop=early_stop,
             seed=seed,
         )
         summary = run(

@@ -34,8 +34,9 @@ from mmcli.runtime import (
     autocast,
     dist_info,
 )
+from mmcli.train.monitor import Monitor
 from mmcli.train.sampler import Batch, BatchSampler
-from mmcli.train.schedule import decay_groups, is_better, lr_at
+from mmcli.train.schedule import decay_groups, lr_at
 from mmcli.train.state import (
     BEST_FILE,
     LAST_FILE,
@@ -65,6 +66,7 @@ class LoopConfig:
     save_every: int | None = None  # optimizer steps (checkpoints are also written every epoch)
     eval_every: int = 1  # epochs
     best_metric: str | None = None  # the validation metric that picks model.safetensors
+    early_stop: int | None = None  # stop when the best metric has not improved N evaluations
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class LoopConfig:
             raise BadInput("--epochs must be at least 1")
         if self.accum_steps < 1:
             raise BadInput("--accum-steps must be at least 1")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise BadInput("--early-stop must be at least 1 (evaluations without improvement)")
 
 
 class Task(Protocol):
@@ -131,8 +135,8 @@ class _Fit:
         fp16 = cfg.precision == "fp16" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.step = self.epoch = self.micro = 0
-        self.best: float | None = None
-        self.best_metrics: dict[str, float] = {}
+        per_epoch = sampler.steps_per_epoch() // cfg.accum_steps
+        self.monitor = Monitor(-(-self.total // per_epoch), cfg.best_metric, cfg.early_stop)
         self.last_loss = float("nan")
         self.last_eval: dict[str, float] = {}
         self.samples, self.wait = 0, 0.0
@@ -148,7 +152,7 @@ class _Fit:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
-        self.best, self.best_metrics = state.get("best"), state.get("best_metrics", {})
+        self.monitor.load(state)
         self.run.truncate_metrics(self.step)
         log.info(
             "resuming at step %d (epoch %d, batch %d of %d)",
@@ -167,7 +171,7 @@ class _Fit:
         meta = {
             "train": self.train_args,
             "state": {"step": self.step, "epoch": self.epoch},
-            "metrics": metrics or self.best_metrics,
+            "metrics": metrics or self.monitor.best_metrics,
         }
         if kind == "best":
             self.task.save_model(self.run.file(BEST_FILE), **meta)
@@ -182,8 +186,7 @@ class _Fit:
                 "step": self.step,
                 "epoch": self.epoch,
                 "micro": self.micro,
-                "best": self.best,
-                "best_metrics": self.best_metrics,
+                **self.monitor.state(),
                 "config": asdict(self.cfg),
             },
         )
@@ -207,16 +210,15 @@ class _Fit:
 
     def _keep_best(self, metrics: dict[str, float]) -> None:
         self.run.log({"step": self.step, "epoch": self.epoch + 1, "eval": metrics})
-        key = self.cfg.best_metric or next(iter(metrics))
+        key = self.monitor.key(metrics)
         if key not in metrics:
             raise BadInput(
                 f"--best-metric {key} is not among the validation metrics",
                 hint=f"pick one of {', '.join(metrics)}",
             )
-        if is_better(metrics[key], self.best, key):
-            self.best, self.best_metrics = metrics[key], dict(metrics)
+        if self.monitor.improved(metrics):
             self.save("best", metrics)
-        log.info(
+        log.debug(
             "epoch %d: %s",
             self.epoch + 1,
             "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
@@ -243,11 +245,15 @@ class _Fit:
                 self._epoch(bar)
                 epoch_done = self.micro >= self.usable
                 if epoch_done or self.step >= self.total:
+                    evaluated = {}
                     if (self.epoch + 1) % self.cfg.eval_every == 0 or self.step >= self.total:
-                        self.last_eval = self.evaluate()
+                        evaluated = self.last_eval = self.evaluate()
+                    self.monitor.epoch_line(self.epoch, evaluated)
                     if epoch_done:
                         self.epoch, self.micro = self.epoch + 1, 0
                     self.save("state")
+                    if evaluated and self.monitor.should_stop():
+                        break
         seconds = time.perf_counter() - started
         if self.dist.is_main and not self.run.file(BEST_FILE).exists():
             self.save("best", self.last_eval)
@@ -259,7 +265,8 @@ class _Fit:
             "data_wait_fraction": round(self.wait / seconds, 4) if seconds > 0 else None,
             "final_loss": self.last_loss,
             "final_metrics": self.last_eval,
-            "best_metrics": self.best_metrics,
+            "best_metrics": self.monitor.best_metrics,
+            "stopped_early": self.monitor.stopped_early,
             "run_dir": str(self.run.path),
         }
 
@@ -269,7 +276,7 @@ class _Fit:
         cfg = self.cfg
         pin = self.device.type == "cuda"
         feed = Prefetch(lambda: self.sampler.batches(self.epoch, self.micro, self.usable, pin=pin))
-        window = [time.perf_counter(), 0]  # (start, samples) of the throughput window
+        window = [time.perf_counter(), 0, 0.0]  # start, samples, last rate of the window
         accum: dict[str, float] = {}
         try:
             for index, batch in feed:
@@ -331,21 +338,21 @@ class _Fit:
         done = self.sampler.batch_size * self.dist.world_size * self.cfg.accum_steps
         self.samples += done
         window[1] += done
+        self.monitor.step(self.last_loss)
         if self.step % self.cfg.log_every == 0 or self.step == self.total:
             now = time.perf_counter()
-            rate = window[1] / max(now - window[0], 1e-9)
+            window[2] = window[1] / max(now - window[0], 1e-9)
             window[0], window[1] = now, 0
             self.run.log(
                 {
                     "step": self.step,
                     "epoch": self.epoch + 1,
                     "lr": lr,
-                    "samples_per_s": round(rate, 1),
+                    "samples_per_s": round(window[2], 1),
                     **{k: round(v, 6) for k, v in accum.items()},
                 }
             )
-            bar.update(0, loss=self.last_loss, lr=lr, samples_s=round(rate))
-        bar.update(1)
+        bar.update(1, **self.monitor.bar_fields(self.epoch, lr, window[2]))
 
 
 def fit(

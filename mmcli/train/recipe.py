@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from mmcli import plots
+from mmcli.plots.curves import training_curves
 from mmcli.progress import ProgressFactory, null_progress
 from mmcli.runtime import (
     DistInfo,
@@ -42,6 +44,8 @@ from mmcli.train.state import RunDir
 from mmcli.train.task import JointTask
 
 log = logging.getLogger("mmcli")
+
+CURVES_FILE = "curves.png"
 
 
 @contextlib.contextmanager
@@ -165,4 +169,15 @@ class Recipe:
                 progress=self.progress,
                 train_args=self.train_args,
             )
+            if dist.is_main:
+                self.draw_curves(run)
         return self.finish(summary, task, dev, dist, run)
+
+    def draw_curves(self, run: RunDir) -> None:
+        """RUN/curves.png from metrics.jsonl (a note instead when matplotlib is missing)."""
+        if not plots.have_matplotlib():
+            log.info("no curves.png: %s draws training curves", plots.INSTALL_HINT)
+            return
+        path = run.file(CURVES_FILE)
+        training_curves(run.metrics(), path, title=str(run.path), best_metric=self.loop.best_metric)
+        log.info("training curves: %s", path)

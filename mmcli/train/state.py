@@ -28,7 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.safetensors"
 LAST_FILE = "last.safetensors"
 BEST_FILE = "model.safetensors"
-OWNED = (RUN_FILE, METRICS_FILE, STATE_FILE, LAST_FILE, BEST_FILE, "report.json")
+OWNED = (RUN_FILE, METRICS_FILE, STATE_FILE, LAST_FILE, BEST_FILE, "report.json", "curves.png")
 
 
 # arguments a resumed run may change: they do not change what is trained
