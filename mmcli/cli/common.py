@@ -96,7 +96,7 @@ TrainSplit = Annotated[str, typer.Option(help="Manifest split to train on.", ric
 ValSplit = Annotated[
     str | None,
     typer.Option(
-        help="Manifest split to validate on [default: val, when the data has one; "
+        help="Manifest split to validate on \\[default: val, when the data has one; "
         "a split named here must exist; none: no validation].",
         rich_help_panel=_RUN,
         show_default=False,

@@ -145,7 +145,7 @@ def distill(
     test_split: Annotated[
         str | None,
         typer.Option(
-            help="Manifest split of the final teacher/student report [default: test, else "
+            help="Manifest split of the final teacher/student report \\[default: test, else "
             "the validation data; a split named here must exist].",
             rich_help_panel=_RUN,
             show_default=False,

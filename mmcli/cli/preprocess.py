@@ -114,8 +114,8 @@ def preprocess(
 ) -> None:
     """Raw images, captions and audio -> normalized tensor shards (safetensors).
 
-    Writes OUT/data-00000-of-000NN.safetensors (uint8 images [N,3,S,S], int32 byte
-    tokens [rows,L], float16 audio [N,samples]), OUT/manifest.jsonl (the kept items,
+    Writes OUT/data-00000-of-000NN.safetensors (uint8 images \\[N,3,S,S], int32 byte
+    tokens \\[rows,L], float16 audio \\[N,samples]), OUT/manifest.jsonl (the kept items,
     in row order), OUT/errors.jsonl (what was skipped and why) and OUT/preprocess.json.
 
     Examples:

@@ -85,7 +85,7 @@ def retrieve(
     backend: Annotated[
         Literal["exact", "faiss"],
         typer.Option(
-            help="exact (default) or faiss (approximate, pip install 'mmcli[faiss]').",
+            help="exact (default) or faiss (approximate, pip install 'mmcli\\[faiss]').",
             rich_help_panel="Search",
         ),
     ] = "exact",
