@@ -12,25 +12,40 @@ def info(
     paths: Annotated[
         list[str],
         typer.Argument(
-            help="Tensor/feature files, shard folders, globs, checkpoints, or - for stdin."
+            help="Tensor/feature files, shard folders, globs, checkpoints, run folders, raw "
+            "inputs (manifest, Karpathy / COCO JSON, CSV, ImageFolder), or - for stdin."
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot",
+            help="For a run folder: draw RUN/curves.png from its metrics.jsonl "
+            "(needs pip install 'mmcli\\[plot]').",
+        ),
+    ] = False,
     quiet: Quiet = False,  # accepted like every command's; info logs nothing anyway
     debug: Debug = False,
 ) -> None:
-    """Summarise any mmcli file: tables, rows, shapes, dtypes, items, labels, metadata.
+    """Summarise any mmcli file: tables, rows, shapes, dtypes, items, labels, metadata; a
+    training run folder (its configuration, steps, best metrics); or a raw input before
+    preprocessing (items, captions, splits, modalities present).
 
     Examples:
 
         mmcli info out/tensors/
 
+        mmcli info out/run/ --plot
+
+        mmcli info data/dataset_flickr8k.json
+
         mmcli preprocess data/manifest.jsonl -o - | mmcli info - --json
     """
     with command(quiet=True, debug=debug):
-        from mmcli.formats.describe import describe
+        from mmcli.formats.describe import summarize
 
-        summaries = describe(paths)
+        summaries = summarize(paths, plot=plot)
         if as_json:
             obj = summaries[0] if len(summaries) == 1 else {"sets": summaries}
             typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
@@ -65,11 +80,71 @@ def _short_spec(spec: dict) -> str:
     return ", ".join(f"{k}={spec[k]}" for k in _SPEC_KEYS if k in spec and spec[k] is not None)
 
 
+def _render_run(console, s: dict) -> None:
+    console.print(f"[bold]{s['path']}[/]  {s['command']} run (mmcli {s['mmcli']})")
+    state = s.get("state") or {}
+    if "step" in state:
+        console.print(f"progress: step {state['step']}, epoch {state['epoch']}")
+    elif s.get("last"):
+        console.print(f"progress: step {s['last']['step']} (no state.safetensors)")
+    if s.get("last"):
+        last = s["last"]
+        console.print(f"last logged: loss {last.get('loss')}, lr {last.get('lr')}")
+    best = s.get("best_metrics") or {}
+    if best:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in list(best.items())[:6])
+        console.print(f"best: {shown}")
+    if s.get("report_headline"):
+        h = s["report_headline"]
+        console.print(f"report: {h.get('meaning')}: student {h.get('student')}")
+    args = s.get("args") or {}
+    for key, value in args.items():
+        console.print(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}")
+    files = ", ".join(f"{k} ({_fmt_bytes(v)})" for k, v in s["files"].items())
+    console.print(f"files: {files}")
+    if s.get("curves"):
+        console.print(f"curves: {s['curves']}")
+
+
+def _render_raw(console, s: dict) -> None:
+    console.print(f"[bold]{s['path']}[/]  raw input, format {s['format']}, {s['items']:,} items")
+    cpi = s.get("captions_per_item")
+    if s["captions"]:
+        line = f"captions: {s['captions']:,}"
+        if cpi:
+            line += f" ({cpi['min']}-{cpi['max']} per item, mean {cpi['mean']})"
+        console.print(line)
+    console.print(
+        "modalities: " + (", ".join(f"{m} {n:,}" for m, n in s["modalities"].items()) or "none")
+    )
+    console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in s["splits"].items()))
+    if s.get("labels"):
+        console.print(f"labels: {s['labels']} ({', '.join(s['label_counts'])})")
+    if s.get("missing_files"):
+        console.print(
+            "missing files: " + ", ".join(f"{m} {n:,}" for m, n in s["missing_files"].items())
+        )
+    if s.get("rejected_lines"):
+        console.print(f"rejected lines: {s['rejected_lines']}")
+
+
 def _render(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
+    if s["kind"] == "run":
+        return _render_run(console, s)
+    if s["kind"] == "raw":
+        return _render_raw(console, s)
+    if s["kind"] == "train-state":
+        console.print(
+            f"[bold]{s['path']}[/]  training state, step {s['step']}, epoch {s['epoch']}, "
+            f"{s['tensors']} tensors, {_fmt_bytes(s['bytes'])}"
+        )
+        if s.get("best_metrics"):
+            console.print(f"best: {json.dumps(s['best_metrics'])}")
+        return None
     if s["kind"] == "model":
         console.print(f"[bold]{s['path']}[/]  model checkpoint, {s['parameters']:,} parameters")
         for key in ("model", "state", "metrics", "train"):

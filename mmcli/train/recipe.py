@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mmcli import plots
+from mmcli.formats.runs import CURVES_FILE
 from mmcli.plots.curves import training_curves
 from mmcli.progress import ProgressFactory, null_progress
 from mmcli.runtime import (
@@ -44,8 +45,6 @@ from mmcli.train.state import RunDir
 from mmcli.train.task import JointTask
 
 log = logging.getLogger("mmcli")
-
-CURVES_FILE = "curves.png"
 
 
 @contextlib.contextmanager

@@ -22,14 +22,14 @@ import torch
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, atomic_write_bytes
-
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "state.safetensors"
-LAST_FILE = "last.safetensors"
-BEST_FILE = "model.safetensors"
-OWNED = (RUN_FILE, METRICS_FILE, STATE_FILE, LAST_FILE, BEST_FILE, "report.json", "curves.png")
-
+from mmcli.formats.runs import (  # noqa: F401  (the run folder's file names, in one place)
+    BEST_FILE,
+    LAST_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    STATE_FILE,
+)
+from mmcli.formats.runs import RUN_FILES as OWNED
 
 # arguments a resumed run may change: they do not change what is trained
 RESUMABLE_CHANGES = (

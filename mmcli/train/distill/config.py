@@ -18,7 +18,6 @@ CROSS_DEFAULT_LOSSES = {"feature": 1.0, "contrastive": 1.0}
 HEADS = ("linear", "mlp", "identity")
 DEFAULT_DERIVE = (0.5, 1.0)  # the student without --student: every encoder half as wide
 CACHE_DIR = "teacher-cache"
-REPORT_FILE = "report.json"
 
 
 @dataclass

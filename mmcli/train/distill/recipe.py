@@ -12,8 +12,9 @@ from typing import Any
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open
 from mmcli.formats.manifest import file_sha256
+from mmcli.formats.runs import REPORT_FILE
 from mmcli.runtime import barrier
-from mmcli.train.distill.config import CACHE_DIR, REPORT_FILE, DistillConfig
+from mmcli.train.distill.config import CACHE_DIR, DistillConfig
 from mmcli.train.distill.data import setup_data
 from mmcli.train.distill.report import final_report
 from mmcli.train.distill.students import Student, setup_student
