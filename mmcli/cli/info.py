@@ -43,7 +43,7 @@ def info(
         mmcli preprocess data/manifest.jsonl -o - | mmcli info - --json
     """
     with command(quiet=True, debug=debug):
-        from mmcli.formats.describe import summarize
+        from mmcli.overview import summarize
 
         summaries = summarize(paths, plot=plot)
         if as_json:

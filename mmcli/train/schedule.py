@@ -4,12 +4,17 @@ which of two validation figures is better."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from mmcli.train.loop import LoopConfig
+
+class Schedule(Protocol):
+    """The learning-rate settings (a :class:`mmcli.train.loop.LoopConfig`)."""
+
+    lr: float
+    warmup: float
+    min_lr: float
 
 
 def decay_groups(
@@ -33,7 +38,7 @@ def decay_groups(
     return [g for g in groups if g["params"]]
 
 
-def lr_at(step: int, total: int, cfg: LoopConfig) -> float:
+def lr_at(step: int, total: int, cfg: Schedule) -> float:
     """Linear warmup then cosine decay to ``min_lr * lr``."""
     warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
     if warmup and step < warmup:
