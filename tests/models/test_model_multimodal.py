@@ -12,7 +12,7 @@ from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
 from mmcli.formats.checkpoint import Checkpoint, save_checkpoint
 from mmcli.models import ModelConfig, MultimodalModel, build_model, register_fusion
-from mmcli.models.multimodal import _FUSION
+from mmcli.models.registry import _FUSION
 
 IMAGES = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
 TEXT = torch.from_numpy(ByteTokenizer(20).encode_batch(["a", "bb bb", "ccc ccc ccc"])[0])
