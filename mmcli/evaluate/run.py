@@ -22,10 +22,10 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.evaluate.retrieval import DEFAULT_KS
+from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
 
 TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify")
-MODALITIES = ("image", "text", "audio")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmcli.errors import BadInput, MmcliError
+from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
 from mmcli.search.queries import Query, QueryEncoder
 
@@ -154,7 +155,7 @@ class Retriever:
         for i, q in enumerate(queries):
             by_kind.setdefault(q.kind, []).append(i)
         for kind, idx in by_kind.items():
-            if kind in ("text", "image", "audio"):
+            if kind in MODALITIES:
                 vecs = self.encoder.encode(
                     kind, [queries[i].value for i in idx], batch_size=self.cfg.batch_size
                 )
