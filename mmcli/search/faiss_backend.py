@@ -35,7 +35,8 @@ import numpy as np
 from mmcli.errors import BadInput, MissingDependency
 from mmcli.formats.atomic import atomic_path, atomic_write_bytes
 from mmcli.progress import ProgressFactory, null_progress
-from mmcli.search.exact import ExactIndex, SearchResult, _top_k
+from mmcli.search.candidates import top_k
+from mmcli.search.exact import ExactIndex, SearchResult
 
 log = logging.getLogger("mmcli")
 
@@ -200,7 +201,7 @@ class FaissIndex:
         qi, rows = qi[ok], rows[ok]
         scores = self.exact.rescore(q.double(), qi, rows)
         k_eff = min(k, self.exact.searchable)
-        out_rows, out_scores = _top_k(qi, rows, scores, b, k_eff)
+        out_rows, out_scores = top_k(qi, rows, scores, b, k_eff)
         indices = torch.full((b, k), -1, dtype=torch.int64)
         vals = torch.full((b, k), float("-inf"))
         indices[:, :k_eff], vals[:, :k_eff] = out_rows, out_scores
