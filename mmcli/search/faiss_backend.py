@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmcli.errors import BadInput, MissingDependency
 from mmcli.formats.atomic import atomic_path, atomic_write_bytes
@@ -175,8 +176,6 @@ class FaissIndex:
 
     def search(self, queries: Any, k: int, *, threshold: float | None = None) -> SearchResult:
         """Top ``k`` per query among FAISS's candidates, scored exactly (see module doc)."""
-        import torch
-
         q = torch.as_tensor(queries, dtype=torch.float32)
         if q.ndim == 1:
             q = q[None]
@@ -262,8 +261,6 @@ def _build(faiss, exact: ExactIndex, factory: str, params: FaissParams, progress
 
 
 def _gather(exact: ExactIndex, rows: np.ndarray) -> np.ndarray:
-    import torch
-
     out = np.empty((len(rows), exact.dim), dtype=np.float32)
     shard = np.searchsorted(np.asarray(exact.offsets), rows, "right") - 1
     for i in np.unique(shard):
