@@ -71,7 +71,7 @@ def evaluate_alone(alone: Path, report: dict, tensors: Path) -> dict:
     """The no-teacher student: the report's test metrics, computed the same way."""
     from mmcli.models import MultimodalModel
     from mmcli.train.data import load_dataset
-    from mmcli.train.distill_report import count_parameters
+    from mmcli.train.distill.report import count_parameters
     from mmcli.train.evaluation import evaluate_model
 
     ds = load_dataset([str(tensors)])
@@ -94,7 +94,7 @@ def throughput(paths: dict[str, str], tensors: Path, batch_size: int, threads: i
 
     from mmcli.models import MultimodalModel
     from mmcli.train.data import load_dataset
-    from mmcli.train.distill_report import encode_throughput
+    from mmcli.train.distill.report import encode_throughput
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

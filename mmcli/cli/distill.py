@@ -182,7 +182,7 @@ def distill(
         from mmcli.runtime import dist_info
         from mmcli.train.distill import DistillConfig, parse_losses
         from mmcli.train.distill import distill as run
-        from mmcli.train.fuse import parse_pairs
+        from mmcli.train.splits import parse_pairs
 
         cfg = DistillConfig(
             teacher=teacher,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmcli.evaluate.retrieval import pair_ranks
 from mmcli.train.data import Dataset
 
 KS = (1, 5, 10)
@@ -114,8 +115,6 @@ def _ranks(
     candidate, never in the query's favour), so a collapsed model scores at chance here
     too. A query whose item has no row in the other table is left out.
     """
-    from mmcli.evaluate.retrieval import pair_ranks
-
     out = []
     for r in pair_ranks(a, a_items, b, b_items, device=a.device, exact_up_to=max(ks)):
         first = r.first() if r.n_queries else np.zeros(0)

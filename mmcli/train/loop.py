@@ -8,6 +8,10 @@ atomic checkpoints every N steps, exact mid-epoch resume, and a clean stop on a 
 loss that keeps the last good checkpoint.
 
     summary = fit(task, sampler, LoopConfig(epochs=10), run_dir, device=device)
+
+A recipe (``mmcli.train.fuse``, ``mmcli.train.distill``; see :mod:`mmcli.train.recipe`)
+builds the task and the sampler and hands them to :func:`fit`; :class:`Task` is everything the
+loop asks of a task (:class:`mmcli.train.task.JointTask` implements all but ``forward``).
 """
 
 from __future__ import annotations
@@ -24,8 +28,14 @@ from torch import nn
 
 from mmcli.errors import BadInput, RunFailure
 from mmcli.progress import ProgressFactory, null_progress
-from mmcli.runtime import autocast, dist_info
-from mmcli.train.data import BatchSampler, Prefetcher
+from mmcli.runtime import (
+    DistInfo,
+    Prefetch,
+    autocast,
+    dist_info,
+)
+from mmcli.train.sampler import Batch, BatchSampler
+from mmcli.train.schedule import decay_groups, is_better, lr_at
 from mmcli.train.state import (
     BEST_FILE,
     LAST_FILE,
@@ -67,83 +77,279 @@ class LoopConfig:
 
 
 class Task(Protocol):
-    """What the loop needs from fuse-train / distill (an nn.Module)."""
+    """What the loop needs from a recipe's task (an ``nn.Module``)."""
 
-    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]: ...
+    def metric_names(self) -> list[str] | None: ...  # None: the task does not validate
     def evaluate(self) -> dict[str, float]: ...
+    def after_step(self) -> None: ...  # after each optimizer step (e.g. clamp a temperature)
     def save_model(self, path: Any, **meta: Any) -> None: ...
 
 
-@contextlib.contextmanager
-def training_run(
-    run_dir: str,
-    *,
-    command: str,
-    args: dict[str, Any],
-    loop: LoopConfig,
-    device: str,
-    resume: bool,
-    overwrite: bool,
-):
-    """What every recipe starts with: the device and precision, the run folder (checked, not
-    yet written), the torchrun process group and the seed. Yields ``(device, dist, run)``."""
-    from mmcli.runtime import check_precision, distributed, resolve_device, seed_everything
-
-    dist = dist_info()
-    dev = resolve_device(device)
-    loop.precision = check_precision(loop.precision, dev)
-    run = RunDir(
-        run_dir,
-        command=command,
-        args=args,
-        resume=resume,
-        overwrite=overwrite,
-        is_main=dist.is_main,
-    )
-    with distributed(dev):
-        seed_everything(loop.seed)
-        yield dev, dist, run
+__all__ = ["LoopConfig", "Task", "decay_groups", "fit", "lr_at"]
 
 
-def decay_groups(
-    named: list[tuple[str, nn.Parameter]], weight_decay: float
-) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices (weights), none on biases, norms, embeddings' scales,
-    temperatures and other 1-D parameters."""
-    decay, no_decay = [], []
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        (
-            no_decay
-            if p.ndim < 2 or "logit_" in name or name.endswith("pos_embed") or ".pos" in name
-            else decay
-        ).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+def _plan(sampler: BatchSampler, cfg: LoopConfig) -> int:
+    """The number of optimizer steps of the run (checks one epoch has a whole step)."""
+    micro_per_epoch = sampler.steps_per_epoch()
+    per_epoch = micro_per_epoch // cfg.accum_steps
+    if per_epoch < 1:
+        raise BadInput(
+            f"one epoch has {micro_per_epoch} batches, fewer than --accum-steps {cfg.accum_steps}",
+            hint="lower --accum-steps or --batch-size",
+        )
+    return cfg.max_steps or cfg.epochs * per_epoch
 
 
-def lr_at(step: int, total: int, cfg: LoopConfig) -> float:
-    """Linear warmup then cosine decay to ``min_lr * lr``."""
-    warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
-    if warmup and step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * cos)
+def _check_task(task: Task, cfg: LoopConfig) -> list[dict[str, Any]]:
+    """The parameter groups, once the task is known to train something and to report the
+    chosen best metric."""
+    groups = task.param_groups(cfg.weight_decay)
+    if not groups:
+        raise BadInput("nothing to train: every parameter is frozen")
+    names = task.metric_names()
+    if cfg.best_metric and names is not None and cfg.best_metric not in names:
+        raise BadInput(
+            f"--best-metric {cfg.best_metric} is not among the validation metrics",
+            hint=f"pick one of {', '.join(names)}",
+        )
+    return groups
 
 
-def _is_better(new: float, old: float | None, metric: str) -> bool:
-    lower = any(k in metric for k in ("loss", "rank"))
-    return old is None or (new < old if lower else new > old)
+class _Fit:
+    """One call of :func:`fit`: the optimizer, the position (step, epoch, micro-batch), the
+    best validation figure, and the steps of the loop as small methods."""
+
+    def __init__(self, task, sampler, cfg, run, groups, *, device, progress, train_args):
+        self.task, self.sampler, self.cfg, self.run = task, sampler, cfg, run
+        self.device, self.progress = device, progress
+        self.train_args = train_args or {}
+        self.dist: DistInfo = dist_info()
+        self.total = _plan(sampler, cfg)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        fp16 = cfg.precision == "fp16" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.step = self.epoch = self.micro = 0
+        self.best: float | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.last_loss = float("nan")
+        self.last_eval: dict[str, float] = {}
+        self.samples, self.wait = 0, 0.0
+        # micro-batches per epoch that end in an optimizer step
+        self.usable = (sampler.steps_per_epoch() // cfg.accum_steps) * cfg.accum_steps
+        self.module: nn.Module = task  # DDP-wrapped under torchrun, once the state is restored
+
+    # -- state --------------------------------------------------------------------
+    def restore(self) -> None:
+        state = load_state(self.run.file(STATE_FILE))
+        self.task.load_state_dict(state["task"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        self.best, self.best_metrics = state.get("best"), state.get("best_metrics", {})
+        self.run.truncate_metrics(self.step)
+        log.info(
+            "resuming at step %d (epoch %d, batch %d of %d)",
+            self.step,
+            self.epoch + 1,
+            self.micro,
+            self.sampler.steps_per_epoch(),
+        )
+        if self.step >= self.total:
+            log.info("the run already finished %d steps", self.total)
+
+    def save(self, kind: str, metrics: dict[str, float] | None = None) -> None:
+        """``best``: model.safetensors; ``state``: the resumable state and last.safetensors."""
+        if not self.dist.is_main:
+            return
+        meta = {
+            "train": self.train_args,
+            "state": {"step": self.step, "epoch": self.epoch},
+            "metrics": metrics or self.best_metrics,
+        }
+        if kind == "best":
+            self.task.save_model(self.run.file(BEST_FILE), **meta)
+            return
+        save_state(
+            self.run.file(STATE_FILE),
+            {
+                "task": self.task.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "micro": self.micro,
+                "best": self.best,
+                "best_metrics": self.best_metrics,
+                "config": asdict(self.cfg),
+            },
+        )
+        self.task.save_model(self.run.file(LAST_FILE), **meta)
+
+    # -- validation ---------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.dist.is_main:
+            self.task.eval()
+            with torch.no_grad(), autocast(self.device, self.cfg.precision):
+                metrics = self.task.evaluate()
+            self.task.train()
+            if metrics:
+                self._keep_best(metrics)
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        return metrics
+
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        self.run.log({"step": self.step, "epoch": self.epoch + 1, "eval": metrics})
+        key = self.cfg.best_metric or next(iter(metrics))
+        if key not in metrics:
+            raise BadInput(
+                f"--best-metric {key} is not among the validation metrics",
+                hint=f"pick one of {', '.join(metrics)}",
+            )
+        if is_better(metrics[key], self.best, key):
+            self.best, self.best_metrics = metrics[key], dict(metrics)
+            self.save("best", metrics)
+        log.info(
+            "epoch %d: %s",
+            self.epoch + 1,
+            "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+        )
+
+    # -- training -----------------------------------------------------------------
+    def _wrap(self) -> None:
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.module = DDP(
+                self.task,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+
+    def train(self) -> dict[str, Any]:
+        self._wrap()
+        self.task.train()
+        started = time.perf_counter()
+        with self.progress("train", total=self.total, unit="steps") as bar:
+            bar.update(self.step)
+            while self.step < self.total:
+                self._epoch(bar)
+                epoch_done = self.micro >= self.usable
+                if epoch_done or self.step >= self.total:
+                    if (self.epoch + 1) % self.cfg.eval_every == 0 or self.step >= self.total:
+                        self.last_eval = self.evaluate()
+                    if epoch_done:
+                        self.epoch, self.micro = self.epoch + 1, 0
+                    self.save("state")
+        seconds = time.perf_counter() - started
+        if self.dist.is_main and not self.run.file(BEST_FILE).exists():
+            self.save("best", self.last_eval)
+        return {
+            "steps": self.step,
+            "epochs": self.epoch,
+            "seconds": round(seconds, 2),
+            "samples_per_s": round(self.samples / seconds, 1) if seconds > 0 else None,
+            "data_wait_fraction": round(self.wait / seconds, 4) if seconds > 0 else None,
+            "final_loss": self.last_loss,
+            "final_metrics": self.last_eval,
+            "best_metrics": self.best_metrics,
+            "run_dir": str(self.run.path),
+        }
+
+    def _epoch(self, bar) -> None:
+        """The rest of the current epoch (from micro-batch ``self.micro``), or until the run's
+        last step."""
+        cfg = self.cfg
+        pin = self.device.type == "cuda"
+        feed = Prefetch(lambda: self.sampler.batches(self.epoch, self.micro, self.usable, pin=pin))
+        window = [time.perf_counter(), 0]  # (start, samples) of the throughput window
+        accum: dict[str, float] = {}
+        try:
+            for index, batch in feed:
+                self.micro = index + 1  # the next batch to run, if we stopped here
+                last_micro = self.micro % cfg.accum_steps == 0
+                self._backward(batch.to(self.device, non_blocking=True), last_micro, accum)
+                if not last_micro:
+                    continue
+                lr = self._optimizer_step(accum)
+                self._log_step(lr, accum, window, bar)
+                accum.clear()
+                if self.step >= self.total:
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save("state")
+        finally:
+            self.wait += feed.wait_seconds
+            feed.close()
+
+    def _backward(self, batch: Batch, last_micro: bool, accum: dict[str, float]) -> None:
+        """Forward and backward of one micro-batch; its logs added into ``accum``."""
+        n = self.cfg.accum_steps
+        sync = (
+            contextlib.nullcontext()
+            if last_micro or not self.dist.enabled
+            else self.module.no_sync()
+        )
+        with sync:
+            with autocast(self.device, self.cfg.precision):
+                loss, logs = self.module(batch)
+            self.scaler.scale(loss / n).backward()
+        for k, v in logs.items():
+            accum[k] = accum.get(k, 0.0) + v / n
+
+    def _optimizer_step(self, accum: dict[str, float]) -> float:
+        """Clip, step, schedule; stop cleanly on a non-finite loss. Returns the step's lr."""
+        cfg = self.cfg
+        self.last_loss = accum.get("loss", float("nan"))
+        if not math.isfinite(self.last_loss):
+            raise RunFailure(
+                f"the loss became {self.last_loss} at step {self.step + 1} (epoch {self.epoch + 1})",
+                hint=f"the last good checkpoint is in {self.run.path} (step {_saved_step(self.run)}); "
+                "lower --lr, or use --precision fp32",
+            )
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip)
+        lr = lr_at(self.step, self.total, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.task.after_step()
+        self.step += 1
+        return lr
+
+    def _log_step(self, lr: float, accum: dict[str, float], window: list, bar) -> None:
+        done = self.sampler.batch_size * self.dist.world_size * self.cfg.accum_steps
+        self.samples += done
+        window[1] += done
+        if self.step % self.cfg.log_every == 0 or self.step == self.total:
+            now = time.perf_counter()
+            rate = window[1] / max(now - window[0], 1e-9)
+            window[0], window[1] = now, 0
+            self.run.log(
+                {
+                    "step": self.step,
+                    "epoch": self.epoch + 1,
+                    "lr": lr,
+                    "samples_per_s": round(rate, 1),
+                    **{k: round(v, 6) for k, v in accum.items()},
+                }
+            )
+            bar.update(0, loss=self.last_loss, lr=lr, samples_s=round(rate))
+        bar.update(1)
 
 
 def fit(
-    task: nn.Module,
+    task: Task,
     sampler: BatchSampler,
     cfg: LoopConfig,
     run: RunDir,
@@ -153,215 +359,18 @@ def fit(
     progress: ProgressFactory = null_progress,
     train_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    dist = dist_info()
+    """Train ``task`` on ``sampler``'s batches as ``cfg`` says; checkpoints and metrics go
+    to ``run``. Returns the run's summary (steps, throughput, data wait, metrics)."""
     task.to(device)
-    micro_per_epoch = sampler.steps_per_epoch()
-    per_epoch = micro_per_epoch // cfg.accum_steps
-    if per_epoch < 1:
-        raise BadInput(
-            f"one epoch has {micro_per_epoch} batches, fewer than --accum-steps {cfg.accum_steps}",
-            hint="lower --accum-steps or --batch-size",
-        )
-    total = cfg.max_steps or cfg.epochs * per_epoch
-    groups = task.param_groups(cfg.weight_decay)
-    if not groups:
-        raise BadInput("nothing to train: every parameter is frozen")
-    names = task.metric_names() if hasattr(task, "metric_names") else None
-    if cfg.best_metric and names is not None and cfg.best_metric not in names:
-        raise BadInput(
-            f"--best-metric {cfg.best_metric} is not among the validation metrics",
-            hint=f"pick one of {', '.join(names)}",
-        )
+    _plan(sampler, cfg)
+    groups = _check_task(task, cfg)
     run.create()
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
-
-    step, epoch, micro = 0, 0, 0
-    best: float | None = None
-    best_metrics: dict[str, float] = {}
+    state = _Fit(
+        task, sampler, cfg, run, groups, device=device, progress=progress, train_args=train_args
+    )
     if resume:
-        state = load_state(run.file(STATE_FILE))
-        task.load_state_dict(state["task"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step, epoch, micro = state["step"], state["epoch"], state["micro"]
-        best, best_metrics = state.get("best"), state.get("best_metrics", {})
-        run.truncate_metrics(step)
-        log.info(
-            "resuming at step %d (epoch %d, batch %d of %d)",
-            step,
-            epoch + 1,
-            micro,
-            micro_per_epoch,
-        )
-        if step >= total:
-            log.info("the run already finished %d steps", total)
-
-    module: nn.Module = task
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(
-            task,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
-
-    def save(kind: str, metrics: dict[str, float] | None = None) -> None:
-        if not dist.is_main:
-            return
-        meta = {
-            "train": train_args or {},
-            "state": {"step": step, "epoch": epoch},
-            "metrics": metrics or best_metrics,
-        }
-        if kind == "best":
-            task.save_model(run.file(BEST_FILE), **meta)
-            return
-        save_state(
-            run.file(STATE_FILE),
-            {
-                "task": task.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "step": step,
-                "epoch": epoch,
-                "micro": micro,
-                "best": best,
-                "best_metrics": best_metrics,
-                "config": asdict(cfg),
-            },
-        )
-        task.save_model(run.file(LAST_FILE), **meta)
-
-    def evaluate() -> dict[str, float]:
-        nonlocal best, best_metrics
-        metrics: dict[str, float] = {}
-        if dist.is_main:
-            task.eval()
-            with torch.no_grad(), autocast(device, cfg.precision):
-                metrics = task.evaluate()
-            task.train()
-            if metrics:
-                run.log({"step": step, "epoch": epoch + 1, "eval": metrics})
-                key = cfg.best_metric or next(iter(metrics))
-                if key not in metrics:
-                    raise BadInput(
-                        f"--best-metric {key} is not among the validation metrics",
-                        hint=f"pick one of {', '.join(metrics)}",
-                    )
-                if _is_better(metrics[key], best, key):
-                    best, best_metrics = metrics[key], dict(metrics)
-                    save("best", metrics)
-                log.info(
-                    "epoch %d: %s", epoch + 1, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                )
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            tdist.barrier()
-        return metrics
-
-    task.train()
-    started = time.perf_counter()
-    samples = 0
-    wait = 0.0
-    last_loss = float("nan")
-    last_eval: dict[str, float] = {}
-    global_batch = sampler.batch_size * dist.world_size
-    usable = per_epoch * cfg.accum_steps  # micro-batches per epoch that end in a step
-    with progress("train", total=total, unit="steps") as bar:
-        bar.update(step)
-        while step < total:
-            feeder = Prefetcher(sampler, epoch, micro, stop=usable, pin=device.type == "cuda")
-            t_window, n_window = time.perf_counter(), 0
-            accum_logs: dict[str, float] = {}
-            try:
-                for index, batch in feeder:
-                    micro = index + 1  # the next batch to run, if we stopped here
-                    batch = batch.to(device, non_blocking=True)
-                    last_micro = micro % cfg.accum_steps == 0
-                    sync = (
-                        contextlib.nullcontext()
-                        if last_micro or not dist.enabled
-                        else module.no_sync()
-                    )
-                    with sync:
-                        with autocast(device, cfg.precision):
-                            loss, logs = module(batch)
-                        scaler.scale(loss / cfg.accum_steps).backward()
-                    for k, v in logs.items():
-                        accum_logs[k] = accum_logs.get(k, 0.0) + v / cfg.accum_steps
-                    if not last_micro:
-                        continue
-                    last_loss = accum_logs.get("loss", float("nan"))
-                    if not math.isfinite(last_loss):
-                        raise RunFailure(
-                            f"the loss became {last_loss} at step {step + 1} (epoch {epoch + 1})",
-                            hint=f"the last good checkpoint is in {run.path} (step {_saved_step(run)}); "
-                            "lower --lr, or use --precision fp32",
-                        )
-                    if cfg.grad_clip:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
-                    lr = lr_at(step, total, cfg)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    after_step = getattr(task, "after_step", None)
-                    if after_step is not None:
-                        after_step()
-                    step += 1
-                    samples += global_batch * cfg.accum_steps
-                    n_window += global_batch * cfg.accum_steps
-                    if step % cfg.log_every == 0 or step == total:
-                        now = time.perf_counter()
-                        rate = n_window / max(now - t_window, 1e-9)
-                        t_window, n_window = now, 0
-                        run.log(
-                            {
-                                "step": step,
-                                "epoch": epoch + 1,
-                                "lr": lr,
-                                "samples_per_s": round(rate, 1),
-                                **{k: round(v, 6) for k, v in accum_logs.items()},
-                            }
-                        )
-                        bar.update(0, loss=last_loss, lr=lr, samples_s=round(rate))
-                    bar.update(1)
-                    accum_logs = {}
-                    if step >= total:
-                        break
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        save("state")
-            finally:
-                wait += feeder.wait_seconds
-                feeder.close()
-            epoch_done = micro >= usable
-            if epoch_done or step >= total:
-                if (epoch + 1) % cfg.eval_every == 0 or step >= total:
-                    last_eval = evaluate()
-                if epoch_done:
-                    epoch, micro = epoch + 1, 0
-                save("state")
-    seconds = time.perf_counter() - started
-    if dist.is_main and not run.file(BEST_FILE).exists():
-        save("best", last_eval)
-    return {
-        "steps": step,
-        "epochs": epoch,
-        "seconds": round(seconds, 2),
-        "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
-        "data_wait_fraction": round(wait / seconds, 4) if seconds > 0 else None,
-        "final_loss": last_loss,
-        "final_metrics": last_eval,
-        "best_metrics": best_metrics,
-        "run_dir": str(run.path),
-    }
+        state.restore()
+    return state.train()
 
 
 def _saved_step(run: RunDir) -> str:

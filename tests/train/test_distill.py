@@ -27,11 +27,13 @@ from mmcli.train.distill import (
     setup_data,
     setup_student,
 )
+from mmcli.train.distill import recipe as distill_recipe
 from mmcli.train.fuse import FuseConfig, fuse_train
 from mmcli.train.fuse import setup_data as fuse_setup_data
 from mmcli.train.fuse import setup_model as fuse_setup_model
 from mmcli.train.loop import LoopConfig
 from mmcli.train.objectives import classify_loss, interactive_contrastive_loss, kd_loss
+from mmcli.train.sampler import BatchSampler
 
 # a teacher that learns the toy data quickly (grid pooling keeps where shapes are)
 TEACHER = {"image": "convnet:width=8,depth=2,dim=32,grid=4,stem_stride=2", "text": "bow:dim=32"}
@@ -317,10 +319,10 @@ def test_resume_mid_epoch_equals_uninterrupted(toy_tensors, teacher, tmp_path, m
         )
 
     run("full")
-    monkeypatch.setattr(D, "DistillTask", _Interrupt)
+    monkeypatch.setattr(distill_recipe, "DistillTask", _Interrupt)
     with pytest.raises(KeyboardInterrupt):
         run("cut")
-    monkeypatch.setattr(D, "DistillTask", DistillTask)
+    monkeypatch.setattr(distill_recipe, "DistillTask", DistillTask)
     saved = json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[-1])
     assert saved["step"] == 4
     run("cut", resume=True)
@@ -357,7 +359,7 @@ def test_kd_wiring_on_a_classifier_teacher(toy_tensors, tmp_path):
     student = setup_student(data, cfg, teacher)
     assert student.model.classifier is not None and student.model.fusion_kind == "concat"
     task = DistillTask(student, teacher, cfg, data)
-    batch = D.BatchSampler(data.dataset, data.train, 8, seed=0, modalities=data.modalities)
+    batch = BatchSampler(data.dataset, data.train, 8, seed=0, modalities=data.modalities)
     batch = batch.make_batch(0, 0)
     loss, logs = task(batch)
     with torch.no_grad():

@@ -12,9 +12,9 @@ from metric_logs import assert_same_losses
 
 from mmcli.errors import BadInput, RunFailure
 from mmcli.models import MultimodalModel
-from mmcli.train.data import BatchSampler
 from mmcli.train.fuse import FuseConfig, FuseTask, fuse_train, setup_data, setup_model
 from mmcli.train.loop import LoopConfig, fit
+from mmcli.train.sampler import BatchSampler
 from mmcli.train.state import RunDir
 
 SMALL = {"image": "convnet:width=8,depth=2,dim=32", "text": "transformer:width=32,depth=1,heads=2"}

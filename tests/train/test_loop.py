@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mmcli.models import MultimodalModel
-from mmcli.train.data import BatchSampler
 from mmcli.train.fuse import FuseConfig, FuseTask, fuse_train, setup_data, setup_model
 from mmcli.train.loop import LoopConfig, decay_groups, fit, lr_at
+from mmcli.train.sampler import BatchSampler
 from mmcli.train.state import RunDir
 
 TINY = {"image": "tiny", "text": "tiny"}

@@ -1,0 +1,45 @@
+"""fuse-train's recipe: the data, a fresh model and :class:`FuseTask`, then the shared loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmcli.train.fuse.config import FuseConfig
+from mmcli.train.fuse.model import setup_data, setup_model
+from mmcli.train.fuse.task import FuseTask
+from mmcli.train.recipe import Recipe, parameter_counts
+
+
+class FuseRecipe(Recipe):
+    command, config_key = "fuse-train", "fuse"
+    cfg: FuseConfig
+
+    def setup(self, dev, dist, run):
+        data = setup_data(self.sources, self.val_sources, self.cfg)
+        model = setup_model(data, self.cfg)
+        sampler = self.sampler(data, dist, batch_with=self.cfg.batch_with)
+        return FuseTask(model, self.cfg, data, seed=self.loop.seed), sampler
+
+    def describe(self, task: FuseTask, dev) -> str:
+        data = task.data
+        n_params, n_train = parameter_counts(task.model)
+        return (
+            f"fuse-train: {len(data.train)} train items, "
+            f"{len(data.val) if data.val is not None else 0} val items, "
+            f"pairs {','.join(f'{a}-{b}' for a, b in data.pairs)}, {n_params:,} params "
+            f"({n_train:,} trained), fusion {self.cfg.fusion}, device {dev}"
+        )
+
+    def finish(self, summary, task: FuseTask, dev, dist, run) -> dict[str, Any]:
+        summary["parameters"] = parameter_counts(task.model)[0]
+        return summary
+
+
+def fuse_train(
+    sources: list[str], run_dir: str, cfg: FuseConfig, loop, **options: Any
+) -> dict[str, Any]:
+    """Train a joint space on ``sources`` into ``run_dir``; returns the run's summary.
+
+    ``options``: ``val_sources``, ``batch_size`` (128), ``device`` ("auto"), ``resume``,
+    ``overwrite``, ``progress``, ``args`` (what run.json records; default: the configs)."""
+    return FuseRecipe(sources, run_dir, cfg, loop, **options).run()

@@ -1,0 +1,145 @@
+"""fuse-train's task: the loss of one batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmcli.models.multimodal import MultimodalModel
+from mmcli.train import objectives as obj
+from mmcli.train.fuse.config import FuseConfig
+from mmcli.train.parallel import gather, gather_with_grad
+from mmcli.train.sampler import Batch
+from mmcli.train.splits import Data
+from mmcli.train.task import JointTask
+
+
+class FuseTask(JointTask):
+    """The loss of a batch: contrastive / sigmoid over each pair, classification and
+    image-text matching through the fusion module."""
+
+    def __init__(self, model: MultimodalModel, cfg: FuseConfig, data: Data, *, seed: int = 0):
+        super().__init__(data, cfg.eval_batch_size)
+        self.model = model
+        self.cfg = cfg
+        self.pairs = data.pairs
+        self.modalities = data.modalities
+        self.seed = seed
+
+    # -- helpers ------------------------------------------------------------------
+    def _encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+        """Normalized embeddings of every row, and tokens of block 0 when fusion needs them."""
+        model = self.model
+        emb, toks = {}, {}
+        need_tokens = model.fusion is not None and model.config.fusion["kind"] == "attention"
+        for m in self.modalities:
+            fused = need_tokens and m in model.config.fusion.get("modalities", self.modalities)
+            pooled, tm = self.pooled_rows(model, batch, m, batch.data[m], tokens=fused)
+            if tm is not None:
+                toks[m] = tm
+            emb[m] = F.normalize(model.heads[m](pooled).float(), dim=-1)
+        if "text_neg" in batch.data:
+            text = model.encoders["text"]
+            if need_tokens and "text" in toks:
+                pooled, tok, mask = text.forward_tokens(batch.data["text_neg"])
+                toks["text_neg"] = (tok, mask & batch.present["text_neg"][:, None])
+            else:
+                pooled = text(batch.data["text_neg"])
+            emb["text_neg"] = F.normalize(model.heads["text"](pooled).float(), dim=-1)
+        return emb, toks
+
+    def _rows(self, batch: Batch, emb: dict[str, torch.Tensor], m: str):
+        """(embeddings, item ids) of the rows of ``m`` that exist, gathered over ranks.
+
+        For text, hard-negative captions are appended as rows of no item (id -1): they
+        are negatives of every image and never a positive.
+        """
+        e, items = self.gathered_rows(batch, emb[m], m)
+        if m == "text" and "text_neg" in emb:
+            neg = gather_with_grad(emb["text_neg"])[gather(batch.present["text_neg"])]
+            e = torch.cat([e, neg])
+            items = torch.cat([items, items.new_full((len(neg),), -1)])
+        return e, items
+
+    # -- the loss -----------------------------------------------------------------
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        model, w = self.model, self.cfg.objectives
+        emb, toks = self._encode(batch)
+        losses: dict[str, torch.Tensor] = {}
+        if "contrastive" in w or "sigmoid" in w:
+            scale = model.logit_scale.exp()
+            parts = []
+            for a, b in self.pairs:
+                ea, ia = self._rows(batch, emb, a)
+                eb, ib = self._rows(batch, emb, b)
+                if "contrastive" in w:
+                    parts.append(obj.contrastive_loss(ea, eb, ia, ib, scale))
+                else:
+                    parts.append(obj.sigmoid_loss(ea, eb, ia, ib, scale, model.logit_bias))
+            name = "contrastive" if "contrastive" in w else "sigmoid"
+            losses[name] = torch.stack(parts).mean()
+        b = len(batch)
+        first = {m: e[:b] for m, e in emb.items()}
+        if "classify" in w:
+            fused, _ = model.fuse_parts(toks, first, batch.present)
+            losses["classify"] = obj.classify_loss(model.classifier(fused), batch.labels)
+        if "match" in w:
+            losses["match"] = self._match_loss(batch, first, toks)
+        total = sum(w[k] * v for k, v in losses.items())
+        logs = {"loss": float(total.detach())}
+        logs.update({k: float(v.detach()) for k, v in losses.items()})
+        if model.logit_scale is not None:
+            logs["logit_scale"] = float(model.logit_scale.detach().exp())
+        return total, logs
+
+    def _match_loss(self, batch: Batch, emb: dict[str, torch.Tensor], toks: dict) -> torch.Tensor:
+        """Image-text matching with in-batch hard negatives (for every pair (a, b) trained)."""
+        model = self.model
+        g = torch.Generator(device="cpu")
+        g.manual_seed(batch.key)  # the same negatives after a resume or on another rank count
+        parts = []
+        for a, b in self.pairs:
+            both = batch.present[a] & batch.present[b]
+            idx = torch.nonzero(both).squeeze(1)
+            if len(idx) < 2:
+                continue
+            ea, eb = emb[a][idx], emb[b][idx]
+            items = batch.items[idx]
+            same = items[:, None] == items[None, :]
+            # sample negatives by the contrastive logits (ALBEF): the most confusable pairs
+            scale = model.logit_scale.detach().exp() if model.logit_scale is not None else 1.0
+            sim = (ea @ eb.T).detach() * scale
+            neg_b = obj.hard_negatives(sim.cpu(), same.cpu(), g).to(
+                idx.device
+            )  # for each a, a wrong b
+            neg_a = obj.hard_negatives(sim.T.cpu(), same.T.cpu(), g).to(
+                idx.device
+            )  # for each b, a wrong a
+            pos = model.match_score(self._pick(toks, emb, {a: idx, b: idx}))
+            negs = [
+                model.match_score(self._pick(toks, emb, {a: idx, b: idx[neg_b]})),
+                model.match_score(self._pick(toks, emb, {a: idx[neg_a], b: idx})),
+            ]
+            if (
+                b == "text" and "text_neg" in emb
+            ):  # the hard-negative captions: (item, its wrong caption)
+                keep = idx[batch.present["text_neg"][idx]]
+                if len(keep):
+                    negs.append(
+                        model.match_score(self._pick(toks, emb, {a: keep, "text_neg": keep}))
+                    )
+            parts.append(obj.match_loss(pos, torch.cat(negs)))
+        if not parts:
+            return emb[self.modalities[0]].sum() * 0.0
+        return torch.stack(parts).mean()
+
+    def _pick(self, toks: dict, emb: dict, rows: dict[str, torch.Tensor]):
+        """Fusion inputs for the given rows of each modality (others absent); the rows of
+        ``text_neg`` stand in as the text."""
+        t = {
+            m.removesuffix("_neg"): (toks[m][0][r], toks[m][1][r])
+            for m, r in rows.items()
+            if m in toks
+        }
+        e = {m.removesuffix("_neg"): emb[m][r] for m, r in rows.items()}
+        return t, e
