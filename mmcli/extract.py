@@ -200,6 +200,7 @@ def extract(
 def _setup_model(model, encoders, weights, tensors: TensorSet):
     """(MultimodalModel, modalities to extract) from the arguments."""
     from mmcli.models import MultimodalModel, build_model
+    from mmcli.models.weights import weights_per_modality
 
     if model is not None and encoders:
         raise BadInput("pass either --model or --encoder, not both")
@@ -233,14 +234,7 @@ def _setup_model(model, encoders, weights, tensors: TensorSet):
                 f"no image, text or audio table in the input (it has: {', '.join(tensors.tables) or 'none'})",
                 where=where_paths(tensors.paths),
             )
-    weights = dict(weights or {})
-    if "" in weights:  # weights without a modality: for the only encoder
-        if len(encoders) != 1:
-            raise BadInput(
-                f"--weights {weights['']}: say which encoder it is for",
-                hint=f"--weights MODALITY=PATH with MODALITY one of {', '.join(encoders)}",
-            )
-        weights[next(iter(encoders))] = weights.pop("")
+    weights = weights_per_modality(weights, list(encoders))
     model = build_model(encoders, weights=weights, inputs=tensors.specs)
     return model, list(model.modalities)
 

@@ -20,6 +20,16 @@ PAIR_ORDER: tuple[tuple[str, str], ...] = (("image", "text"), ("audio", "text"),
 #: ``extract`` without ``--encoder``: pretrained-capable backbones
 EXTRACT_ENCODERS: dict[str, str] = {"image": "resnet18", "text": "transformer", "audio": "melcnn"}
 
+#: the built-in encoders of each modality, in registration order: the CLI's help lists
+#: them without importing the registry (that needs torch). The registry
+#: (:mod:`mmcli.models.registry`) is the truth; tests/test_extract_cli.py checks that
+#: this copy equals it.
+BUILTIN_ENCODERS: dict[str, tuple[str, ...]] = {
+    "image": ("tiny", "convnet", "resnet18", "resnet50", "vit_b_16"),
+    "text": ("tiny", "bow", "transformer"),
+    "audio": ("tiny", "melcnn"),
+}
+
 #: ``fuse-train`` / ``distill`` end to end without ``--encoder``: small encoders that learn
 #: from scratch on a CPU
 TRAIN_ENCODERS: dict[str, str] = {"image": "convnet", "text": "transformer", "audio": "melcnn"}

@@ -87,7 +87,7 @@ def test_stdin_to_stdout(run_mmcli, shards):
 
 def test_help_has_a_runnable_example_and_every_encoder(cli):
     from mmcli import models
-    from mmcli.cli.extract import ENCODER_NAMES
+    from mmcli.modalities import BUILTIN_ENCODERS as ENCODER_NAMES
 
     result = cli("extract", "--help")
     assert result.exit_code == 0
@@ -95,6 +95,7 @@ def test_help_has_a_runnable_example_and_every_encoder(cli):
     builtin = ("mmcli.models.image", "mmcli.models.text", "mmcli.models.audio")
     registered = [n for n in models.list() if models.resolve(n)[2].__module__ in builtin]
     assert registered == [f"{m}/{n}" for m, names in ENCODER_NAMES.items() for n in names]
+    assert all(n in result.stdout for names in ENCODER_NAMES.values() for n in names)
 
 
 def test_the_cli_module_does_not_import_torch():
@@ -140,6 +141,14 @@ def _checkpoint_of_another_architecture(path):
         (
             ["-e", "image=convnet", "--weights", "imagenet"],
             ["image/convnet has no imagenet weights"],
+        ),
+        (
+            ["-e", "image=tiny", "-e", "text=tiny", "--weights", "{tmp}/tiny.safetensors"],
+            ["--weights", "say which encoder it is for", "one of image, text"],
+        ),
+        (
+            ["-e", "image=tiny", "--weights", "a.pth", "--weights", "b.pth"],
+            ["--weights b.pth: say which encoder each file is for"],
         ),
         (["--model", "{tmp}/other_arch.safetensors"], ["weights do not match its model config"]),
         (

@@ -17,18 +17,14 @@ from mmcli.cli.common import (
     parse_key_values,
 )
 from mmcli.errors import BadInput
+from mmcli.modalities import BUILTIN_ENCODERS, EXTRACT_ENCODERS, MODALITIES
 
-MODALITIES = ("image", "text", "audio")
-# kept in sync with the registry by tests/test_extract_cli.py (importing it here needs torch)
-ENCODER_NAMES = {
-    "image": ("tiny", "convnet", "resnet18", "resnet50", "vit_b_16"),
-    "text": ("tiny", "bow", "transformer"),
-    "audio": ("tiny", "melcnn"),
-}
 ENCODER_HELP = (
     "Names: "
-    + "; ".join(f"{m}: {', '.join(names)}" for m, names in ENCODER_NAMES.items())
-    + ". Default: image=resnet18, text=transformer, audio=melcnn for each table present."
+    + "; ".join(f"{m}: {', '.join(names)}" for m, names in BUILTIN_ENCODERS.items())
+    + ". Default: "
+    + ", ".join(f"{m}={name}" for m, name in EXTRACT_ENCODERS.items())
+    + " for each table present."
 )
 
 
@@ -115,7 +111,7 @@ def extract(
             out,
             model,
             encoders=encoders or None,
-            weights=_parse_weights(weights, encoders),
+            weights=_parse_weights(weights),
             device=device,
             precision=precision,
             batch_size=batch_size,
@@ -130,8 +126,9 @@ def extract(
             ctx.info(_summary_line(summary))
 
 
-def _parse_weights(values: list[str] | None, encoders: dict[str, str]) -> dict[str, str]:
-    """``--weights PATH`` (the only encoder) or ``--weights image=PATH``."""
+def _parse_weights(values: list[str] | None) -> dict[str, str]:
+    """``--weights image=PATH``, or ``--weights PATH`` (key ``""``: the library gives it to
+    the only encoder, see :func:`mmcli.models.weights.weights_per_modality`)."""
     out: dict[str, str] = {}
     for value in values or []:
         key, sep, rest = value.partition("=")
@@ -143,7 +140,7 @@ def _parse_weights(values: list[str] | None, encoders: dict[str, str]) -> dict[s
                 f"--weights {value}: say which encoder each file is for",
                 hint="--weights image=PATH",
             )
-        out[next(iter(encoders)) if len(encoders) == 1 else ""] = value  # "": the only encoder
+        out[""] = value
     return out
 
 

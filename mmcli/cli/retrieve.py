@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import typer
@@ -166,6 +165,11 @@ def retrieve(
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput
         from mmcli.evaluate.run import resolve_device
+        from mmcli.search.queries import (
+            feature_query_batches,
+            line_query_batches,
+            value_queries,
+        )
         from mmcli.search.retrieve import RetrieveConfig, Retriever
 
         given = [bool(text), bool(image), bool(audio), bool(item_id), bool(queries)]
@@ -192,16 +196,16 @@ def retrieve(
         )
         retriever = Retriever(cfg, progress=ctx.progress)
         if queries:
-            batches = _feature_batches(queries, query_table, retriever)
+            batches = feature_query_batches(queries, retriever, table=query_table)
         elif any(given):
-            batches = iter([_arg_queries(text, image, audio, item_id)])
+            batches = iter([value_queries(text=text, image=image, audio=audio, ids=item_id)])
         else:
             if _stdin_is_tty():
                 raise BadInput(
                     "no queries",
                     hint='give --text/--image/--audio/--id/--queries, or JSON lines on stdin ({"text": "..."})',
                 )
-            batches = _stdin_batches(max_batch=256)
+            batches = line_query_batches(sys.stdin, max_batch=256)
         # queries given as arguments are usage: a bad one stops with exit 2
         policy = on_error if not any(given[:4]) else "fail"
         out = sys.stdout
@@ -212,120 +216,10 @@ def retrieve(
                 _render(line)
 
 
-def _arg_queries(text, image, audio, item_id) -> list:
-    from mmcli.search.queries import Query
-
-    out = []
-    for kind, values in (("text", text), ("image", image), ("audio", audio), ("id", item_id)):
-        for v in values or []:
-            out.append(Query(kind, v, {kind: v}))
-    return out
-
-
-def _feature_batches(
-    paths: list[str], table: str | None, retriever, size: int = 1024
-) -> Iterator[list]:
-    from mmcli.errors import BadInput
-    from mmcli.formats.features import FeatureSet
-    from mmcli.formats.tensorfile import where_paths
-    from mmcli.search.queries import Query
-
-    fs = FeatureSet.open(paths)
-    if table is None:
-        table = fs.tables[0] if len(fs.tables) == 1 else retriever.target
-    x, items = fs.table(table)
-    if x.shape[1] != retriever.index_dim:  # one line, exit 2: not an error per query row
-        raise BadInput(
-            f"the {table} queries have {x.shape[1]} dimensions, the {retriever.target} index "
-            f"{retriever.index_dim}",
-            where=where_paths(fs.paths),
-            hint="extract queries and index with the same model (or the same backbone)",
-        )
-    items = items.tolist()
-    seen: dict[int, int] = {}
-    batch = []
-    for r in range(x.shape[0]):
-        item = items[r]
-        j = seen.get(item, 0)
-        seen[item] = j + 1
-        batch.append(Query("vector", x[r], {"id": fs.ids[item], "table": table, "row": j}))
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _stdin_is_tty() -> bool:
     try:
         return sys.stdin.isatty()
     except (AttributeError, ValueError):
-        return False
-
-
-def _stdin_batches(max_batch: int) -> Iterator[list]:
-    """Batches of parsed query lines: whatever has arrived, never waiting for more while a
-    complete line is ready (a long-running retrieve answers each line as it comes)."""
-    from mmcli.errors import BadInput
-    from mmcli.search.queries import parse_query_line
-
-    def parse(lineno: int, raw: bytes):
-        where = f"line {lineno} of <stdin>"
-        try:
-            return parse_query_line(raw.decode("utf-8"), where)
-        except UnicodeDecodeError:
-            e = BadInput("not valid UTF-8", where=where)
-            e.raw = {"line": lineno}
-            return e
-        except BadInput as e:
-            e.raw = {"line": lineno, "text": raw.decode("utf-8", "replace").strip()}
-            return e
-
-    lineno = 0
-    for lines in _read_lines(max_batch):
-        batch = []
-        for raw in lines:
-            lineno += 1
-            if raw.strip():
-                batch.append(parse(lineno, raw))
-        if batch:
-            yield batch
-
-
-def _read_lines(max_batch: int) -> Iterator[list[bytes]]:
-    import os
-    import select
-
-    try:
-        fd = sys.stdin.fileno()
-    except (AttributeError, OSError, ValueError):  # not a real file (tests): line by line
-        stream = getattr(sys.stdin, "buffer", sys.stdin)
-        for line in stream:
-            yield [line if isinstance(line, bytes) else line.encode("utf-8")]
-        return
-    buf = b""
-    eof = False
-    while not eof or buf:
-        while (
-            not eof and (b"\n" not in buf or _readable(select, fd)) and buf.count(b"\n") < max_batch
-        ):
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                eof = True
-            buf += chunk
-        parts = buf.split(b"\n")
-        if eof:
-            lines, buf = parts, b""
-        else:
-            lines, buf = parts[:-1], parts[-1]
-        for i in range(0, len(lines), max_batch):
-            yield lines[i : i + max_batch]
-
-
-def _readable(select, fd: int) -> bool:
-    try:
-        return bool(select.select([fd], [], [], 0)[0])
-    except (OSError, ValueError):
         return False
 
 

@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mmcli.errors import BadInput
+
 PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
 BYTE_VOCAB_SIZE = 256 + OFFSET
 
@@ -84,8 +86,6 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> ByteTokenizer:
     """Rebuild the tokenizer a text table was made with (from its table spec)."""
     name = spec.get("tokenizer", "bytes")
     if name not in TOKENIZERS:
-        from mmcli.errors import BadInput
-
         raise BadInput(f"unknown tokenizer {name!r}", hint=f"known: {', '.join(TOKENIZERS)}")
     return TOKENIZERS[name](
         context_length=int(spec.get("context_length", 77)),

@@ -14,14 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmcli.errors import BadInput
+from mmcli.models.fusion import mean_fusion
 
 
 def true_class_ranks(logits, labels) -> np.ndarray:
     """1-based rank of each sample's true class among the classes (tie rule above)."""
-    import torch
-
     logits = torch.as_tensor(logits).float()
     labels = torch.as_tensor(labels, dtype=torch.int64, device=logits.device)
     true = logits.gather(1, labels[:, None])  # (N, 1)
@@ -53,8 +53,6 @@ def classification_metrics(
 def labelled_rows(features, table: str) -> tuple[Any, np.ndarray]:
     """(features float32 [n, D], labels int64 [n]) of the rows of ``table`` whose item has
     a label. BadInput when no item has one."""
-    import torch
-
     labels = features.labels()
     if not features.label_names or not (labels >= 0).any():
         raise BadInput(
@@ -78,8 +76,6 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
     a modality is masked out of the fusion (``present``). Items are matched to classes by
     label name; items whose label the classifier does not know are left out.
     """
-    import torch
-
     head = getattr(model, "classifier", None)
     labels_of_model = list((getattr(model.config, "classifier", None) or {}).get("labels") or [])
     if head is None or not labels_of_model:
@@ -156,10 +152,6 @@ def _own_embeddings(features, model) -> list[str] | None:
 def _classify_embeddings(features, model, head, tables, target, labels_of_model, device):
     """Accuracy of the label head on embeddings extracted by the same model: the fused
     table, or (no fusion module) the mean of each item's first joint-space rows."""
-    import torch
-
-    from mmcli.models.fusion import mean_fusion
-
     embeddings, present, first_row = {}, {}, {}
     for m in tables:
         row, x = _first_rows(features, m)

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmcli.errors import BadInput
+from mmcli.evaluate.classification import classification_metrics
 from mmcli.search.numerics import SMALL_WORK, few_threads
 
 WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -57,8 +59,6 @@ def fit_logistic_regression(
     Full-batch L-BFGS (two-loop recursion, backtracking Armijo line search) on the
     analytic gradient: a convex problem, deterministic, no autograd, any device.
     """
-    import torch
-
     x = torch.as_tensor(x, dtype=torch.float32, device=device)
     y = torch.as_tensor(y, dtype=torch.int64, device=device)
     n, d = x.shape
@@ -146,10 +146,6 @@ def linear_probe(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Choose the weight decay on ``val`` (or a held-out part of ``train``), refit on
     train + val, report on ``test``. Returns ``(metrics, info)``."""
-    import torch
-
-    from mmcli.evaluate.classification import classification_metrics
-
     if len(train) == 0 or len(test) == 0:
         raise BadInput(
             "the linear probe needs labelled train and test rows",
@@ -199,15 +195,11 @@ def _hold_out(train: Split, seed: int) -> tuple[Split, Split]:
 
 
 def _subset(s: Split, mask: np.ndarray) -> Split:
-    import torch
-
     return Split(s.x[torch.from_numpy(mask)], s.y[mask], s.items[mask])
 
 
 def _rows(features, table: str, names: list[str]) -> Split:
     """All rows of ``table`` whose item has a label, labels mapped onto ``names``."""
-    import torch
-
     labels = features.labels()
     mapping = np.array([names.index(n) for n in features.label_names] or [0], dtype=np.int64)
     x, items = features.table(table)

@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmcli import __version__, runtime
 from mmcli.errors import BadInput
-from mmcli.evaluate.retrieval import DEFAULT_KS
+from mmcli.evaluate.classification import evaluate_classifier
+from mmcli.evaluate.linear_probe import evaluate_linear_probe, probe_table
+from mmcli.evaluate.retrieval import DEFAULT_KS, evaluate_retrieval
+from mmcli.evaluate.zeroshot import evaluate_zeroshot, load_templates
+from mmcli.formats.features import FeatureSet
+from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
+from mmcli.search.queries import QueryEncoder, load_model
 
 TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify")
-MODALITIES = ("image", "text", "audio")
 
 
 @dataclass
@@ -49,9 +55,7 @@ class EvalConfig:
 
 def resolve_device(device: str) -> str:
     """``auto|cpu|cuda|cuda:N``, checked as every command checks it, as a string."""
-    from mmcli.runtime import resolve_device as resolve
-
-    return str(resolve(device))
+    return str(runtime.resolve_device(device))
 
 
 def _pick_task(cfg: EvalConfig, features) -> str:
@@ -101,8 +105,6 @@ def retrieval_pairs(
 
 
 def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict[str, Any]:
-    from mmcli.formats.features import FeatureSet
-
     started = time.perf_counter()
     if cfg.task not in TASKS:
         raise BadInput(f"unknown task {cfg.task!r}", hint=f"use one of {', '.join(TASKS)}")
@@ -115,72 +117,17 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
     if features is None and split_sets["train"] is None:
         raise BadInput("no feature files given", hint="mmcli eval FEATURES... (or --train/--test)")
     task = _pick_task(cfg, features if features is not None else split_sets["train"])
-    if features is None and task != "linear-probe":
-        raise BadInput(
-            f"--task {task} needs FEATURES", hint="--train/--val/--test are for the linear probe"
-        )
-    if cfg.split:
-        if task == "linear-probe":
-            raise BadInput(
-                "--split does not apply to the linear probe",
-                hint="it trains on train, picks the weight decay on val and reports test",
-            )
-        features.select_split(cfg.split)
-    model = None
-    if task in ("zeroshot", "classify"):
-        if not cfg.model:
-            raise BadInput(
-                f"--task {task} needs --model CKPT",
-                hint="the checkpoint that encodes the class prompts"
-                if task == "zeroshot"
-                else "a classifier checkpoint",
-            )
-        from mmcli.search.queries import load_model
-
-        model = load_model(cfg.model, device)
-    metrics: dict[str, float] = {}
-    info: dict[str, Any] = {}
+    _check_task_inputs(cfg, task, features)
+    model = _task_model(cfg, task, device)
     query = target = None
     if task == "retrieval":
-        from mmcli.evaluate.retrieval import evaluate_retrieval
-
-        pairs = retrieval_pairs(features.tables, cfg.query, cfg.target)
-        for q, t in pairs:
-            m, i = evaluate_retrieval(features, q, t, ks=cfg.ks, device=device, progress=progress)
-            prefix = f"{q}_{t}/" if len(pairs) > 1 else ""
-            metrics.update({prefix + k: v for k, v in m.items()})
-            info.update({prefix + k: v for k, v in i.items()})
-        query, target = pairs[0] if len(pairs) == 1 else (None, None)  # several: in the keys
-        if len(pairs) > 1:
-            info["pairs"] = [f"{q}_{t}" for q, t in pairs]
+        metrics, info, query, target = _retrieval(cfg, features, device, progress)
     elif task == "zeroshot":
-        from mmcli.evaluate.linear_probe import probe_table
-        from mmcli.evaluate.zeroshot import evaluate_zeroshot, load_templates
-        from mmcli.search.queries import QueryEncoder
-
-        table = cfg.table or probe_table(features, None)
-        templates = load_templates(cfg.templates) if cfg.templates else None
-        metrics, info = evaluate_zeroshot(
-            features,
-            table,
-            QueryEncoder(model, device),
-            templates=templates,
-            batch_size=cfg.batch_size,
-        )
-        target = table
+        metrics, info, target = _zeroshot(cfg, features, model, device)
     elif task == "linear-probe":
-        from mmcli.evaluate.linear_probe import evaluate_linear_probe
-
-        if split_sets["train"] is not None or split_sets["test"] is not None:
-            metrics, info = evaluate_linear_probe(
-                table=cfg.table, device=device, seed=cfg.seed, **split_sets
-            )
-        else:
-            metrics, info = evaluate_linear_probe(features, cfg.table, device=device, seed=cfg.seed)
+        metrics, info = _linear_probe(cfg, features, split_sets, device)
         target = info.get("table")
     else:  # classify
-        from mmcli.evaluate.classification import evaluate_classifier
-
         metrics, info = evaluate_classifier(
             features, model, device=device, batch_size=cfg.batch_size
         )
@@ -196,15 +143,74 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
         "features": all_paths,
         "metrics": metrics,
         "info": info,
-        "mmcli": _version(),
+        "mmcli": __version__,
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
 
 
-def _version() -> str:
-    from mmcli import __version__
+def _check_task_inputs(cfg: EvalConfig, task: str, features) -> None:
+    """The inputs ``task`` needs are there; ``--split`` applied."""
+    if features is None and task != "linear-probe":
+        raise BadInput(
+            f"--task {task} needs FEATURES", hint="--train/--val/--test are for the linear probe"
+        )
+    if cfg.split:
+        if task == "linear-probe":
+            raise BadInput(
+                "--split does not apply to the linear probe",
+                hint="it trains on train, picks the weight decay on val and reports test",
+            )
+        features.select_split(cfg.split)
 
-    return __version__
+
+def _task_model(cfg: EvalConfig, task: str, device: str):
+    """The checkpoint zero-shot and classify need (None for the other tasks)."""
+    if task not in ("zeroshot", "classify"):
+        return None
+    if not cfg.model:
+        raise BadInput(
+            f"--task {task} needs --model CKPT",
+            hint="the checkpoint that encodes the class prompts"
+            if task == "zeroshot"
+            else "a classifier checkpoint",
+        )
+    return load_model(cfg.model, device)
+
+
+def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory):
+    """(metrics, info, query, target): every pair asked for, prefixed when several."""
+    metrics: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    pairs = retrieval_pairs(features.tables, cfg.query, cfg.target)
+    for q, t in pairs:
+        m, i = evaluate_retrieval(features, q, t, ks=cfg.ks, device=device, progress=progress)
+        prefix = f"{q}_{t}/" if len(pairs) > 1 else ""
+        metrics.update({prefix + k: v for k, v in m.items()})
+        info.update({prefix + k: v for k, v in i.items()})
+    query, target = pairs[0] if len(pairs) == 1 else (None, None)  # several: in the keys
+    if len(pairs) > 1:
+        info["pairs"] = [f"{q}_{t}" for q, t in pairs]
+    return metrics, info, query, target
+
+
+def _zeroshot(cfg: EvalConfig, features, model, device: str):
+    """(metrics, info, the table classified)."""
+    table = cfg.table or probe_table(features, None)
+    templates = load_templates(cfg.templates) if cfg.templates else None
+    metrics, info = evaluate_zeroshot(
+        features,
+        table,
+        QueryEncoder(model, device),
+        templates=templates,
+        batch_size=cfg.batch_size,
+    )
+    return metrics, info, table
+
+
+def _linear_probe(cfg: EvalConfig, features, split_sets: dict, device: str):
+    if split_sets["train"] is not None or split_sets["test"] is not None:
+        return evaluate_linear_probe(table=cfg.table, device=device, seed=cfg.seed, **split_sets)
+    return evaluate_linear_probe(features, cfg.table, device=device, seed=cfg.seed)
 
 
 def dataset_name(features) -> str:

@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmcli.errors import BadInput
+from mmcli.evaluate.classification import classification_metrics, labelled_rows
 
 DEFAULT_TEMPLATES: dict[str, list[str]] = {
     "image": [
@@ -84,8 +87,6 @@ def class_embeddings(
     ``encoder`` is a :class:`~mmcli.search.queries.QueryEncoder` (or anything with
     ``encode("text", list_of_strings)``).
     """
-    import torch
-
     prompts = [t.format(class_prompt_name(c)) for c in class_names for t in templates]
     z = encoder.encode("text", prompts, batch_size=batch_size)  # (C * T, D)
     z = z.view(len(class_names), len(templates), -1).mean(1)
@@ -101,8 +102,6 @@ def evaluate_zeroshot(
     batch_size: int = 256,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Zero-shot metrics of ``features``' ``table`` with the classes of its labels."""
-    from mmcli.evaluate.classification import classification_metrics, labelled_rows
-
     x, y = labelled_rows(features, table)
     names = features.label_names
     templates = list(templates or DEFAULT_TEMPLATES.get(table, DEFAULT_TEMPLATES["text"]))

@@ -15,7 +15,13 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
-from mmcli.formats.tensorfile import FORMAT_VERSION, META_FORMAT, META_KIND, read_header
+from mmcli.formats.tensorfile import (
+    FORMAT_VERSION,
+    META_FORMAT,
+    META_KIND,
+    _parse_header,
+    read_header,
+)
 
 MODEL_KIND = "model"
 
@@ -103,8 +109,6 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> Checkpoint:
             )
         with open(path, "rb") as f:
             data = f.read()
-    from mmcli.formats.tensorfile import _parse_header
-
     _, metadata, _ = _parse_header(data, where)
     ckpt = _from_metadata(metadata, where)
     try:

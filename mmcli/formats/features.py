@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.errors import BadInput
+from mmcli.formats.manifest import PATH_FIELDS, file_sha256, load_manifest_index, locate_manifest
 from mmcli.formats.tensorfile import (
     ShardFile,
     TensorSet,
@@ -286,30 +287,23 @@ class FeatureSet:
 
 class _Manifest:
     def __init__(self, path: Path):
-        from mmcli.formats.manifest import load_manifest_index
-
         self.path = path
         self.items = load_manifest_index(path)
 
     @classmethod
     def find(cls, fs: FeatureSet) -> _Manifest | None:
         source = fs.source
-        from mmcli.formats.manifest import locate_manifest
-
         name = source.get("manifest")
         path = locate_manifest(source, fs.paths)
         if path is not None:
             sha = source.get("sha256") or (
                 source.get("input_sha256") if source.get("input") == name else None
             )
-            if sha:
-                from mmcli.formats.manifest import file_sha256
-
-                if file_sha256(path) != sha:
-                    log.warning(
-                        "%s changed since the features were extracted; item fields may not match",
-                        path,
-                    )
+            if sha and file_sha256(path) != sha:
+                log.warning(
+                    "%s changed since the features were extracted; item fields may not match",
+                    path,
+                )
             return cls(path)
         if not name:
             return None
@@ -317,8 +311,6 @@ class _Manifest:
         return None
 
     def fields(self, item_id: str) -> dict[str, Any] | None:
-        from mmcli.formats.manifest import PATH_FIELDS
-
         item = self.items.get(item_id)
         if item is None:
             return None

@@ -21,11 +21,12 @@ from typing import Any, BinaryIO
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, is_stdio
+from mmcli.modalities import MODALITIES
 
 MANIFEST_NAME = "manifest.jsonl"  # the normalized manifest preprocess writes beside its shards
 
 PATH_FIELDS = ("image", "audio")
-MODALITY_FIELDS = ("image", "text", "audio")
+MODALITY_FIELDS = MODALITIES  # the manifest fields that hold an item's modalities
 
 
 @dataclass

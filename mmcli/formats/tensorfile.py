@@ -40,6 +40,7 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
+from mmcli.modalities import MODALITIES
 
 FORMAT_VERSION = "1"
 ID_BYTES = "item.id.bytes"
@@ -76,7 +77,7 @@ DTYPES = {
 _NAME_TO_CODE = {v[1]: k for k, v in DTYPES.items()}
 
 
-TABLE_ORDER = ("image", "text", "audio", "fused")
+TABLE_ORDER = (*MODALITIES, "fused")
 
 
 def table_order(name: str) -> tuple[int, str]:

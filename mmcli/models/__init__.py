@@ -11,21 +11,18 @@ Importing this package registers every built-in encoder (torchvision itself is o
 imported when a torchvision architecture is built).
 """
 
+from mmcli.modalities import MODALITIES
 from mmcli.models import audio, fusion, image, passthrough, text  # noqa: F401  (register encoders, fusion)
 from mmcli.models.base import Encoder
-from mmcli.models.multimodal import (
-    ModelConfig,
-    MultimodalModel,
-    build_model,
-    register_fusion,
-)
+from mmcli.models.multimodal import ModelConfig, MultimodalModel, build_model
 from mmcli.models.registry import (
-    MODALITIES,
     create,
+    fusion_kinds,
     list_encoders,
     make_config,
     parse_encoder_spec,
     register,
+    register_fusion,
     resolve,
 )
 from mmcli.models.weights import load_weights
@@ -39,6 +36,7 @@ __all__ = [
     "MultimodalModel",
     "build_model",
     "create",
+    "fusion_kinds",
     "list",
     "list_encoders",
     "load_weights",

@@ -13,6 +13,7 @@
 ``none``
     No parameters: the mean of the available normalized joint-space embeddings.
 
+The kinds are registered in :mod:`mmcli.models.registry` (``fusion_kinds()`` lists them).
 Config (JSON, stored in the model checkpoint):
 ``{"kind": "attention", "width": 128, "depth": 2, "heads": 4, "max_tokens": {"image": 64, ...}}``.
 """
@@ -26,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcli.errors import BadInput
-
-FUSIONS = ("none", "concat", "attention")
+from mmcli.models.registry import register_fusion
 
 
 class AttentionFusion(nn.Module):
@@ -146,43 +146,25 @@ def mean_fusion(
     return F.normalize(total / count.clamp_min(1.0), dim=-1)
 
 
-def build_fusion(
-    spec: dict[str, Any] | None, *, token_dims: dict[str, int], embed_dim: int
-) -> nn.Module | None:
-    kind = (spec or {}).get("kind", "none")
-    if kind == "none":
-        return None
-    if kind == "concat":
-        return ConcatFusion(list(token_dims), embed_dim, hidden=spec.get("hidden"))
-    if kind == "attention":
-        return AttentionFusion(
-            token_dims,
-            embed_dim,
-            width=int(spec.get("width", 128)),
-            depth=int(spec.get("depth", 2)),
-            heads=int(spec.get("heads", 4)),
-            max_tokens=spec.get("max_tokens"),
-        )
-    raise BadInput(f"unknown fusion {kind!r}", hint=f"use one of {', '.join(FUSIONS)}")
+# ------------------------------------------------------------- the registered kinds
 
 
-def _register() -> None:
-    from mmcli.models.multimodal import register_fusion
-
-    def token_dims(spec, model):
-        mods = spec.get("modalities") or list(model.encoders)
-        return {m: model.encoders[m].token_dim for m in mods}
-
-    @register_fusion("attention")
-    def _attention(spec, model):
-        return build_fusion(
-            spec, token_dims=token_dims(spec, model), embed_dim=model.config.embed_dim
-        )
-
-    @register_fusion("concat")
-    def _concat(spec, model):
-        mods = spec.get("modalities") or list(model.encoders)
-        return ConcatFusion(mods, model.config.embed_dim, hidden=spec.get("hidden"))
+def _modalities(spec: dict[str, Any], model) -> list[str]:
+    return spec.get("modalities") or list(model.encoders)
 
 
-_register()
+@register_fusion("concat")
+def build_concat(spec: dict[str, Any], model) -> ConcatFusion:
+    return ConcatFusion(_modalities(spec, model), model.config.embed_dim, hidden=spec.get("hidden"))
+
+
+@register_fusion("attention")
+def build_attention(spec: dict[str, Any], model) -> AttentionFusion:
+    return AttentionFusion(
+        {m: model.encoders[m].token_dim for m in _modalities(spec, model)},
+        model.config.embed_dim,
+        width=int(spec.get("width", 128)),
+        depth=int(spec.get("depth", 2)),
+        heads=int(spec.get("heads", 4)),
+        max_tokens=spec.get("max_tokens"),
+    )

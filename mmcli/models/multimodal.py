@@ -12,8 +12,9 @@ which is all it takes to rebuild the model: no code, no pickle. Modules live in
 ``nn.ModuleDict`` s keyed by modality, so state-dict keys are stable:
 ``encoders.image.*``, ``heads.text.*`` and ``fusion.*``.
 
-Fusion modules are built by kind from ``config.fusion`` (``{"kind": ..., ...}``) through
-:func:`register_fusion`; ``fuse-train`` registers its kinds there.
+Fusion modules are built by kind from ``config.fusion`` (``{"kind": ..., ...}``) by the
+builders of :mod:`mmcli.models.registry` (:mod:`mmcli.models.fusion` registers the
+built-in kinds).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,16 @@ from torch import nn
 
 from mmcli.errors import BadInput
 from mmcli.models.base import Encoder
+from mmcli.models.fusion import mean_fusion
 from mmcli.models.heads import build_head, head_out_dim
-from mmcli.models.registry import config_to_dict, create, make_config, parse_encoder_spec, resolve
+from mmcli.models.registry import (
+    config_to_dict,
+    create,
+    fusion_builder,
+    make_config,
+    parse_encoder_spec,
+    resolve,
+)
 from mmcli.models.weights import apply_state_dict, load_weights
 
 log = logging.getLogger("mmcli")
@@ -96,22 +105,6 @@ class ModelConfig:
         return cls(**{k: d[k] for k in known if k in d})
 
 
-# ------------------------------------------------------------------ fusion kinds
-
-FusionBuilder = Callable[[dict[str, Any], "MultimodalModel"], nn.Module]
-_FUSION: dict[str, FusionBuilder] = {}
-
-
-def register_fusion(kind: str):
-    """Register ``builder(fusion_config, model) -> nn.Module`` for ``config.fusion["kind"]``."""
-
-    def wrap(builder: FusionBuilder) -> FusionBuilder:
-        _FUSION[kind] = builder
-        return builder
-
-    return wrap
-
-
 # ------------------------------------------------------------------------ model
 
 
@@ -132,13 +125,7 @@ class MultimodalModel(nn.Module):
                 raise BadInput(f"model config: head for {m!r} but no {m} encoder")
         self.fusion: nn.Module | None = None
         if config.fusion is not None:
-            kind = config.fusion.get("kind")
-            if kind not in _FUSION:
-                raise BadInput(
-                    f"the model has a fusion module of kind {kind!r}, which this mmcli cannot build",
-                    hint=f"known kinds: {', '.join(_FUSION) or 'none'}; upgrade mmcli",
-                )
-            self.fusion = _FUSION[kind](config.fusion, self)
+            self.fusion = fusion_builder(config.fusion.get("kind"))(config.fusion, self)
         self.logit_scale = (
             nn.Parameter(torch.tensor(float(config.logit_scale)))
             if config.logit_scale is not None
@@ -224,8 +211,6 @@ class MultimodalModel(nn.Module):
         normalized joint embeddings (concat / none); ``present[m]``: [B] bool, False where
         an item lacks modality m (its tokens are masked out).
         """
-        from mmcli.models.fusion import mean_fusion
-
         kind = self.fusion_kind
         if kind == "none":
             fused = mean_fusion(dict(embeddings), dict(present) if present is not None else None)

@@ -1,6 +1,6 @@
-"""Encoders looked up by name.
+"""The registries of mmcli's models: encoders and fusion modules, looked up by name.
 
-Each encoder is a small dataclass config registered under ``(modality, name)``; its
+**Encoders.** Each encoder is a small dataclass config registered under ``(modality, name)``; its
 ``build()`` returns the :class:`~mmcli.models.base.Encoder`:
 
     @register("image", "convnet")
@@ -14,6 +14,18 @@ Each encoder is a small dataclass config registered under ``(modality, name)``; 
     create("tiny", modality="text")
     list_encoders()                          # ["image/convnet", ..., "audio/tiny"]
     parse_encoder_spec("convnet:width=32,depth=3")  # ("convnet", {"width": 32, "depth": 3})
+
+**Fusion modules** are built by kind from a model config's ``fusion`` entry
+(``{"kind": "attention", ...}``) by a builder registered for that kind
+(:mod:`mmcli.models.fusion` registers the built-in ones):
+
+    @register_fusion("concat")
+    def build(fusion_config, model) -> nn.Module: ...
+
+    fusion_kinds()                           # ("none", "concat", "attention")
+
+This module imports no torch and no other model module: every model module imports
+it, never the reverse.
 """
 
 from __future__ import annotations
@@ -21,11 +33,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, Union
 
 from mmcli.errors import BadInput
+from mmcli.modalities import order_key
 
-MODALITIES = ("image", "text", "audio")
+# ---------------------------------------------------------------------- encoders
 
 _REGISTRY: dict[tuple[str, str], type] = {}
 
@@ -52,8 +66,7 @@ def register(modality: str, name: str):
 def list_encoders(modality: str | None = None) -> list[str]:
     """Qualified names (``image/resnet18``) in modality order, then registration order."""
     keys = [k for k in _REGISTRY if modality is None or k[0] == modality]
-    order = {m: i for i, m in enumerate(MODALITIES)}
-    keys.sort(key=lambda k: order.get(k[0], len(order)))
+    keys.sort(key=lambda k: order_key(k[0]))
     return [f"{m}/{n}" for m, n in keys]
 
 
@@ -75,7 +88,7 @@ def resolve(name: str, modality: str | None = None) -> tuple[str, str, type]:
         if modality not in {m for m, _ in _REGISTRY}:
             raise BadInput(
                 f"unknown modality {modality!r}",
-                hint=f"known: {', '.join(sorted({m for m, _ in _REGISTRY}, key=_mod_order))}",
+                hint=f"known: {', '.join(sorted({m for m, _ in _REGISTRY}, key=order_key))}",
             )
         cls = _REGISTRY.get((modality, name))
         if cls is None:
@@ -87,13 +100,9 @@ def resolve(name: str, modality: str | None = None) -> tuple[str, str, type]:
     if not matches:
         raise BadInput(f"unknown encoder {name!r}", hint=f"known: {_known(None)}")
     if len(matches) > 1:
-        options = ", ".join(f"{m}/{name}" for m in sorted(matches, key=_mod_order))
+        options = ", ".join(f"{m}/{name}" for m in sorted(matches, key=order_key))
         raise BadInput(f"encoder name {name!r} is ambiguous", hint=f"say which: {options}")
     return matches[0], name, _REGISTRY[(matches[0], name)]
-
-
-def _mod_order(m: str) -> int:
-    return MODALITIES.index(m) if m in MODALITIES else len(MODALITIES)
 
 
 def config_fields(cls: type) -> dict[str, Any]:
@@ -219,3 +228,41 @@ def _coerce(value: Any, typ: Any, key: str, encoder: str) -> Any:
             hint=f"expected {getattr(typ, '__name__', typ)}",
         ) from None
     return value
+
+
+# ---------------------------------------------------------------------- fusion
+
+#: a model config's ``fusion`` entry without a module: the mean of the embeddings
+NO_FUSION = "none"
+
+FusionBuilder = Callable[[dict[str, Any], Any], Any]  # (fusion config, model) -> nn.Module
+_FUSION: dict[str, FusionBuilder] = {}
+
+
+def register_fusion(kind: str):
+    """Register ``builder(fusion_config, model) -> nn.Module`` for ``config.fusion["kind"]``."""
+    if kind == NO_FUSION:
+        raise ValueError(f"fusion kind {NO_FUSION!r} means no module; it cannot be registered")
+
+    def wrap(builder: FusionBuilder) -> FusionBuilder:
+        _FUSION[kind] = builder
+        return builder
+
+    return wrap
+
+
+def fusion_kinds() -> tuple[str, ...]:
+    """Every fusion kind: ``"none"`` (no module) first, then the registered ones in
+    registration order (built in: ``concat``, ``attention``)."""
+    return (NO_FUSION, *_FUSION)
+
+
+def fusion_builder(kind: str) -> FusionBuilder:
+    """The builder of a registered fusion kind (``"none"`` has no module, so none)."""
+    builder = _FUSION.get(kind)
+    if builder is None:
+        raise BadInput(
+            f"the model has a fusion module of kind {kind!r}, which this mmcli cannot build",
+            hint=f"known kinds: {', '.join(_FUSION) or 'none'}; upgrade mmcli",
+        )
+    return builder

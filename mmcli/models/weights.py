@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +27,7 @@ from torch import nn
 
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import file_sha256
+from mmcli.models.registry import list_encoders, resolve
 
 log = logging.getLogger("mmcli")
 
@@ -198,8 +200,6 @@ def _label(module: nn.Module) -> str:
 
 
 def _imagenet_state_dict(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from mmcli.models.registry import list_encoders, resolve
-
     label = _label(module)
     # the config class names torchvision's weights enum entry (class attribute, not a field)
     weights_name = getattr(getattr(module, "config", None), "pretrained", None)
@@ -243,3 +243,32 @@ def _imagenet_state_dict(module: nn.Module) -> tuple[dict[str, torch.Tensor], di
     if cached.is_file():
         info["sha256"] = file_sha256(cached)
     return state, info
+
+
+def weights_per_modality(
+    weights: Mapping[str, str | os.PathLike] | None, modalities: Sequence[str]
+) -> dict[str, str | os.PathLike]:
+    """The weights source of each encoder in ``modalities``.
+
+    ``weights`` maps a modality to a file (or ``imagenet``); the key ``""`` is a file
+    given without a modality (``--weights PATH``), which is the only encoder's: a
+    :class:`BadInput` when there are several encoders, or when the only one has a file
+    already.
+    """
+    out = dict(weights or {})
+    if "" not in out:
+        return out
+    source = out.pop("")
+    if len(modalities) != 1:
+        raise BadInput(
+            f"--weights {source}: say which encoder it is for",
+            hint=f"--weights MODALITY=PATH with MODALITY one of {', '.join(modalities)}",
+        )
+    (only,) = modalities
+    if only in out:
+        raise BadInput(
+            f"--weights {source}: the {only} encoder has weights already ({out[only]})",
+            hint="give each encoder one weights file",
+        )
+    out[only] = source
+    return out

@@ -20,46 +20,36 @@ bound ``t`` (``s~ - e`` of k rows seen) discards every row whose upper bound
 re-scored in float64 from the stored vectors and ranked. Memory: one chunk of scores
 per query batch, independent of the index size.
 
-**Error bounds** (u = 2^-24, the float32 unit roundoff; gamma_D = D u / (1 - D u)):
-
-* float32 pass: ``|s - fl(q.x)| <= gamma_D |q| |x|`` (any summation order, FMA or not).
-* bfloat16 pass, ``q^ = bf16(q)``, ``x^ = bf16(x)`` (``x^ = x`` for bfloat16 storage),
-  products accumulated in float32 and the result rounded to bfloat16 (relative error
-  2^-8):  ``|s - s~| <= |q - q^| |x| + |q^| |x - x^| + gamma_D |q^| |x^| + 2^-8 |s~| / (1 - 2^-8)``,
-  with ``|x - x^| <= 2^-8 |x|``. ``|x|`` is bounded per chunk by the largest row norm.
-
-Both bounds are widened by a small relative margin (for the float32 arithmetic of the
-bounds themselves and the final rounding to float32). The bfloat16 kernel's float32
-accumulation is checked once per process by a probe; where it fails, the float32 pass is
-used.
+The passes and their error bounds are in :mod:`mmcli.search.bounds`; picking the
+candidates and ranking them, in :mod:`mmcli.search.candidates`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmcli.errors import BadInput
+from mmcli.search.bounds import (
+    ABS_SLACK,
+    MARGIN,
+    ScoringPass,
+    fast_bf16_available,
+    gamma,
+    lower_bound,
+    resolve_scoring,
+    score_floor,
+    upper_bound,
+)
+from mmcli.search.candidates import above, merge_best, merge_sparse, top_k
 from mmcli.search.numerics import SMALL_WORK, exact_matmul, few_threads
 
-log = logging.getLogger("mmcli")
-
-U32 = 2.0**-24
-U_BF16 = 2.0**-8
 CHUNK_BYTES = 1 << 24  # index rows per chunk: 16 MB of stored data
-MARGIN = 1.001  # widening of the bounds for the float32 arithmetic that computes them
-REL_SLACK = 2.0**-21  # room for the final float32 rounding of exact scores (ties)
-ABS_SLACK = 1e-30  # subnormals flushed to zero by bf16 kernels
-HOST_NUMPY = True  # filter CPU scores with numpy (False: the torch code path GPUs take)
-
-
-def _gamma(d: int) -> float:
-    return d * U32 / (1.0 - d * U32)
 
 
 # --------------------------------------------------------------------------- result
@@ -81,58 +71,6 @@ class SearchResult:
         return [(r, s) for r, s in zip(rows, scores) if r >= 0]
 
 
-# ------------------------------------------------------------------- scoring passes
-
-
-_BF16_OK: dict[str, bool] = {}
-
-
-def fast_bf16_available(device: Any = "cpu") -> bool:
-    """Whether a bfloat16 pass is worth it here: CPUs with AMX or AVX-512 BF16, and the
-    kernel accumulates in float32 (checked by a probe once per process)."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type != "cpu":
-        return False
-    key = "cpu"
-    if key not in _BF16_OK:
-        cap = torch.backends.cpu.get_cpu_capability()
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            hw = " amx_bf16" in flags or " avx512_bf16" in flags
-        except OSError:  # not Linux: trust torch's report
-            hw = cap.startswith("AVX512") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        _BF16_OK[key] = bool(hw) and _bf16_probe()
-    return _BF16_OK[key]
-
-
-def _bf16_probe() -> bool:
-    """Check that bf16 matrix products accumulate in float32: 1 + 511 * 2^-9 is 1.998 in
-    float32 accumulation but stays 1.0 if each partial sum were rounded to bfloat16."""
-    import torch
-
-    d = 512
-    x = torch.full((64, d), 2.0**-9)
-    x[:, 0] = 1.0
-    q = torch.ones(8, d)
-    out = (q.bfloat16() @ x.bfloat16().T).float()
-    exact = 1.0 + (d - 1) * 2.0**-9
-    ok = bool(((out - exact).abs() <= exact * (U_BF16 + _gamma(d)) * 1.01).all())
-    if not ok:
-        log.warning("bfloat16 matrix products do not accumulate in float32 here; using float32")
-    return ok
-
-
-def resolve_scoring(scoring: str, device: Any = "cpu") -> str:
-    if scoring not in ("auto", "fp32", "bf16"):
-        raise BadInput(f"unknown scoring pass {scoring!r}", hint="use auto, fp32 or bf16")
-    if scoring == "auto":
-        return "bf16" if fast_bf16_available(device) else "fp32"
-    return scoring
-
-
 # --------------------------------------------------------------------------- index
 
 
@@ -147,8 +85,6 @@ class ExactIndex:
         items: Any = None,
         row_mask: Any = None,
     ):
-        import torch
-
         self.parts = [p for p in parts]
         if not self.parts:
             raise BadInput("the index is empty (no feature rows)")
@@ -185,8 +121,6 @@ class ExactIndex:
     @classmethod
     def from_features(cls, features, table: str, **kwargs: Any) -> ExactIndex:
         """An index over ``features``' ``table`` (a :class:`~mmcli.formats.features.FeatureSet`)."""
-        import torch
-
         parts, items = [], []
         for data, it in features.iter_shards(table):
             parts.append(data)
@@ -201,8 +135,6 @@ class ExactIndex:
     def chunk_norm(self, c: int, x=None) -> float:
         """Upper bound of the row norms of chunk ``c`` (computed once, from ``x`` when the
         caller holds the chunk already)."""
-        import torch
-
         if self._norms[c] is None:
             i, lo, hi = self._chunks[c]
             x = self.parts[i][lo:hi] if x is None else x
@@ -216,7 +148,7 @@ class ExactIndex:
                     f"the index holds NaN or infinite values (rows {self.offsets[i] + lo} to {self.offsets[i] + hi - 1})",
                     hint="re-extract the features (float16 overflows without --normalize)",
                 )
-            self._norms[c] = n * (1 + 2 * _gamma(self.dim)) * MARGIN + ABS_SLACK
+            self._norms[c] = n * (1 + 2 * gamma(self.dim)) * MARGIN + ABS_SLACK
         return self._norms[c]
 
     def chunk_norms(self) -> list[float]:
@@ -235,8 +167,6 @@ class ExactIndex:
         threshold: float | None = None,
     ) -> SearchResult:
         """The exact top ``k`` rows for each query (float [Q, D]); see the module docstring."""
-        import torch
-
         q = torch.as_tensor(queries)
         if q.ndim == 1:
             q = q[None]
@@ -270,82 +200,66 @@ class ExactIndex:
         return SearchResult(indices=indices, scores=scores, candidates=total)
 
     def _search_batch(self, q, k: int, mode: str, dev) -> tuple[Any, Any, int]:
-        import torch
-
-        b = q.shape[0]
         q64 = q.double()
-        qn = torch.linalg.vector_norm(q64, dim=1)  # (B,)
-        if mode == "bf16":
-            qp = q.to(torch.bfloat16)
-            dq = torch.linalg.vector_norm(q64 - qp.double(), dim=1)
-            qhn = torch.linalg.vector_norm(qp.double(), dim=1)
-            rel = U_BF16 / (1 - U_BF16) * MARGIN + REL_SLACK
-        else:
-            qp = q
-            rel = REL_SLACK
-        qp = qp.to(dev)
-        gamma = _gamma(self.dim)
-        best = np.full((b, k), -np.inf)  # lower bounds of the k best rows seen, descending
-        found_q, found_r, found_s, found_a = [], [], [], []
-        small = dev.type == "cpu" and b * self.size * self.dim < SMALL_WORK
+        scoring = ScoringPass.prepare(q, q64, mode, self.dim, dev)
+        best = np.full((q.shape[0], k), -np.inf)  # lower bounds of the k best rows seen, descending
+        found = []
+        small = dev.type == "cpu" and q.shape[0] * self.size * self.dim < SMALL_WORK
         with exact_matmul(), few_threads(small), torch.inference_mode():
-            for c, (i, lo, hi) in enumerate(self._chunks):
-                if hi <= lo:
-                    continue
-                allowed = None
-                if self.row_mask is not None:
-                    allowed = self.row_mask[self.offsets[i] + lo : self.offsets[i] + hi]
-                    if not allowed.any():
-                        continue
-                x = self.parts[i][lo:hi]
-                xn = self.chunk_norm(c, x)
-                if mode == "bf16":
-                    xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-                    dx = 0.0 if x.dtype == torch.bfloat16 else U_BF16 * xn
-                    xhn = xn * (1 + U_BF16)
-                    s = qp @ xb.to(dev).T  # (B, n) bfloat16
-                    a = (dq * xn + qhn * dx + gamma * qhn * xhn) * MARGIN + ABS_SLACK
-                else:
-                    xf = x if x.dtype == torch.float32 else x.float()
-                    s = qp @ xf.to(dev).T  # (B, n) float32
-                    a = gamma * qn * xn * MARGIN + ABS_SLACK
-                a = a.numpy()  # (B,) absolute error bound of this chunk's scores
-                if allowed is not None:  # rows that may not be hits score -inf
-                    s[:, torch.from_numpy(~allowed).to(s.device)] = float("-inf")
-                seeded = not np.isfinite(best[:, -1]).all()
-                if seeded:
-                    # fewer than k rows seen yet: this chunk's k best set the bound
-                    top = torch.topk(s.float(), min(k, hi - lo), dim=1).values.cpu().numpy()
-                    best = _merge(best, _lower(top.astype(np.float64), a, rel))
-                tau = best[:, -1]  # k-th best lower bound so far
-                qi, ci, sv = _above(s, _score_floor(tau, a, rel))
-                if allowed is not None and len(qi):
-                    ok = allowed[ci]
-                    qi, ci, sv = qi[ok], ci[ok], sv[ok]
-                if len(qi):
-                    if not seeded:  # (a seeded chunk's best are merged already)
-                        best = _merge_sparse(best, qi, _lower(sv, a[qi], rel))
-                    found_q.append(qi)
-                    found_r.append(ci + self.offsets[i] + lo)
-                    found_s.append(sv)
-                    found_a.append(a[qi])
-        if not found_q:
+            for c in range(len(self._chunks)):
+                best, hits = self._scan_chunk(c, scoring, k, best)
+                if hits is not None:
+                    found.append(hits)
+        return self._rank_candidates(q64, found, best, scoring.rel, k)
+
+    def _scan_chunk(self, c: int, scoring: ScoringPass, k: int, best: np.ndarray):
+        """Score chunk ``c``: (the updated k-th best lower bounds, its candidates (query,
+        row, pass score, error bound) or None)."""
+        i, lo, hi = self._chunks[c]
+        if hi <= lo:
+            return best, None
+        allowed = None
+        if self.row_mask is not None:
+            allowed = self.row_mask[self.offsets[i] + lo : self.offsets[i] + hi]
+            if not allowed.any():
+                return best, None
+        x = self.parts[i][lo:hi]
+        s, a = scoring.scores(x, self.chunk_norm(c, x))  # a: (B,) error bound of the scores
+        rel = scoring.rel
+        if allowed is not None:  # rows that may not be hits score -inf
+            s[:, torch.from_numpy(~allowed).to(s.device)] = float("-inf")
+        seeded = not np.isfinite(best[:, -1]).all()
+        if seeded:
+            # fewer than k rows seen yet: this chunk's k best set the bound
+            top = torch.topk(s.float(), min(k, hi - lo), dim=1).values.cpu().numpy()
+            best = merge_best(best, lower_bound(top.astype(np.float64), a, rel))
+        tau = best[:, -1]  # k-th best lower bound so far
+        qi, ci, sv = above(s, score_floor(tau, a, rel))
+        if allowed is not None and len(qi):
+            ok = allowed[ci]
+            qi, ci, sv = qi[ok], ci[ok], sv[ok]
+        if not len(qi):
+            return best, None
+        if not seeded:  # (a seeded chunk's best are merged already)
+            best = merge_sparse(best, qi, lower_bound(sv, a[qi], rel))
+        return best, (qi, ci + self.offsets[i] + lo, sv, a[qi])
+
+    def _rank_candidates(self, q64, found: list, best: np.ndarray, rel: float, k: int):
+        """Re-score exactly the candidates whose upper bound reaches the k-th best lower
+        bound, and rank them: (rows [B, k], scores [B, k], candidates re-scored)."""
+        b = q64.shape[0]
+        if not found:
             return torch.empty(b, 0, dtype=torch.int64), torch.empty(b, 0), 0
-        qi = np.concatenate(found_q)
-        rows = np.concatenate(found_r)
-        sv = np.concatenate(found_s)
-        av = np.concatenate(found_a)
-        keep = _upper(sv, av, rel) >= best[qi, -1]
+        qi, rows, sv, av = (np.concatenate(part) for part in zip(*found))
+        keep = upper_bound(sv, av, rel) >= best[qi, -1]
         qi, rows = qi[keep], rows[keep]
         with few_threads(len(rows) * self.dim < SMALL_WORK):
             exact = self.rescore(q64, qi, rows)
-        out_rows, out_scores = _top_k(qi, rows, exact, b, k)
+        out_rows, out_scores = top_k(qi, rows, exact, b, k)
         return out_rows, out_scores, int(len(rows))
 
     def rescore(self, q64, qi: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """float32(float64 dot product) of queries ``q64[qi]`` with index rows ``rows``."""
-        import torch
-
         out = np.empty(len(rows), dtype=np.float32)
         shard = np.searchsorted(np.asarray(self.offsets), rows, "right") - 1
         for i in np.unique(shard):
@@ -363,8 +277,6 @@ class ExactIndex:
 
     def vectors(self, rows: Sequence[int]):
         """float32 [len(rows), D] copies of index rows."""
-        import torch
-
         out = torch.empty(len(rows), self.dim)
         for j, r in enumerate(rows):
             i, local = self.row_location(int(r))
@@ -372,112 +284,11 @@ class ExactIndex:
         return out
 
 
-# -------------------------------------------------------------------------- helpers
-
-
-def _lower(s: np.ndarray, a: np.ndarray, rel: float) -> np.ndarray:
-    """Lower bound of the exact score of pass scores ``s`` (error a + rel |s|)."""
-    a = a if np.ndim(a) == 0 or np.ndim(s) == 1 else a[:, None]
-    return s - a - rel * np.abs(s)
-
-
-def _upper(s: np.ndarray, a: np.ndarray, rel: float) -> np.ndarray:
-    a = a if np.ndim(a) == 0 or np.ndim(s) == 1 else a[:, None]
-    return s + a + rel * np.abs(s)
-
-
-def _score_floor(tau: np.ndarray, a: np.ndarray, rel: float) -> np.ndarray:
-    """The smallest pass score whose upper bound reaches ``tau`` (per query), rounded
-    down a little so that float rounding can only add candidates, never lose one."""
-    y = tau - a  # s + rel |s| >= y
-    s = np.where(y >= 0, y / (1 + rel), y / (1 - rel))
-    return s - np.abs(s) * 1e-6 - 1e-30
-
-
-def _above(s, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query, column, score as float64) of the entries of ``s`` >= ``floor`` per row.
-
-    bfloat16 on CPU: positive bfloat16 values order like their bit patterns read as
-    int16, so the test runs on the raw bits (and negative values are below any positive
-    floor). The row maxima are checked first: most rows have no entry to report.
-    """
-    import torch
-
-    b = s.shape[0]
-    if s.device.type != "cpu" or not HOST_NUMPY:
-        f = torch.from_numpy(floor).to(s.device, torch.float32)
-        qi, ci = torch.nonzero(s.float() >= f[:, None], as_tuple=True)
-        vals = s[qi, ci].double().cpu().numpy()
-        return qi.cpu().numpy(), ci.cpu().numpy(), vals
-    floor = np.where(np.isfinite(floor), floor, -np.inf)
-    if s.dtype == torch.bfloat16 and (floor > 0).all():
-        bits = s.view(torch.int16).numpy()
-        f32 = floor.astype(np.float32)
-        f32 = np.where(f32.astype(np.float64) > floor, np.nextafter(f32, np.float32(-np.inf)), f32)
-        t = (f32.view(np.int32) >> 16).astype(np.int16)  # truncation: rounds positive values down
-        hot = np.flatnonzero(bits.max(1) >= t)
-        if len(hot) == 0:
-            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
-        r, c = _nonzero2d(bits[hot] >= t[hot, None])
-        qi = hot[r]
-        vals = s[torch.from_numpy(qi), torch.from_numpy(c)].double().numpy()
-        return qi, c, vals
-    x = s.numpy() if s.dtype == torch.float32 else s.float().numpy()
-    f = floor.astype(np.float32)
-    f = np.where(f.astype(np.float64) > floor, np.nextafter(f, np.float32(-np.inf)), f)
-    hot = np.flatnonzero(x.max(1) >= f) if b else np.empty(0, np.int64)
-    if len(hot) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
-    r, c = _nonzero2d(x[hot] >= f[hot, None])
-    qi = hot[r]
-    return qi, c, x[qi, c].astype(np.float64)
-
-
-def _nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` of a 2-d mask, many times faster through ``flatnonzero``."""
-    flat = np.flatnonzero(mask)
-    return np.divmod(flat, mask.shape[1])
-
-
-def _merge(best: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """The k largest of two [B, *] arrays (rows sorted descending)."""
-    k = best.shape[1]
-    both = np.concatenate([best, new], axis=1)
-    return -np.sort(-both, axis=1)[:, :k]
-
-
-def _merge_sparse(best: np.ndarray, qi: np.ndarray, vals: np.ndarray) -> np.ndarray:
-    """Merge values for queries ``qi`` (sorted ascending) into ``best``."""
-    b = best.shape[0]
-    counts = np.bincount(qi, minlength=b)
-    width = int(counts.max())
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    dense = np.full((b, width), -np.inf)
-    dense[qi, np.arange(len(qi)) - start[qi]] = vals
-    return _merge(best, dense)
-
-
-def _top_k(qi: np.ndarray, rows: np.ndarray, scores: np.ndarray, b: int, k: int):
-    """Per query: the k best (score desc, row asc) of the candidates, as [b, k] tensors."""
-    import torch
-
-    order = np.lexsort((rows, -scores.astype(np.float64), qi))
-    qi, rows, scores = qi[order], rows[order], scores[order]
-    counts = np.bincount(qi, minlength=b)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    pos = np.arange(len(qi)) - start[qi]
-    keep = pos < k
-    out_rows = np.full((b, k), -1, dtype=np.int64)
-    out_scores = np.full((b, k), -np.inf, dtype=np.float32)
-    out_rows[qi[keep], pos[keep]] = rows[keep]
-    out_scores[qi[keep], pos[keep]] = scores[keep]
-    return torch.from_numpy(out_rows), torch.from_numpy(out_scores)
+# ------------------------------------------------------------------------ reference
 
 
 def exact_search_reference(queries, rows, k: int):
     """Reference implementation (tests, benchmarks): full float64 scores, full sort."""
-    import torch
-
     s = (torch.as_tensor(queries).double() @ torch.as_tensor(rows).double().T).float().numpy()
     n = s.shape[1]
     idx = np.arange(n)
@@ -489,4 +300,10 @@ def exact_search_reference(queries, rows, k: int):
     return out_rows, out_scores
 
 
-__all__ = ["ExactIndex", "SearchResult", "exact_search_reference", "fast_bf16_available"]
+__all__ = [
+    "ExactIndex",
+    "SearchResult",
+    "exact_search_reference",
+    "fast_bf16_available",
+    "resolve_scoring",
+]

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmcli.errors import BadInput, MissingDependency
 from mmcli.formats.atomic import atomic_path, atomic_write_bytes
 from mmcli.progress import ProgressFactory, null_progress
-from mmcli.search.exact import ExactIndex, SearchResult, _top_k
+from mmcli.search.candidates import top_k
+from mmcli.search.exact import ExactIndex, SearchResult
 
 log = logging.getLogger("mmcli")
 
@@ -174,8 +176,6 @@ class FaissIndex:
 
     def search(self, queries: Any, k: int, *, threshold: float | None = None) -> SearchResult:
         """Top ``k`` per query among FAISS's candidates, scored exactly (see module doc)."""
-        import torch
-
         q = torch.as_tensor(queries, dtype=torch.float32)
         if q.ndim == 1:
             q = q[None]
@@ -200,7 +200,7 @@ class FaissIndex:
         qi, rows = qi[ok], rows[ok]
         scores = self.exact.rescore(q.double(), qi, rows)
         k_eff = min(k, self.exact.searchable)
-        out_rows, out_scores = _top_k(qi, rows, scores, b, k_eff)
+        out_rows, out_scores = top_k(qi, rows, scores, b, k_eff)
         indices = torch.full((b, k), -1, dtype=torch.int64)
         vals = torch.full((b, k), float("-inf"))
         indices[:, :k_eff], vals[:, :k_eff] = out_rows, out_scores
@@ -261,8 +261,6 @@ def _build(faiss, exact: ExactIndex, factory: str, params: FaissParams, progress
 
 
 def _gather(exact: ExactIndex, rows: np.ndarray) -> np.ndarray:
-    import torch
-
     out = np.empty((len(rows), exact.dim), dtype=np.float32)
     shard = np.searchsorted(np.asarray(exact.offsets), rows, "right") - 1
     for i in np.unique(shard):

@@ -1,6 +1,13 @@
-"""Raw queries (text, image or audio files) turned into embeddings with a model.
+"""Queries for :class:`~mmcli.search.retrieve.Retriever`: where they come from and how
+raw ones (text, image or audio files) become embeddings.
 
-Queries are preprocessed exactly as ``mmcli preprocess`` prepared the model's training
+    batches = line_query_batches(sys.stdin)           # JSONL lines, answered as they arrive
+    batches = feature_query_batches(["q.safetensors"], retriever)   # every row a query
+    batches = [value_queries(text=["a red circle"], ids=["toy-00042"])]
+    for line in retriever.run(batches):
+        print(json.dumps(line))
+
+Raw queries are preprocessed exactly as ``mmcli preprocess`` prepared the model's training
 data, from the table specs stored in the checkpoint (``model.config.inputs``): the text
 tokenizer and context length, the image size, the audio sample rate and length.
 
@@ -12,11 +19,24 @@ JSONL query lines (``retrieve`` on stdin) are objects with exactly one of
 from __future__ import annotations
 
 import json
+import os
+import select
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
+import torch
+
+from mmcli.data.audio import AudioDecodeError, audio_transform_from_spec
+from mmcli.data.image import ImageDecodeError, image_transform_from_spec
+from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
+from mmcli.formats.features import FeatureSet
+from mmcli.formats.tensorfile import where_paths
+from mmcli.models.multimodal import MultimodalModel
 
 QUERY_KEYS = ("text", "image", "audio", "id")
 
@@ -89,8 +109,8 @@ class QueryEncoder:
                 f"the model's {modality} encoder takes precomputed features"
                 + (f" (of {backbone})" if backbone else "")
                 + f", not raw {modality} queries",
-                hint="extract the queries with that backbone and pass them with --queries, "
-                "or use a model trained end to end",
+                hint="extract the queries with that backbone and search with their features "
+                "(retrieve --queries FEATURES), or use a model trained end to end",
             )
         return dict((self.model.config.inputs or {}).get(modality) or {})
 
@@ -98,16 +118,10 @@ class QueryEncoder:
         if modality not in self._transforms:
             spec = self._spec(modality)
             if modality == "text":
-                from mmcli.data.text import tokenizer_from_spec
-
                 self._transforms[modality] = tokenizer_from_spec(spec)
             elif modality == "image":
-                from mmcli.data.image import image_transform_from_spec
-
                 self._transforms[modality] = image_transform_from_spec(spec)
             elif modality == "audio":
-                from mmcli.data.audio import audio_transform_from_spec
-
                 self._transforms[modality] = audio_transform_from_spec(spec)
             else:
                 raise BadInput(f"cannot encode raw {modality} queries")
@@ -115,9 +129,6 @@ class QueryEncoder:
 
     def inputs(self, modality: str, values: list[str]):
         """The model's input rows for raw values (captions or file paths)."""
-        import numpy as np
-        import torch
-
         t = self.transform(modality)
         if modality == "text":
             tokens, _ = t.encode_batch(values)
@@ -129,9 +140,6 @@ class QueryEncoder:
 
     @staticmethod
     def _load(modality: str, transform, value: str):
-        from mmcli.data.audio import AudioDecodeError
-        from mmcli.data.image import ImageDecodeError
-
         path = Path(value).expanduser()
         try:
             return transform(path)
@@ -140,8 +148,6 @@ class QueryEncoder:
 
     def encode(self, modality: str, values: list[str], batch_size: int = 64):
         """float32 [len(values), D] normalised embeddings."""
-        import torch
-
         out = []
         with torch.inference_mode():
             for b0 in range(0, len(values), batch_size):
@@ -150,11 +156,127 @@ class QueryEncoder:
         return torch.cat(out) if out else torch.empty(0)
 
 
-def load_model(path: str, device: Any = "cpu"):
-    """A :class:`MultimodalModel` from a checkpoint, or a clear error if the models
-    package cannot load it."""
-    try:
-        from mmcli.models.multimodal import MultimodalModel
-    except ImportError as e:  # pragma: no cover - the models package ships with mmcli
-        raise BadInput(f"cannot load models ({e})") from None
+def load_model(path: str, device: Any = "cpu") -> MultimodalModel:
+    """A :class:`MultimodalModel` from a checkpoint."""
     return MultimodalModel.from_checkpoint(path, device=device)
+
+
+# --------------------------------------------------------------------- query batches
+
+
+def value_queries(
+    *,
+    text: Iterable[str] = (),
+    image: Iterable[str] = (),
+    audio: Iterable[str] = (),
+    ids: Iterable[str] = (),
+) -> list[Query]:
+    """Queries given as values: captions, image / audio file paths, item ids."""
+    out = []
+    for kind, values in (("text", text), ("image", image), ("audio", audio), ("id", ids)):
+        for v in values or ():
+            out.append(Query(kind, v, {kind: v}))
+    return out
+
+
+def feature_query_batches(
+    paths: list[str], retriever: Any, table: str | None = None, size: int = 1024
+) -> Iterator[list[Query]]:
+    """Every row of the feature files ``paths`` as a vector query, ``size`` at a time.
+
+    ``table``: the table holding the query rows (default: the only one, else the
+    retriever's target). Each query echoes ``{"id", "table", "row"}`` (the row within
+    its item). A dimension that differs from the index is one :class:`BadInput`.
+    """
+    fs = FeatureSet.open(paths)
+    if table is None:
+        table = fs.tables[0] if len(fs.tables) == 1 else retriever.target
+    x, items = fs.table(table)
+    if x.shape[1] != retriever.index_dim:  # one line, exit 2: not an error per query row
+        raise BadInput(
+            f"the {table} queries have {x.shape[1]} dimensions, the {retriever.target} index "
+            f"{retriever.index_dim}",
+            where=where_paths(fs.paths),
+            hint="extract queries and index with the same model (or the same backbone)",
+        )
+    items = items.tolist()
+    seen: dict[int, int] = {}
+    batch = []
+    for r in range(x.shape[0]):
+        item = items[r]
+        j = seen.get(item, 0)
+        seen[item] = j + 1
+        batch.append(Query("vector", x[r], {"id": fs.ids[item], "table": table, "row": j}))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def line_query_batches(
+    stream: IO | None = None, max_batch: int = 256, name: str = "<stdin>"
+) -> Iterator[list[Query | BadInput]]:
+    """Batches of parsed JSONL query lines from ``stream`` (default: ``sys.stdin``).
+
+    A batch is whatever lines have arrived (at most ``max_batch``): the reader never waits
+    for more while a complete line is ready, so a long-running caller answers each line
+    as it comes. A bad line is a :class:`BadInput` in its place (``raw`` holds its line
+    number and text), for :meth:`Retriever.run` to answer or raise; blank lines are
+    skipped.
+    """
+    lineno = 0
+    for lines in read_line_batches(sys.stdin if stream is None else stream, max_batch):
+        batch = []
+        for raw in lines:
+            lineno += 1
+            if raw.strip():
+                batch.append(_parse_raw_line(raw, lineno, name))
+        if batch:
+            yield batch
+
+
+def _parse_raw_line(raw: bytes, lineno: int, name: str) -> Query | BadInput:
+    where = f"line {lineno} of {name}"
+    try:
+        return parse_query_line(raw.decode("utf-8"), where)
+    except UnicodeDecodeError:
+        e = BadInput("not valid UTF-8", where=where)
+        e.raw = {"line": lineno}
+        return e
+    except BadInput as e:
+        e.raw = {"line": lineno, "text": raw.decode("utf-8", "replace").strip()}
+        return e
+
+
+def read_line_batches(stream: IO, max_batch: int) -> Iterator[list[bytes]]:
+    """Lines of ``stream`` as bytes, in batches of the lines ready (see
+    :func:`line_query_batches`). A stream without a file descriptor is read line by line."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests): line by line
+        for line in getattr(stream, "buffer", stream):
+            yield [line if isinstance(line, bytes) else line.encode("utf-8")]
+        return
+    buf = b""
+    eof = False
+    while not eof or buf:
+        while not eof and (b"\n" not in buf or _readable(fd)) and buf.count(b"\n") < max_batch:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                eof = True
+            buf += chunk
+        parts = buf.split(b"\n")
+        if eof:
+            lines, buf = parts, b""
+        else:
+            lines, buf = parts[:-1], parts[-1]
+        for i in range(0, len(lines), max_batch):
+            yield lines[i : i + max_batch]
+
+
+def _readable(fd: int) -> bool:
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False

@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmcli.errors import BadInput, MmcliError
+from mmcli.formats.features import FeatureSet
+from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
-from mmcli.search.queries import Query, QueryEncoder
+from mmcli.search.exact import ExactIndex, resolve_scoring
+from mmcli.search.faiss_backend import FaissIndex, FaissParams
+from mmcli.search.queries import Query, QueryEncoder, load_model
 
 log = logging.getLogger("mmcli")
 
@@ -61,8 +66,6 @@ def default_target(tables: list[str]) -> str:
 
 class Retriever:
     def __init__(self, cfg: RetrieveConfig, progress: ProgressFactory = null_progress):
-        from mmcli.formats.features import FeatureSet
-
         if cfg.k < 1:
             raise BadInput("-k must be at least 1")
         if cfg.threshold is not None and math.isnan(cfg.threshold):
@@ -81,14 +84,10 @@ class Retriever:
         self.features.require(self.target, hint="pick the table to search with --target")
         self.features.dim(self.target)
         if cfg.backend == "exact":
-            from mmcli.search.exact import ExactIndex, resolve_scoring
-
             self.index = ExactIndex.from_features(self.features, self.target)
             self.scoring = resolve_scoring(cfg.scoring, cfg.device)
             self.items = self.index.items
         elif cfg.backend == "faiss":
-            from mmcli.search.faiss_backend import FaissIndex, FaissParams
-
             params = FaissParams(kind=cfg.faiss_index, nprobe=cfg.nprobe)
             if cfg.ef_search:
                 params.ef_search = cfg.ef_search
@@ -119,8 +118,6 @@ class Retriever:
                     "text, image and audio queries need --model CKPT",
                     hint="the checkpoint the index features were extracted with; or query by --id / --queries FEATURES",
                 )
-            from mmcli.search.queries import load_model
-
             self._encoder = QueryEncoder(
                 load_model(self.cfg.model, self.cfg.device), self.cfg.device
             )
@@ -154,7 +151,7 @@ class Retriever:
         for i, q in enumerate(queries):
             by_kind.setdefault(q.kind, []).append(i)
         for kind, idx in by_kind.items():
-            if kind in ("text", "image", "audio"):
+            if kind in MODALITIES:
                 vecs = self.encoder.encode(
                     kind, [queries[i].value for i in idx], batch_size=self.cfg.batch_size
                 )
@@ -178,8 +175,6 @@ class Retriever:
 
     # --------------------------------------------------------------------- search
     def search_vectors(self, vectors: Any):
-        import torch
-
         q = (
             torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors])
             if isinstance(vectors, list)

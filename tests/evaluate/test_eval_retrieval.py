@@ -202,7 +202,7 @@ def test_parse_ks():
 
 def test_torch_counting_path_gives_the_same_ranks(monkeypatch):
     """The code path GPUs take (torch ops on the score blocks), run on CPU."""
-    import mmcli.evaluate.retrieval as retrieval
+    import mmcli.evaluate.counting as counting
 
     rng = np.random.default_rng(5)
     img = rng.integers(-2, 3, size=(30, 4)).astype(np.float32)
@@ -211,7 +211,7 @@ def test_torch_counting_path_gives_the_same_ranks(monkeypatch):
     want = pair_ranks(
         torch.from_numpy(txt), ti, torch.from_numpy(img), np.arange(30), block_elems=200
     )
-    monkeypatch.setattr(retrieval, "HOST_NUMPY", False)
+    monkeypatch.setattr(counting, "HOST_NUMPY", False)
     got = pair_ranks(
         torch.from_numpy(txt), ti, torch.from_numpy(img), np.arange(30), block_elems=200
     )

@@ -11,8 +11,14 @@ from safetensors.torch import load_file, save_file
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
 from mmcli.formats.checkpoint import Checkpoint, save_checkpoint
-from mmcli.models import ModelConfig, MultimodalModel, build_model, register_fusion
-from mmcli.models.multimodal import _FUSION
+from mmcli.models import (
+    ModelConfig,
+    MultimodalModel,
+    build_model,
+    fusion_kinds,
+    register_fusion,
+)
+from mmcli.models.registry import _FUSION
 
 IMAGES = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
 TEXT = torch.from_numpy(ByteTokenizer(20).encode_batch(["a", "bb bb", "ccc ccc ccc"])[0])
@@ -153,6 +159,27 @@ def test_unknown_fusion_kind_and_the_fusion_hook(tmp_path):
         assert MultimodalModel.from_checkpoint(tmp_path / "f.safetensors").fusion is not None
     finally:
         del _FUSION["mean_test"]
+
+
+def test_every_fusion_kind_builds_and_fuses():
+    assert fusion_kinds() == ("none", "concat", "attention")
+    base = _model()
+    for kind in fusion_kinds():
+        d = base.config.to_dict()
+        del d["encoders"]["audio"]
+        d["heads"] = {
+            m: {"kind": "linear", "in_dim": base.encoders[m].out_dim, "out_dim": 16}
+            for m in ("image", "text")
+        }
+        d["embed_dim"] = 16
+        d["fusion"] = None if kind == "none" else {"kind": kind, "width": 16, "heads": 2}
+        model = MultimodalModel(ModelConfig.from_dict(d)).eval()
+        assert model.fusion_kind == kind and (model.fusion is None) == (kind == "none")
+        with torch.no_grad():
+            fused = model.fuse({"image": IMAGES, "text": TEXT})
+        assert fused.shape == (3, 16) and torch.allclose(fused.norm(dim=-1), torch.ones(3))
+    with pytest.raises(ValueError, match="means no module"):
+        register_fusion("none")
 
 
 def test_config_from_a_newer_mmcli_is_refused():

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from mmcli import models
 from mmcli.errors import BadInput
-from mmcli.models.weights import load_weights
+from mmcli.models.weights import load_weights, weights_per_modality
 
 X = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
 
@@ -187,3 +187,13 @@ def test_no_imagenet_weights_for_our_own_encoders():
         match="image/convnet has no imagenet weights.*image/resnet18, image/resnet50, image/vit_b_16",
     ):
         load_weights(models.create("convnet"), "imagenet")
+
+
+def test_a_file_without_a_modality_is_the_only_encoders():
+    assert weights_per_modality({"": "a.pth"}, ["image"]) == {"image": "a.pth"}
+    assert weights_per_modality({"text": "t.pt"}, ["image", "text"]) == {"text": "t.pt"}
+    assert weights_per_modality(None, ["image"]) == {}
+    with pytest.raises(BadInput, match="--weights a.pth: say which encoder.*one of image, text"):
+        weights_per_modality({"": "a.pth"}, ["image", "text"])
+    with pytest.raises(BadInput, match="the image encoder has weights already \\(b.pth\\)"):
+        weights_per_modality({"image": "b.pth", "": "a.pth"}, ["image"])

@@ -8,6 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mmcli.search.bounds as bounds_mod
+import mmcli.search.candidates as candidates_mod
 import mmcli.search.exact as exact_mod
 from mmcli.errors import BadInput
 from mmcli.search.exact import ExactIndex, exact_search_reference
@@ -103,10 +105,10 @@ def test_threshold_drops_low_hits():
 
 
 def test_bf16_probe_failure_falls_back(monkeypatch):
-    monkeypatch.setattr(exact_mod, "_BF16_OK", {})
-    monkeypatch.setattr(exact_mod, "_bf16_probe", lambda: False)
+    monkeypatch.setattr(bounds_mod, "_BF16_OK", {})
+    monkeypatch.setattr(bounds_mod, "_bf16_probe", lambda: False)
     assert exact_mod.resolve_scoring("auto") == "fp32"
-    monkeypatch.setattr(exact_mod, "_BF16_OK", {})
+    monkeypatch.setattr(bounds_mod, "_BF16_OK", {})
 
 
 def test_bad_queries():
@@ -121,7 +123,7 @@ def test_bad_queries():
 
 def test_torch_filter_path_is_exact_too(monkeypatch):
     """The code path GPUs take (torch ops on the pass scores), run on CPU."""
-    monkeypatch.setattr(exact_mod, "HOST_NUMPY", False)
+    monkeypatch.setattr(candidates_mod, "HOST_NUMPY", False)
     x = normalized(2000, 16, 11)
     x[500] = x[7]
     assert_exact([x.half()], torch.cat([normalized(5, 16, 12), x[7:8]]), 10, chunk_rows=300)
