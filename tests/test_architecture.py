@@ -30,8 +30,8 @@ MAX_FUNCTION_LINES = 80
 LAYERS: list[set[str]] = [
     {"mmcli", "errors", "modalities", "progress", "runtime"},
     {"formats"},
-    {"data", "models"},
-    {"preprocess", "extract", "train", "evaluate", "search"},
+    {"data", "models", "plots"},
+    {"preprocess", "extract", "train", "evaluate", "search", "overview"},
     {"cli"},
     {"__main__"},
 ]
@@ -40,11 +40,7 @@ LAYERS: list[set[str]] = [
 # removes it; an entry that no longer offends fails the test, so these lists only shrink.
 
 # import cycles, as sets of modules
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # remove when the train recipes work (main, train/) lands: schedule.py imports
-    # LoopConfig from loop.py under TYPE_CHECKING while loop.py imports schedule.py
-    frozenset({"mmcli.train.loop", "mmcli.train.schedule"}),
-]
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 # modules over MAX_MODULE_LINES lines
 KNOWN_LONG_MODULES: set[str] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmcli.errors import BadInput
+from mmcli.models.registry import fusion_kinds
 from mmcli.train.splits import SplitSpec
 from mmcli.train.task import parse_weights
 
@@ -46,8 +47,10 @@ class FuseConfig:
             raise BadInput("every objective has weight 0", hint="give one a positive weight")
         if "contrastive" in self.objectives and "sigmoid" in self.objectives:
             raise BadInput("choose contrastive or sigmoid, not both")
-        if self.fusion not in ("none", "concat", "attention"):
-            raise BadInput(f"unknown fusion {self.fusion!r}", hint="use none, concat or attention")
+        if self.fusion not in fusion_kinds():
+            raise BadInput(
+                f"unknown fusion {self.fusion!r}", hint=f"use {', '.join(fusion_kinds())}"
+            )
         if "match" in self.objectives and self.fusion == "none":
             raise BadInput(
                 "the match objective needs a fusion module", hint="use --fusion attention or concat"
