@@ -40,6 +40,7 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
+from mmcli.formats.outputs import refuse_unfinished
 
 FORMAT_VERSION = "1"
 ID_BYTES = "item.id.bytes"
@@ -440,6 +441,7 @@ def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
             raise BadInput("file not found", where=s, hint="check the path")
     if paths.count("-") > (1 if paths == ["-"] else 0):
         raise BadInput("stdin ('-') can only be read alone, as one tensor file")
+    refuse_unfinished(paths)  # a preprocess folder without its completion record
     return paths
 
 
