@@ -217,6 +217,9 @@ def distill(
             best_metric=best_metric,
             seed=seed,
         )
+        from mmcli.train.state import refuse_inputs
+
+        refuse_inputs(out, [*data, *(val or []), teacher, *cfg.student])  # OUT is never an input
         report = run(
             list(data),
             out,

@@ -197,6 +197,9 @@ def fuse_train(
             best_metric=best_metric,
             seed=seed,
         )
+        from mmcli.train.state import refuse_inputs
+
+        refuse_inputs(out, [*data, *(val or []), *cfg.weights.values()])  # OUT is never an input
         summary = run(
             list(data),
             out,
