@@ -76,10 +76,13 @@ def lock_path_for(target: str | os.PathLike) -> Path:
 
 
 def holder_of(target: str | os.PathLike) -> str | None:
-    """``"pid N: COMMAND"`` of the live process holding ``target``'s lock, or None."""
+    """``"pid N: COMMAND"`` of the live process holding ``target``'s lock, or None (also
+    when this process holds it)."""
     if fcntl is None:
         return None
     path = lock_path_for(target)
+    if str(path) in _HELD:
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -119,11 +119,33 @@ def read_record(folder: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) else {}
 
 
+def refuse_while_written(sources: Iterable[str | os.PathLike]) -> None:
+    """BadInput when a live mmcli process holds the lock of a folder the ``sources``
+    (folders, globs, files) are read from: it is still writing them."""
+    from mmcli.formats.locks import holder_of
+
+    folders: set[Path] = set()
+    for src in sources:
+        s = str(src)
+        if is_stdio(s):
+            continue
+        if any(c in s for c in "*?["):
+            folders.update(Path(m).parent for m in globlib.glob(s))
+        else:
+            folders.add(Path(s) if Path(s).is_dir() else Path(s).parent)
+    for folder in sorted(folders):
+        holder = holder_of(folder)
+        if holder:
+            raise BadInput(
+                f"another mmcli process is still writing this folder ({holder})",
+                where=str(folder),
+                hint="wait for it to finish",
+            )
+
+
 def refuse_unfinished(paths: Iterable[str]) -> None:
     """BadInput when any of ``paths`` lies in a preprocess output folder that is not
     complete (killed before it finished, or still being written)."""
-    from mmcli.formats.locks import holder_of
-
     seen: set[Path] = set()
     for p in paths:
         if is_stdio(p):
@@ -135,13 +157,7 @@ def refuse_unfinished(paths: Iterable[str]) -> None:
         record = read_record(folder)
         if record is None or record.get("complete") is True:
             continue
-        holder = holder_of(folder)
-        if holder:
-            raise BadInput(
-                f"preprocess is still writing this folder ({holder})",
-                where=str(folder),
-                hint="wait for it to finish",
-            )
+        refuse_while_written([folder])
         source = record.get("input") or "INPUT"
         raise BadInput(
             "unfinished preprocess output: the run writing it stopped before it finished",

@@ -40,7 +40,7 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
-from mmcli.formats.outputs import refuse_unfinished
+from mmcli.formats.outputs import refuse_unfinished, refuse_while_written
 
 FORMAT_VERSION = "1"
 ID_BYTES = "item.id.bytes"
@@ -416,6 +416,7 @@ def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    refuse_while_written(sources)  # a live mmcli writer holds their folder's lock
     paths: list[str] = []
     for src in sources:
         s = str(src)
