@@ -132,7 +132,17 @@ class OutputLock:
         self._finalizer = weakref.finalize(self, _release, self._key, self._token)
 
     def _acquire(self, command: str) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self._lock(command)
+        except OSError as e:
+            raise BadInput(
+                f"cannot write the output here ({e.strerror})",
+                where=str(self.target),
+                hint="pick a folder you can write to",
+            ) from None
+
+    def _lock(self, command: str) -> int:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
