@@ -67,8 +67,9 @@ def _command_line() -> str:
 
 
 def lock_path_for(target: str | os.PathLike) -> Path:
-    """Where the lock of ``target`` (an output file or folder) lives."""
-    target = Path(os.path.abspath(target))
+    """Where the lock of ``target`` (an output file or folder) lives: one place for every
+    spelling of the path (links resolved)."""
+    target = Path(os.path.realpath(target))
     beside = target.parent / f".{target.name}{LOCK_SUFFIX}"
     if os.access(target.parent, os.W_OK) or not target.is_dir():
         return beside

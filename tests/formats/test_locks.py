@@ -44,6 +44,14 @@ def test_a_lock_is_between_processes_and_removed_when_released(tmp_path):
     assert not lock_path_for(out).exists() and _try_lock(out).returncode == 0
 
 
+def test_one_lock_for_every_spelling_of_the_output(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    with OutputLock(tmp_path / "real", "extract"):
+        for spelling in (tmp_path / "alias", f"{tmp_path}/./real/", tmp_path / "x" / ".." / "real"):
+            assert _try_lock(spelling).returncode == 2, spelling
+
+
 def test_a_later_writer_in_the_same_process_takes_the_lock_over(tmp_path):
     first = OutputLock(tmp_path / "o", "a")
     second = OutputLock(tmp_path / "o", "b")  # e.g. the first is kept alive by a traceback
