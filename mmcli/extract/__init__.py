@@ -107,16 +107,16 @@ def extract(
     # rank 0 locks OUT before it joins the process group: no other rank gets past that
     # (and touches OUT) unless rank 0 holds the lock
     locked = dist.is_main and not is_stdio(out)
-    with OutputLock(out, "extract") if locked else contextlib.nullcontext():
+    with OutputLock(out, "extract") if locked else contextlib.nullcontext() as lock:
         return _extract(
             tensors, out, outputs, model, encoders, weights, device, precision, batch_size,
-            dtype, normalize, resume, overwrite, seed, channels_last, prefetch, progress,
+            dtype, normalize, resume, overwrite, seed, channels_last, prefetch, progress, lock,
         )  # fmt: skip
 
 
 def _extract(
     tensors, out, outputs, model, encoders, weights, device, precision, batch_size, dtype,
-    normalize, resume, overwrite, seed, channels_last, prefetch, progress,
+    normalize, resume, overwrite, seed, channels_last, prefetch, progress, lock,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -157,6 +157,8 @@ def _extract(
         loader = Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables)
         rows = run.compute(loader, todo, normalize, progress)
         counts = runtime.all_reduce_sum([len(todo), len(skipped), *rows.values()], dev)
+        if lock is not None:  # every rank is done writing: free OUT before any rank reads it
+            lock.release()
         runtime.barrier()
         seconds = time.perf_counter() - started
         rows = {m: int(c) for m, c in zip(modalities, counts[2:])}
