@@ -44,17 +44,12 @@ KNOWN_CYCLES: list[frozenset[str]] = []
 
 # modules over MAX_MODULE_LINES lines
 KNOWN_LONG_MODULES: set[str] = {
-    "mmcli/preprocess.py",  # remove when hardening-kills lands (a preprocess/ package)
-    "mmcli/extract.py",  # remove when hardening-kills lands (an extract/ package)
     "mmcli/formats/tensorfile.py",  # remove when hardening-files lands
     "mmcli/models/multimodal.py",  # remove when hardening-files lands (checkpoint loading)
 }
 
 # functions over MAX_FUNCTION_LINES lines, as "path:qualified.name"
-KNOWN_LONG_FUNCTIONS: set[str] = {
-    "mmcli/extract.py:extract",  # remove when hardening-kills lands
-    "mmcli/preprocess.py:preprocess",  # remove when hardening-kills lands
-}
+KNOWN_LONG_FUNCTIONS: set[str] = set()
 
 
 # ----------------------------------------------------------------------- the source

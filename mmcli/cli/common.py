@@ -248,14 +248,41 @@ def error_line(message: str) -> None:
         pass
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run (as for Ctrl-C)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @contextlib.contextmanager
 def command(quiet: bool = False, debug: bool = False) -> Iterator[Context]:
     """Run a command body: set up stderr logging, turn errors into one line + exit code."""
     setup_logging(quiet, debug)
     try:
-        yield Context(quiet=quiet, debug=debug, started=time.perf_counter())
+        with _sigterm_raises():
+            yield Context(quiet=quiet, debug=debug, started=time.perf_counter())
     except typer.Exit:
         raise
+    except _Terminated:
+        error_line("terminated; finished work is kept (rerun with --resume where supported)")
+        raise typer.Exit(143) from None
     except MmcliError as e:
         if debug:
             raise

@@ -220,6 +220,9 @@ def distill(
             early_stop=early_stop,
             seed=seed,
         )
+        from mmcli.train.state import refuse_inputs
+
+        refuse_inputs(out, [*data, *(val or []), teacher, *cfg.student])  # OUT is never an input
         report = run(
             list(data),
             out,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Annotated
 
@@ -94,6 +95,13 @@ def eval_command(
             help="Where the JSON goes: - (stdout) or a path; {model} {task} {dataset} {query} {target} are filled in.",
         ),
     ] = "-",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing -o file that is not an mmcli eval result (or summary).",
+        ),
+    ] = False,
     table: Annotated[
         bool, typer.Option("--table", help="Also print the metrics as a table on stderr.")
     ] = False,
@@ -145,15 +153,22 @@ def eval_command(
         from mmcli.errors import BadInput
 
         if summarize:
-            from mmcli.evaluate.summarize import format_for, load_results, render_summary
+            from mmcli.evaluate.summarize import (
+                format_for,
+                is_summary_file,
+                load_results,
+                render_summary,
+            )
             from mmcli.formats.atomic import atomic_open
 
-            text = render_summary(load_results(features or []), format_for(output, fmt))
-            with atomic_open(output) as f:
-                f.write(text)
+            with _writing(output, features or [], is_summary_file, overwrite):
+                text = render_summary(load_results(features or []), format_for(output, fmt))
+                with atomic_open(output) as f:
+                    f.write(text)
             return
         from mmcli.evaluate.retrieval import parse_ks
         from mmcli.evaluate.run import EvalConfig, output_path, run_eval
+        from mmcli.evaluate.summarize import is_result_file
         from mmcli.formats.atomic import atomic_open, is_stdio
 
         if not features and not (train or test):
@@ -177,14 +192,41 @@ def eval_command(
             batch_size=batch_size,
             seed=seed,
         )
-        result = run_eval(cfg, progress=ctx.progress)
-        path = output if is_stdio(output) else output_path(output, result)
-        with atomic_open(path) as f:
-            f.write(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+        inputs = [*(features or []), *(train or []), *(val or []), *(test or []), model, templates]
+        templated = "{" in output
+        with contextlib.ExitStack() as stack:
+            if not templated:  # locked for the whole run: a second eval -o F is refused early
+                stack.enter_context(_writing(output, inputs, is_result_file, overwrite))
+            result = run_eval(cfg, progress=ctx.progress)
+            path = output if is_stdio(output) else output_path(output, result)
+            if templated:
+                stack.enter_context(_writing(path, inputs, is_result_file, overwrite))
+            with atomic_open(path) as f:
+                f.write(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
         if not is_stdio(path):
             ctx.info(f"wrote {path}")
         if table:
             _render(result)
+
+
+@contextlib.contextmanager
+def _writing(path: str, inputs: list, ours, overwrite: bool):
+    """Hold ``path`` for writing: never an input, never a file eval did not write (without
+    --overwrite), one writer at a time, a killed writer's temporary files removed."""
+    from pathlib import Path
+
+    from mmcli.formats.atomic import is_stdio
+    from mmcli.formats.locks import OutputLock, remove_stale_temps
+    from mmcli.formats.outputs import refuse_foreign_file, refuse_inputs_as_outputs
+
+    if is_stdio(path):
+        yield
+        return
+    refuse_inputs_as_outputs(inputs, files=[path])
+    refuse_foreign_file(path, ours, what="an mmcli eval result", overwrite=overwrite)
+    with OutputLock(path, "eval"):
+        remove_stale_temps(Path(path).parent, Path(path).name.__eq__)
+        yield
 
 
 def _render(result: dict) -> None:

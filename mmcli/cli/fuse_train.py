@@ -200,6 +200,9 @@ def fuse_train(
             early_stop=early_stop,
             seed=seed,
         )
+        from mmcli.train.state import refuse_inputs
+
+        refuse_inputs(out, [*data, *(val or []), *cfg.weights.values()])  # OUT is never an input
         summary = run(
             list(data),
             out,

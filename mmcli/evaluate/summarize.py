@@ -107,3 +107,29 @@ def format_for(path: str | None, fmt: str | None) -> str:
     if path and str(path).endswith(".json"):
         return "json"
     return "csv"
+
+
+def is_result_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an ``mmcli eval`` result (what eval may replace unasked)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("metrics"), dict) and "task" in obj
+
+
+def is_summary_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an ``eval --summarize`` table (CSV, markdown or JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    first = head.split("\n", 1)[0]
+    if first.startswith(",".join(FIXED)) or first.startswith("| " + " | ".join(FIXED) + " |"):
+        return True
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and "file" in r for r in rows)

@@ -1,8 +1,12 @@
 """Atomic writes and the ``-`` convention.
 
 Every output mmcli writes goes through :func:`atomic_path`: the data is written to a
-temporary file in the destination folder and renamed over the target only when it is
-complete, so a killed command leaves the old file or none, never half of one.
+temporary file in the destination folder (``.NAME.XXXXXXXX.tmp``) and renamed over the
+target only when it is complete, so a killed command leaves the old file or none, never
+half of one. The file is fsynced before the rename and its folder after it, so the same
+holds after a power loss: what was renamed is on disk, whole (see docs/reliability.md).
+A killed writer can leave its temporary file behind; :func:`mmcli.formats.locks.remove_stale_temps`
+removes those of a folder's own outputs.
 """
 
 from __future__ import annotations
@@ -21,16 +25,50 @@ def is_stdio(path: str | os.PathLike | None) -> bool:
     return path is not None and str(path) == STDIO
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(name: str) -> str:
+    """How the temporary files of an output named ``name`` start (``.NAME.``)."""
+    return f".{name}."
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename in it) to the disk; a no-op where the platform
+    or file system cannot open or sync a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. EINVAL on file systems without directory sync
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` on success.
 
     On an exception (or KeyboardInterrupt) the temporary file is removed and ``path``
-    is left untouched.
+    is left untouched. ``fsync`` (default): the file's data reaches the disk before the
+    rename, and the rename before this returns (durable against power loss, not only
+    against a kill).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,20 +77,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
+        if fsync:
+            fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        if fsync:
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically, or to stdout when ``path`` is ``-``."""
     if is_stdio(path):
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_bytes(data)
 
 

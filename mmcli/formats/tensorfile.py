@@ -40,6 +40,7 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
+from mmcli.formats.outputs import refuse_unfinished, refuse_while_written
 from mmcli.modalities import MODALITIES
 
 FORMAT_VERSION = "1"
@@ -416,6 +417,7 @@ def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    refuse_while_written(sources)  # a live mmcli writer holds their folder's lock
     paths: list[str] = []
     for src in sources:
         s = str(src)
@@ -441,6 +443,7 @@ def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
             raise BadInput("file not found", where=s, hint="check the path")
     if paths.count("-") > (1 if paths == ["-"] else 0):
         raise BadInput("stdin ('-') can only be read alone, as one tensor file")
+    refuse_unfinished(paths)  # a preprocess folder without its completion record
     return paths
 
 

@@ -14,6 +14,7 @@ else (stored as JSON in the metadata), so resuming never unpickles anything.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, atomic_write_bytes
+from mmcli.formats.locks import INSIDE_LOCK, OutputLock, is_temp_of, remove_stale_temps
+from mmcli.formats.outputs import refuse_inputs_as_outputs
 from mmcli.formats.runs import (  # noqa: F401  (the run folder's file names, in one place)
     BEST_FILE,
     LAST_FILE,
@@ -30,6 +33,8 @@ from mmcli.formats.runs import (  # noqa: F401  (the run folder's file names, in
     STATE_FILE,
 )
 from mmcli.formats.runs import RUN_FILES as OWNED
+
+log = logging.getLogger("mmcli")
 
 # arguments a resumed run may change: they do not change what is trained
 RESUMABLE_CHANGES = (
@@ -67,8 +72,12 @@ def changed_args(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, An
 class RunDir:
     """A training run's folder: guards against clobbering, appends metrics, saves state.
 
-    The constructor only checks; :meth:`create` writes (after the inputs were validated),
-    so a run refused for bad input leaves nothing behind.
+    The constructor checks and takes the folder's lock (the main process; a second run on
+    the folder is refused, naming the first); :meth:`create` writes (after the inputs were
+    validated), so a run refused for bad input leaves nothing behind. A run that was
+    stopped before its first checkpoint (``run.json`` but no ``state.safetensors``) has
+    nothing to resume: run again without ``resume`` and it starts afresh, replacing what
+    it had written.
     """
 
     def __init__(
@@ -83,43 +92,77 @@ class RunDir:
     ):
         self.path = Path(path)
         self.is_main = is_main
-        run_file = self.path / RUN_FILE
         if self.path.exists() and not self.path.is_dir():
             raise BadInput("run folder path exists and is not a folder", where=str(path))
-        existing = self.path.is_dir() and any(self.path.iterdir())
+        self._lock = OutputLock(self.path, command) if is_main else None
+        try:
+            fresh = self._check(command, args, resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+        self._pending = (command, args, resume, overwrite or fresh)
+
+    def _check(self, command: str, args: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+        """Refuse what cannot go on; True for a rerun of a run that saved nothing."""
+        path, run_file = str(self.path), self.path / RUN_FILE
+        old = _read_run(run_file)
         if resume:
             if not (self.path / STATE_FILE).exists():
+                stopped = old is not None
                 raise BadInput(
-                    "nothing to resume: no state.safetensors in the run folder",
-                    where=str(path),
-                    hint="drop --resume to start a new run",
+                    "nothing to resume: "
+                    + (
+                        "the run was stopped before its first checkpoint (no state.safetensors)"
+                        if stopped
+                        else "no state.safetensors in the run folder"
+                    ),
+                    where=path,
+                    hint="drop --resume: the run then starts afresh"
+                    if stopped
+                    else "drop --resume to start a new run",
                 )
-            old = json.loads(run_file.read_text()) if run_file.exists() else {}
-            if old.get("command") not in (None, command):
+            if old and old.get("command") not in (None, command):
                 raise BadInput(
                     f"the run folder holds a {old.get('command')} run, not {command}",
-                    where=str(path),
+                    where=path,
                 )
             if overwrite:
-                raise BadInput("--resume and --overwrite: choose one", where=str(path))
-            changed = changed_args(old.get("args") or {}, args) if args else []
+                raise BadInput("--resume and --overwrite: choose one", where=path)
+            changed = changed_args((old or {}).get("args") or {}, args) if args else []
             if changed:
                 shown = "; ".join(f"{k}: {a} -> {b}" for k, a, b in changed[:3])
                 more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
                 raise BadInput(
                     f"cannot resume with other arguments than the run's: {shown}{more}",
-                    where=str(path),
+                    where=path,
                     hint=f"resume with the arguments in {run_file}, or start a new run "
                     "(another -o, or --overwrite)",
                 )
-        elif existing and not overwrite:
-            what = "another run" if run_file.exists() else "other files"
-            raise BadInput(
-                f"run folder already holds {what}",
-                where=str(path),
-                hint="use --resume to continue it, --overwrite to replace it, or another -o",
-            )
-        self._pending = (command, args, resume, overwrite)
+            return False
+        if overwrite or not self._existing():
+            return False
+        same = old is not None and old.get("command") in (None, command)
+        if same and not (self.path / STATE_FILE).exists():
+            log.info("the run in %s stopped before its first checkpoint: starting it afresh", path)
+            return True
+        raise BadInput(
+            f"run folder already holds {'another run' if old is not None else 'other files'}",
+            where=path,
+            hint="use --resume to continue it, --overwrite to replace it, or another -o",
+        )
+
+    def _existing(self) -> bool:
+        """Whether the folder holds anything but a killed run's temporary files."""
+        if not self.path.is_dir():
+            return False
+        return any(
+            not is_temp_of(p.name, _owned) and p.name != INSIDE_LOCK for p in self.path.iterdir()
+        )
+
+    def close(self) -> None:
+        """Give up the folder's lock (also done when the RunDir is garbage collected)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def create(self) -> None:
         """Make the folder and record the run: call once the inputs are known to be good."""
@@ -128,6 +171,7 @@ class RunDir:
         if not self.is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path, _owned)  # a killed run's; we hold the lock
         if overwrite and not resume:
             for name in OWNED:
                 (self.path / name).unlink(missing_ok=True)
@@ -153,23 +197,65 @@ class RunDir:
             f.write(json.dumps(record, default=float) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume: drop metric lines written after the checkpoint we resume from."""
+        """On resume: drop metric lines written after the checkpoint we resume from (and
+        a last line cut short by a kill or a full disk)."""
         path = self.path / METRICS_FILE
         if not self.is_main or not path.exists():
             return
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        keep = [r for r in self._records() if r.get("step", 0) <= step]
         with atomic_open(path) as f:
-            f.write("".join(line + "\n" for line in keep))
+            f.write("".join(json.dumps(r, default=float) + "\n" for r in keep))
 
     def metrics(self) -> list[dict[str, Any]]:
+        return self._records()
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl. A last line that is not whole JSON (the run was
+        killed, or the disk filled, while writing it) is dropped; a bad line before it is
+        an error."""
         path = self.path / METRICS_FILE
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, RecursionError):
+                if all(not rest.strip() for rest in lines[i + 1 :]):
+                    log.info("%s: dropped a partial last line (the run was cut short)", path)
+                    break
+                raise BadInput(
+                    f"line {i + 1} is not a JSON object",
+                    where=str(path),
+                    hint="fix or remove the line, or start the run again (--overwrite)",
+                ) from None
+            records.append(record)
+        return records
+
+
+def _owned(name: str) -> bool:
+    return name in OWNED
+
+
+def _read_run(run_file: Path) -> dict[str, Any] | None:
+    """run.json, or None without one ({} when it is unreadable)."""
+    try:
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def refuse_inputs(path: str | os.PathLike, inputs) -> None:
+    """The run folder and the files it holds are never among a run's ``inputs``."""
+    refuse_inputs_as_outputs(inputs, files=[Path(path) / n for n in OWNED], folder=path)
 
 
 # ------------------------------------------------------------ state (de)serialise

@@ -1,0 +1,82 @@
+"""extract's loader: a background thread reading batches out of the memory-mapped shards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mmcli.formats.tensorfile import TensorSet
+from mmcli.runtime import Prefetch
+
+
+@dataclass
+class Batch:
+    shard: int  # position in the input set
+    table: str
+    start: int
+    data: Any  # a CPU tensor (pinned on CUDA)
+
+
+@dataclass
+class EndOfShard:
+    shard: int
+
+
+class Loader:
+    """A background thread reading batches from the memory-mapped shards, in order.
+
+    It copies each batch out of the memory map (into pinned memory on CUDA, so the copy
+    to the device can be non-blocking; in channels_last layout for ``channels_last``
+    tables), so page faults, disk reads and the layout change happen off the compute
+    thread. Yields :class:`Batch` and, after the last batch of a shard,
+    :class:`EndOfShard`. The copies are torch's (``contiguous(channels_last)``,
+    ``clone``): measured faster than numpy's strided transpose.
+    """
+
+    def __init__(
+        self,
+        tensors: TensorSet,
+        shards,
+        tables,
+        batch_size: int,
+        device,
+        prefetch: int,
+        channels_last=(),
+    ):
+        self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
+        self.batch_size = batch_size
+        self.pin = device.type == "cuda"
+        self.channels_last = set(channels_last)
+        self.feed = Prefetch(self._batches, depth=prefetch, name="mmcli-extract-loader")
+
+    def _copy(self, data, table: str):
+        """The batch in RAM (from the memory-mapped shard), image batches already in
+        channels_last (torch's copy: measured faster here than numpy's strided one)."""
+        import torch
+
+        if table in self.channels_last and data.dim() == 4:
+            out = data.contiguous(memory_format=torch.channels_last)
+            if out.data_ptr() == data.data_ptr():  # already channels_last: still copy
+                out = out.clone(memory_format=torch.channels_last)
+        else:
+            out = data.clone()
+        return out.pin_memory() if self.pin else out
+
+    def _batches(self) -> Iterator[Batch | EndOfShard]:
+        for i in self.shards:
+            sf = self.tensors.shards[i]
+            for table in self.tables:
+                data = sf.tensor(table)  # memory-mapped (rows, ...)
+                for start in range(0, data.shape[0], self.batch_size):
+                    yield Batch(
+                        i, table, start, self._copy(data[start : start + self.batch_size], table)
+                    )
+                del data
+            yield EndOfShard(i)
+
+    def __iter__(self) -> Iterator[Batch | EndOfShard]:
+        return iter(self.feed)
+
+    def close(self) -> None:
+        self.feed.close()

@@ -1,0 +1,74 @@
+"""preprocess's options, and the names of what it writes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mmcli.data.audio import AudioTransform
+from mmcli.data.image import ImageTransform
+from mmcli.data.text import ByteTokenizer
+from mmcli.errors import BadInput
+from mmcli.formats.manifest import MANIFEST_NAME, MODALITY_FIELDS
+from mmcli.formats.outputs import PREPROCESS_RECORD
+from mmcli.formats.tensorfile import SHARD_RE
+
+SHARD_PREFIX = "data"
+STATE_FILE = PREPROCESS_RECORD  # the options, then (last of all) "complete": true and the summary
+ERRORS_FILE = "errors.jsonl"
+CHUNK = 16  # items per worker task
+
+
+def owns(name: str) -> bool:
+    """Whether preprocess writes files of this name into its output folder."""
+    if name in (STATE_FILE, MANIFEST_NAME, ERRORS_FILE):
+        return True
+    m = SHARD_RE.match(name)
+    return bool(m) and m["name"] == SHARD_PREFIX
+
+
+@dataclass
+class PreprocessConfig:
+    image_size: int = 224
+    context_length: int = 77
+    lowercase: bool = False
+    sample_rate: int = 16000
+    audio_seconds: float = 5.0
+    shard_size: int = 1000
+    workers: int = 0
+    on_error: str = "skip"
+    split: str | None = None
+    modalities: list[str] | None = None  # None = every modality the items have
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "context_length", "sample_rate", "shard_size"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{name.replace('_', '-')} must be positive")
+        if self.audio_seconds <= 0:
+            raise BadInput("audio-seconds must be positive")
+        if self.on_error not in ("skip", "fail"):
+            raise BadInput("on-error must be skip or fail")
+        if self.modalities is not None:
+            unknown = set(self.modalities) - set(MODALITY_FIELDS)
+            if unknown:
+                raise BadInput(
+                    f"unknown modality {sorted(unknown)[0]!r}",
+                    hint=f"use {', '.join(MODALITY_FIELDS)}",
+                )
+
+    def tokenizer(self) -> ByteTokenizer:
+        return ByteTokenizer(self.context_length, self.lowercase)
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        return {
+            "image": ImageTransform(self.image_size).spec(),
+            "text": self.tokenizer().spec(),
+            "audio": AudioTransform(self.sample_rate, self.audio_seconds).spec(),
+        }
+
+    def output_options(self) -> dict[str, Any]:
+        """The options that change the output (workers/on_error do not)."""
+        d = asdict(self)
+        for k in ("workers", "on_error"):
+            d.pop(k)
+        return d

@@ -1,0 +1,167 @@
+"""Decoding images and audio, in this process or in a pool of worker processes.
+
+Workers leave the parent's signals to the parent (Ctrl-C reaches the whole process
+group; the parent stops the pool) and die with it (Linux: ``PR_SET_PDEATHSIG``), and
+what the pool machinery prints when the parent is gone (a ``BrokenPipeError`` traceback
+per worker after a kill -9) is not shown: stderr stays the parent's one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmcli.data.audio import AudioDecodeError, AudioTransform
+from mmcli.data.image import ImageDecodeError, ImageTransform
+from mmcli.formats.manifest import Item
+from mmcli.preprocess.config import CHUNK, PreprocessConfig
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    items: list[Item]
+    chunks: int = 0
+    results: dict[int, list[tuple]] = field(default_factory=dict)
+
+
+def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
+    """Worker: decode the image/audio files of a chunk of items.
+
+    Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
+    (field, reason) | None)] in item order).
+    """
+    chunk_id, files, image_size, sample_rate, seconds = task
+    image_tf = ImageTransform(image_size)
+    audio_tf = AudioTransform(sample_rate, seconds)
+    out = []
+    for image_path, audio_path in files:
+        image = audio = error = None
+        try:
+            if image_path is not None:
+                try:
+                    image = image_tf(image_path)
+                except ImageDecodeError as e:
+                    error = ("image", str(e))
+            if error is None and audio_path is not None:
+                try:
+                    audio = audio_tf(audio_path).astype("float16")
+                except AudioDecodeError as e:
+                    error = ("audio", str(e))
+        except Exception as e:  # never let one bad file kill a worker pool
+            error = (
+                "image" if image is None and image_path else "audio",
+                f"{type(e).__name__}: {e}",
+            )
+        out.append((image, audio, error))
+    return chunk_id, out
+
+
+# ---------------------------------------------------------------- the worker pool
+
+_ORPHAN_ERRORS = (BrokenPipeError, ConnectionError, EOFError, KeyboardInterrupt)
+
+
+class _QuietWhenOrphaned:
+    """A worker's stderr: passes everything through except while the worker fails because
+    its parent went away (the pool's traceback of a broken pipe), or once it has."""
+
+    def __init__(self, stream: Any, parent: int):
+        self._stream, self._parent = stream, parent
+
+    def write(self, text: str) -> int:
+        if isinstance(sys.exc_info()[1], _ORPHAN_ERRORS) or os.getppid() != self._parent:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def init_worker() -> None:
+    """Pool initializer (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
+    _die_with_parent()
+    sys.stderr = _QuietWhenOrphaned(sys.stderr, os.getppid())
+
+
+def _pool_context() -> mp.context.BaseContext:
+    # fork is fastest, but forking a process that already runs torch's thread pools
+    # (e.g. inside a test session) can deadlock: use forkserver then.
+    if sys.platform != "win32" and "torch" not in sys.modules:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
+
+
+def _tasks(
+    pending: list[ShardPlan], config: PreprocessConfig, modalities: list[str]
+) -> tuple[list[tuple], dict[int, ShardPlan]]:
+    want_image, want_audio = "image" in modalities, "audio" in modalities
+    tasks = []
+    owner: dict[int, ShardPlan] = {}
+    for plan in pending:
+        for start in range(0, len(plan.items), CHUNK):
+            files = [
+                (
+                    str(it.path("image")) if want_image and it.has("image") else None,
+                    str(it.path("audio")) if want_audio and it.has("audio") else None,
+                )
+                for it in plan.items[start : start + CHUNK]
+            ]
+            cid = len(tasks)
+            tasks.append((cid, files, config.image_size, config.sample_rate, config.audio_seconds))
+            owner[cid] = plan
+            plan.chunks += 1
+    return tasks, owner
+
+
+def decode(
+    pending: list[ShardPlan], config: PreprocessConfig, modalities: list[str]
+) -> Iterator[tuple[ShardPlan, list[tuple]]]:
+    """Yield (shard plan, decoded results in item order) shard by shard, decoding in workers."""
+    if "image" not in modalities and "audio" not in modalities:  # text only: nothing to decode
+        for plan in pending:
+            yield plan, [(None, None, None)] * len(plan.items)
+        return
+    tasks, owner = _tasks(pending, config, modalities)
+    if config.workers > 0 and len(tasks) > 1:
+        pool = _pool_context().Pool(config.workers, initializer=init_worker)
+        results = pool.imap(decode_chunk, tasks)
+    else:
+        pool = None
+        results = map(decode_chunk, tasks)
+    try:
+        for cid, decoded in results:
+            plan = owner[cid]
+            plan.results[cid] = decoded
+            if len(plan.results) == plan.chunks:
+                flat = [r for k in sorted(plan.results) for r in plan.results[k]]
+                plan.results.clear()
+                yield plan, flat
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
