@@ -30,6 +30,7 @@ from typing import Any
 from mmcli.data.audio import AudioDecodeError, AudioTransform
 from mmcli.data.image import ImageDecodeError, ImageTransform
 from mmcli.data.importers import ImportOptions, import_items, manifest_in_folder
+from mmcli.data.limits import MAX_IMAGE_PIXELS, check_max_pixels, check_value
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open, is_stdio
@@ -71,13 +72,15 @@ class PreprocessConfig:
     on_error: str = "skip"
     split: str | None = None
     modalities: list[str] | None = None  # None = every modality the items have
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (0 = no limit)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "context_length", "sample_rate", "shard_size"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"{name.replace('_', '-')} must be positive")
-        if self.audio_seconds <= 0:
-            raise BadInput("audio-seconds must be positive")
+        if self.shard_size < 1:
+            raise BadInput("shard-size must be positive")
+        for key, name in (("image_size", "image_size"), ("context_length", "context_length"),
+                          ("sample_rate", "sample_rate"), ("seconds", "audio_seconds")):  # fmt: skip
+            check_value(key, getattr(self, name), name=f"--{name.replace('_', '-')}")
+        check_max_pixels(self.max_image_pixels)
         if self.on_error not in ("skip", "fail"):
             raise BadInput("on-error must be skip or fail")
         if self.modalities is not None:
@@ -115,8 +118,8 @@ def _decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
     (field, reason) | None)] in item order).
     """
-    chunk_id, files, image_size, sample_rate, seconds = task
-    image_tf = ImageTransform(image_size)
+    chunk_id, files, image_size, sample_rate, seconds, max_pixels = task
+    image_tf = ImageTransform(image_size, max_pixels)
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
     for image_path, audio_path in files:
@@ -426,7 +429,10 @@ def _decode(
                 for it in plan.items[start : start + CHUNK]
             ]
             cid = len(tasks)
-            tasks.append((cid, files, config.image_size, config.sample_rate, config.audio_seconds))
+            tasks.append(
+                (cid, files, config.image_size, config.sample_rate, config.audio_seconds,
+                 config.max_image_pixels)
+            )  # fmt: skip
             owner[cid] = plan
             plan.chunks += 1
     if not want_image and not want_audio:  # text only: nothing to decode

@@ -35,6 +35,7 @@ from typing import Any
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import is_stdio
 from mmcli.formats.manifest import Item, read_manifest
+from mmcli.formats.userfiles import open_file, open_text
 
 log = logging.getLogger("mmcli")
 
@@ -93,7 +94,7 @@ def detect_format(path: str) -> str:
     if suffix == ".json":
         return _detect_json(p)
     # unknown extension: sniff the first line
-    with open(p, "rb") as f:
+    with open_file(p, "input") as f:
         head = f.readline(1 << 16).strip()
     if head.startswith(b"{"):
         return "jsonl"
@@ -106,7 +107,7 @@ def detect_format(path: str) -> str:
 
 def _detect_json(p: Path) -> str:
     try:
-        with open(p, encoding="utf-8-sig") as f:
+        with open_text(p, "input") as f:
             first = f.read(1)
             f.seek(0)
             if first != "{":
@@ -114,6 +115,8 @@ def _detect_json(p: Path) -> str:
             data = json.load(f)
     except UnicodeDecodeError:
         raise BadInput("not a UTF-8 text file (expected JSON)", where=str(p)) from None
+    except RecursionError:
+        raise BadInput("bad JSON (nested too deeply)", where=str(p)) from None
     except json.JSONDecodeError as e:
         # a .json file holding JSON lines
         if e.msg == "Extra data":
@@ -215,14 +218,12 @@ def _folder_items(root: Path, exts: set[str], modality: str, fmt: str) -> Iterat
 
 def _load_json(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open_text(path, "JSON file") as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise BadInput("file not found", where=path) from None
-    except IsADirectoryError:
-        raise BadInput("expected a JSON file, got a folder", where=path) from None
     except UnicodeDecodeError:
         raise BadInput("not a UTF-8 text file (expected JSON)", where=path) from None
+    except RecursionError:
+        raise BadInput("bad JSON (nested too deeply)", where=path) from None
     except json.JSONDecodeError as e:
         raise BadInput(
             f"bad JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path
@@ -311,9 +312,7 @@ def _csv_items(path: str, opts: ImportOptions) -> Iterator[Item]:
         base, name = Path.cwd(), "<stdin>"
     else:
         p = Path(path)
-        if not p.is_file():
-            raise BadInput("CSV file not found", where=path)
-        stream = open(p, encoding="utf-8-sig", newline="")  # noqa: SIM115
+        stream = open_text(p, "CSV file", newline="")
         base, name = p.resolve().parent, p.name
     try:
         delimiter = opts.delimiter

@@ -64,10 +64,12 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
 def read_checkpoint_meta(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint's config and metadata, reading only the header (no torch)."""
     _, metadata, _ = read_header(path)
-    return _from_metadata(metadata, str(path))
+    return checkpoint_from_metadata(metadata, str(path))
 
 
-def _from_metadata(metadata: dict[str, str], where: str) -> Checkpoint:
+def checkpoint_from_metadata(metadata: dict[str, str], where: str) -> Checkpoint:
+    """The config and metadata of a checkpoint from its header's metadata (type-checked:
+    each entry a JSON object)."""
     if metadata.get(META_KIND) != MODEL_KIND or "mmcli.model" not in metadata:
         kind = metadata.get(META_KIND)
         raise BadInput(
@@ -113,9 +115,12 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> Checkpoint:
     where = str(path)
     data = read_checkpoint_bytes(path)
     _, metadata, _ = parse_header(data, where)
-    ckpt = _from_metadata(metadata, where)
+    ckpt = checkpoint_from_metadata(metadata, where)
     try:
         ckpt.state_dict = {k: v.to(device) for k, v in load(data).items()}
     except SafetensorError as e:
         raise BadInput(f"corrupt checkpoint ({e})", where=where) from None
     return ckpt
+
+
+_from_metadata = checkpoint_from_metadata  # the old private name

@@ -17,6 +17,7 @@ path swapped for a FIFO between the check and the open cannot hang either.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 from pathlib import Path
@@ -109,6 +110,17 @@ def open_file(path: str | os.PathLike, what: str = "file", *, stdin_ok: bool = F
         with contextlib.suppress(OSError):
             os.close(fd)
         raise
+
+
+def open_text(
+    path: str | os.PathLike,
+    what: str = "file",
+    *,
+    encoding: str = "utf-8-sig",
+    newline: str | None = None,
+) -> io.TextIOWrapper:
+    """:func:`open_file` for reading text (UTF-8, a BOM accepted, by default)."""
+    return io.TextIOWrapper(open_file(path, what), encoding=encoding, newline=newline)
 
 
 def read_file(path: str | os.PathLike, what: str = "file") -> bytes:

@@ -61,9 +61,21 @@ class ImageEncoder(Encoder):
 
     def __init__(self, config: Any, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(config)
+        self._mean_std = (tuple(mean), tuple(std))
         # not persistent: they are constants, and keep state dicts equal to torchvision's
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.init_constants()
+
+    @torch.no_grad()
+    def init_constants(self) -> None:
+        """(Re)compute the non-persistent buffers (after a model built on the meta device
+        is allocated, see :mod:`mmcli.models.checkpoint_io`); a no-op on meta."""
+        if self.mean.is_meta:
+            return
+        mean, std = self._mean_std
+        self.mean.copy_(torch.tensor(mean, device="cpu").view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(std, device="cpu").view(1, 3, 1, 1))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -139,18 +151,30 @@ class LogMel(nn.Module):
 
     def __init__(self, sample_rate: int, n_mels: int, n_fft: int, hop_length: int):
         super().__init__()
+        self.sample_rate, self.n_mels = sample_rate, n_mels
+        self.n_fft, self.hop_length = n_fft, hop_length
+        self.register_buffer("fb", torch.empty(n_fft // 2 + 1, n_mels), persistent=False)
+        self.register_buffer("window", torch.empty(n_fft), persistent=False)
+        self.init_constants()
+
+    @torch.no_grad()
+    def init_constants(self) -> None:
+        """(Re)compute the filterbank and window (a no-op on the meta device)."""
+        if self.fb.is_meta:
+            return
         import torchaudio.functional as AF
 
-        self.n_fft, self.hop_length = n_fft, hop_length
-        fb = AF.melscale_fbanks(
-            n_freqs=n_fft // 2 + 1,
-            f_min=0.0,
-            f_max=sample_rate / 2.0,
-            n_mels=n_mels,
-            sample_rate=sample_rate,
-        )  # (n_freqs, n_mels)
-        self.register_buffer("fb", fb, persistent=False)
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        with torch.device("cpu"):
+            fb = AF.melscale_fbanks(
+                n_freqs=self.n_fft // 2 + 1,
+                f_min=0.0,
+                f_max=self.sample_rate / 2.0,
+                n_mels=self.n_mels,
+                sample_rate=self.sample_rate,
+            )  # (n_freqs, n_mels)
+            window = torch.hann_window(self.n_fft)
+        self.fb.copy_(fb)
+        self.window.copy_(window)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.shape[-1] < self.n_fft:

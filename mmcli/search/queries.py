@@ -11,12 +11,12 @@ JSONL query lines (``retrieve`` on stdin) are objects with exactly one of
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmcli.errors import BadInput
+from mmcli.formats import safejson
 
 QUERY_KEYS = ("text", "image", "audio", "id")
 
@@ -56,10 +56,10 @@ def query_from_obj(obj: Any, where: str = "query") -> Query:
 
 def parse_query_line(line: str, where: str) -> Query:
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
+        obj = safejson.loads(line)
+    except safejson.JSONError as e:
         raise BadInput(
-            f"bad JSON ({e.msg} at column {e.colno})",
+            str(e),
             where=where,
             hint='one query object per line, e.g. {"text": "a red circle"}',
         ) from None
