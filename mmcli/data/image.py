@@ -93,8 +93,8 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
     w, h = size
     if max_pixels and w * h > max_pixels:
         raise ImageDecodeError(
-            f"image too large ({w}x{h} = {w * h / 1e6:.1f} megapixels, the limit is "
-            f"{max_pixels / 1e6:g}); raise it with --max-image-pixels"
+            f"image too large ({w}x{h} = {w * h / 1e6:.1f} megapixels; the limit, a guard "
+            f"against decompression bombs, is {max_pixels / 1e6:g} (preprocess --max-image-pixels))"
         )
 
 

@@ -64,6 +64,10 @@ def _label_counts(shards: list[ShardFile]) -> dict[str, int] | None:
 
 def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
     first = shards[0]
+    for shard in shards:  # what info reports is checked like every reader checks it
+        shard.ids()
+        for name in shard.tables:
+            shard.item_index(name)
     tables = {}
     for name in first.tables:
         info = first.tensors[name]
