@@ -71,7 +71,8 @@ class ImageEncoder(Encoder):
     def init_constants(self) -> None:
         """(Re)compute the non-persistent buffers (after a model built on the meta device
         is allocated, see :mod:`mmcli.models.checkpoint_io`); a no-op on meta."""
-        if self.mean.is_meta:
+        buffer = self._buffers.get("mean")
+        if buffer is None or buffer.is_meta:  # on meta; or a subclass without them
             return
         mean, std = self._mean_std
         self.mean.copy_(torch.tensor(mean, device="cpu").view(1, 3, 1, 1))
