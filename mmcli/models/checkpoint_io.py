@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", cls:
     config = ModelConfig.from_dict(ckpt.config, where=where)
     model = build_on_meta(cls, config, len(stored), where)
     check_against_stored(model, stored, where)
-    model = materialize(model, read_tensors(), device, lambda: cls(config))
+    model = materialize(model, read_tensors(), device, lambda: cls(config), where)
     model.weights.update(config.extra.get("encoder_weights", {}) or {})
     model.checkpoint = {"path": where, "sha256": None if is_stdio(path) else file_sha256(path)}
     model.checkpoint_meta = {"train": ckpt.train, "state": ckpt.state, "metrics": ckpt.metrics}
@@ -150,7 +151,8 @@ def build_on_meta(cls: Any, config: Any, stored_tensors: int, where: str) -> nn.
     :data:`CALLS_PER_TENSOR` torch operations per stored tensor."""
     budget = _Budget(BASE_CALLS + CALLS_PER_TENSOR * stored_tensors)
     try:
-        with torch.device("meta"), budget:
+        with torch.device("meta"), budget, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "initializing zero-element tensors"
             return cls(config)
     except _OverBudget:
         raise BadInput(
@@ -209,7 +211,9 @@ def check_against_stored(model: nn.Module, stored: dict[str, TensorInfo], where:
         )
 
 
-def materialize(model: nn.Module, state: dict[str, torch.Tensor], device, rebuild) -> nn.Module:
+def materialize(
+    model: nn.Module, state: dict[str, torch.Tensor], device, rebuild, where: str | None = None
+) -> nn.Module:
     """Allocate a meta model on ``device``, load ``state`` and compute its constants.
 
     A module whose constants (non-persistent buffers) cannot be recomputed (it has no
@@ -225,5 +229,11 @@ def materialize(model: nn.Module, state: dict[str, torch.Tensor], device, rebuil
     model.load_state_dict(state, strict=True)
     for m in model.modules():
         if callable(getattr(m, "init_constants", None)):
-            m.init_constants()
+            try:
+                m.init_constants()
+            except _BUILD_ERRORS as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise BadInput(
+                    f"cannot rebuild the model from its config ({reason})", where=where
+                ) from None
     return model
