@@ -178,10 +178,13 @@ def _check_disjoint(tensors: dict[str, TensorInfo], where: str) -> None:
             )
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """(tensor infos, metadata, data start) of a safetensors file, reading only its header."""
+def read_header(
+    path: str | os.PathLike, what: str = "file"
+) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """(tensor infos, metadata, data start) of a safetensors file, reading only its header;
+    ``what`` names the file in errors ("checkpoint not found")."""
     where = str(path)
-    with open_file(path, "file") as f:
+    with open_file(path, what) as f:
         head = f.read(8)
         if len(head) < 8:
             raise BadInput("not a safetensors file (too short)", where=where)

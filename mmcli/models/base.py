@@ -63,22 +63,9 @@ class ImageEncoder(Encoder):
 
     def __init__(self, config: Any, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(config)
-        self._mean_std = (tuple(mean), tuple(std))
         # not persistent: they are constants, and keep state dicts equal to torchvision's
-        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
-        self.init_constants()
-
-    @torch.no_grad()
-    def init_constants(self) -> None:
-        """(Re)compute the non-persistent buffers (after a model built on the meta device
-        is allocated, see :mod:`mmcli.models.checkpoint_io`); a no-op on meta."""
-        buffer = self._buffers.get("mean")
-        if buffer is None or buffer.is_meta:  # on meta; or a subclass without them
-            return
-        mean, std = self._mean_std
-        self.mean.copy_(torch.tensor(mean, device="cpu").view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor(std, device="cpu").view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -162,11 +149,13 @@ class LogMel(nn.Module):
         self.n_fft, self.hop_length = n_fft, hop_length
         self.register_buffer("fb", torch.empty(n_fft // 2 + 1, n_mels), persistent=False)
         self.register_buffer("window", torch.empty(n_fft), persistent=False)
-        self.init_constants()
+        self._fill()
 
     @torch.no_grad()
-    def init_constants(self) -> None:
-        """(Re)compute the filterbank and window (a no-op on the meta device)."""
+    def _fill(self) -> None:
+        """Compute the filterbank and window; skipped on the meta device, where checkpoint
+        loading builds models only to check their sizes (torchaudio's filterbank needs
+        real numbers)."""
         if self.fb.is_meta:
             return
         import torchaudio.functional as AF

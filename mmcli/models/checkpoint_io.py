@@ -17,8 +17,8 @@ bounded constants), whatever the config claims (``width = 10**9``, ``depth = 10*
    (missing, unexpected, wrong shape or kind: one line), and the constants the model
    computes itself (non-persistent buffers: mel filterbanks, normalisation) must fit in
    :data:`MAX_CONSTANT_BYTES`;
-5. only then is it allocated on the device (``to_empty``), loaded, and its constants
-   computed (``init_constants()`` of the modules that have them).
+5. only then is it built for real, loaded and moved to the device (see
+   :func:`materialize` for why a real build rather than ``to_empty``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", cls:
     config = ModelConfig.from_dict(ckpt.config, where=where)
     model = build_on_meta(cls, config, len(stored), where)
     check_against_stored(model, stored, where)
-    model = materialize(model, read_tensors(), device, lambda: cls(config), where)
+    model = materialize(lambda: cls(config), read_tensors(), device, where)
     model.weights.update(config.extra.get("encoder_weights", {}) or {})
     model.checkpoint = {"path": where, "sha256": None if is_stdio(path) else file_sha256(path)}
     model.checkpoint_meta = {"train": ckpt.train, "state": ckpt.state, "metrics": ckpt.metrics}
@@ -99,7 +99,7 @@ def _open(path: str | os.PathLike):
         tensors, metadata, _ = parse_header(data, where)
     else:
         data = None
-        tensors, metadata, _ = read_header(path)
+        tensors, metadata, _ = read_header(path, "checkpoint")
     ckpt = checkpoint_from_metadata(metadata, where)
 
     def read() -> dict[str, torch.Tensor]:
@@ -212,28 +212,25 @@ def check_against_stored(model: nn.Module, stored: dict[str, TensorInfo], where:
 
 
 def materialize(
-    model: nn.Module, state: dict[str, torch.Tensor], device, rebuild, where: str | None = None
+    rebuild, state: dict[str, torch.Tensor], device, where: str | None = None
 ) -> nn.Module:
-    """Allocate a meta model on ``device``, load ``state`` and compute its constants.
+    """Allocate the checked model: ``rebuild()`` builds it for real, ``state`` is loaded
+    and the result moved to ``device``.
 
-    A module whose constants (non-persistent buffers) cannot be recomputed (it has no
-    ``init_constants()``) is rebuilt for real with ``rebuild()`` instead; its sizes were
-    checked by :func:`check_against_stored`, so that is bounded too.
+    Its sizes were checked on the meta device, so this allocates no more than the stored
+    tensors plus bounded constants. It is built for real (not ``to_empty``) so that the
+    random initialisation draws the same numbers as it always did: a seeded run that loads
+    a checkpoint (distill's teacher) then initialises another model gets the same numbers
+    as with earlier versions of mmcli.
     """
-    owners = [m for m in model.modules() if getattr(m, "_non_persistent_buffers_set", None)]
-    if any(not callable(getattr(m, "init_constants", None)) for m in owners):
-        real = rebuild()
-        real.load_state_dict(state, strict=True)
-        return real.to(device)
-    model.to_empty(device=device)
+    try:
+        model = rebuild()
+    except BadInput as e:
+        raise BadInput(f"cannot rebuild the model: {e}", where=where) from None
+    except _BUILD_ERRORS as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(
+            f"cannot rebuild the model from its config ({reason})", where=where
+        ) from None
     model.load_state_dict(state, strict=True)
-    for m in model.modules():
-        if callable(getattr(m, "init_constants", None)):
-            try:
-                m.init_constants()
-            except _BUILD_ERRORS as e:
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                raise BadInput(
-                    f"cannot rebuild the model from its config ({reason})", where=where
-                ) from None
-    return model
+    return model.to(device)

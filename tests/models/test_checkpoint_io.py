@@ -207,9 +207,9 @@ def test_meta_built_then_allocated_equals_the_saved_model(spec, tmp_path):
             assert value.requires_grad == got[name].requires_grad
 
 
-def test_a_module_without_init_constants_is_rebuilt_for_real(tmp_path):
-    """A registered fusion kind holding a computed buffer it cannot recompute after
-    to_empty is built for real instead (its sizes were checked on meta first)."""
+def test_computed_buffers_of_a_registered_fusion_are_right(tmp_path):
+    """A fusion kind registered from outside, holding a computed (non-persistent) buffer:
+    built on meta for the checks, then for real, so the buffer has its values."""
     from mmcli.models.multimodal import _FUSION, register_fusion
 
     class Scaled(torch.nn.Module):
@@ -232,3 +232,16 @@ def test_a_module_without_init_constants_is_rebuilt_for_real(tmp_path):
         assert torch.equal(again.fusion.lin.weight, model.fusion.lin.weight)
     finally:
         del _FUSION["scaled_test"]
+
+
+def test_loading_draws_the_random_numbers_building_draws(ckpt):
+    """Seeded runs that load a checkpoint and then initialise another model (distill's
+    teacher, then its student) keep their numbers: loading advances the global RNG as
+    building the model does, the meta-device checks draw nothing."""
+    config = ModelConfig.from_dict(MultimodalModel.from_checkpoint(ckpt).config.to_dict())
+    torch.manual_seed(3)
+    MultimodalModel(config)
+    after_build = torch.rand(4)
+    torch.manual_seed(3)
+    MultimodalModel.from_checkpoint(ckpt)
+    assert torch.equal(torch.rand(4), after_build)
