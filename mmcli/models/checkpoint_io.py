@@ -103,14 +103,11 @@ def _open(path: str | os.PathLike):
     ckpt = checkpoint_from_metadata(metadata, where)
 
     def read() -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
-        try:
-            if data is not None:
-                return load(data)
-            with safe_open(where, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+        try:  # one read into memory: copying from a memory map page-faults (3x slower)
+            return load(data if data is not None else read_checkpoint_bytes(path))
         except (SafetensorError, OSError) as e:
             raise BadInput(f"corrupt checkpoint ({e})", where=where) from None
 
