@@ -43,10 +43,7 @@ LAYERS: list[set[str]] = [
 KNOWN_CYCLES: list[frozenset[str]] = []
 
 # modules over MAX_MODULE_LINES lines
-KNOWN_LONG_MODULES: set[str] = {
-    "mmcli/formats/tensorfile.py",  # remove when hardening-files lands
-    "mmcli/models/multimodal.py",  # remove when hardening-files lands (checkpoint loading)
-}
+KNOWN_LONG_MODULES: set[str] = set()
 
 # functions over MAX_FUNCTION_LINES lines, as "path:qualified.name"
 KNOWN_LONG_FUNCTIONS: set[str] = set()

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 import typer
 
 from mmcli.cli.common import Debug, OnError, Overwrite, Quiet, Resume, Workers, command
+from mmcli.data.limits import MAX_IMAGE_PIXELS
 
 Format = Literal["auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder"]
 _LAYOUT = "Dataset layout"
@@ -102,6 +103,15 @@ def preprocess(
             min=0.01, help="Audio: crop or zero-pad to this length.", rich_help_panel=_PROC
         ),
     ] = 5.0,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Images: skip (as unreadable) any image of more pixels, before decoding it "
+            "(a decompression-bomb guard; 0 = no limit).",
+            rich_help_panel=_PROC,
+        ),
+    ] = MAX_IMAGE_PIXELS,
     shard_size: Annotated[
         int, typer.Option(min=1, help="Items per shard.", rich_help_panel=_PROC)
     ] = 1000,
@@ -138,6 +148,7 @@ def preprocess(
             sample_rate=sample_rate,
             audio_seconds=audio_seconds,
             shard_size=shard_size,
+            max_image_pixels=max_image_pixels,
             workers=workers,
             on_error=on_error,
             split=split,

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.data.limits import check_input_spec
+from mmcli.formats.userfiles import NotAFile, open_file
+
 
 class AudioDecodeError(Exception):
     """The file could not be read as audio."""
@@ -32,13 +35,14 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
     """Decode ``path`` into float32 numpy [round(sample_rate * seconds)]. Raises AudioDecodeError."""
     import soundfile as sf
 
-    if not os.path.exists(path):
-        raise AudioDecodeError("file not found")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise AudioDecodeError("file not found") from None
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        f = open_file(path, "file")  # a FIFO or a device is refused, never opened
+    except NotAFile as e:
+        raise AudioDecodeError(e.reason) from None
+    try:
+        with f:
+            data, sr = sf.read(f, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
         raise AudioDecodeError(f"cannot decode audio ({e})") from None
     if data.shape[0] == 0:
         raise AudioDecodeError("audio file has no samples")
@@ -74,4 +78,7 @@ class AudioTransform:
 
 
 def audio_transform_from_spec(spec: dict[str, Any]) -> AudioTransform:
+    """The transform a table spec (or a model's audio input spec) describes; BadInput for
+    a sample rate or length outside the bounds of :mod:`mmcli.data.limits`."""
+    check_input_spec("audio", spec)
     return AudioTransform(int(spec.get("sample_rate", 16000)), float(spec.get("seconds", 5.0)))

@@ -9,12 +9,17 @@ center crop. Resize and crop are done in one resampling pass over the crop box.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from mmcli.data.limits import MAX_IMAGE_PIXELS, check_input_spec
+from mmcli.formats.userfiles import NotAFile, open_file
 
 
 class ImageDecodeError(Exception):
@@ -53,12 +58,19 @@ def center_box(width: int, height: int, size: int) -> tuple[float, float, float,
     return (left, top, left + side, top + side)
 
 
-def load_image(path: str | os.PathLike, size: int = 224):
-    """Decode ``path`` into a uint8 numpy array [3, size, size]. Raises ImageDecodeError."""
+def load_image(path: str | os.PathLike, size: int = 224, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Decode ``path`` into a uint8 numpy array [3, size, size]. Raises ImageDecodeError,
+    also for a path that is not a regular file (never opened) and for an image of more
+    than ``max_pixels`` pixels (refused before decoding; 0 = no limit)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        f = open_file(path, "file")
+    except NotAFile as e:
+        raise ImageDecodeError(e.reason) from None
+    try:
+        with f, _pixel_limit(Image, max_pixels), Image.open(f) as im:
+            _check_pixels(im.size, max_pixels)
             if im.format == "JPEG":
                 w, h = im.size
                 scale = size / min(w, h)
@@ -68,21 +80,48 @@ def load_image(path: str | os.PathLike, size: int = 224):
             box = center_box(im.width, im.height, size)
             im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
             arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("cannot decode image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode image ({e})") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if max_pixels and w * h > max_pixels:
+        raise ImageDecodeError(
+            f"image too large ({w}x{h} = {w * h / 1e6:.1f} megapixels; the limit, a guard "
+            f"against decompression bombs, is {max_pixels / 1e6:g} (preprocess --max-image-pixels))"
+        )
+
+
+@contextlib.contextmanager
+def _pixel_limit(Image, max_pixels: int):
+    """Pillow's own decompression-bomb check, quiet: mmcli checks ``max_pixels`` itself.
+
+    Pillow warns (on stderr) above ``Image.MAX_IMAGE_PIXELS`` and refuses above twice
+    that; its warning is silenced here, and its limit is raised (process-wide) when
+    mmcli's is higher, so that ``max_pixels`` is the one limit that applies.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and (not max_pixels or max_pixels > 2 * current):
+        Image.MAX_IMAGE_PIXELS = max_pixels or None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 @dataclass(frozen=True)
 class ImageTransform:
     size: int = 224
+    #: refuse images of more pixels before decoding (0 = no limit); not part of the spec
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def __call__(self, path: str | os.PathLike):
-        return load_image(path, self.size)
+        return load_image(path, self.size, self.max_pixels)
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -94,4 +133,7 @@ class ImageTransform:
 
 
 def image_transform_from_spec(spec: dict[str, Any]) -> ImageTransform:
+    """The transform a table spec (or a model's image input spec) describes; BadInput for
+    an image size outside the bounds of :mod:`mmcli.data.limits`."""
+    check_input_spec("image", spec)
     return ImageTransform(size=int(spec.get("image_size", 224)))

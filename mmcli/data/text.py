@@ -83,10 +83,16 @@ TOKENIZERS = {"bytes": ByteTokenizer}
 
 
 def tokenizer_from_spec(spec: dict[str, Any]) -> ByteTokenizer:
-    """Rebuild the tokenizer a text table was made with (from its table spec)."""
+    """Rebuild the tokenizer a text table was made with (from its table spec); BadInput
+    for an unknown tokenizer or a context length outside :mod:`mmcli.data.limits`."""
+    from mmcli.data.limits import check_input_spec
+
+    check_input_spec("text", spec)
     name = spec.get("tokenizer", "bytes")
-    if name not in TOKENIZERS:
-        raise BadInput(f"unknown tokenizer {name!r}", hint=f"known: {', '.join(TOKENIZERS)}")
+    if not isinstance(name, str) or name not in TOKENIZERS:
+        raise BadInput(
+            f"unknown tokenizer {str(name)[:40]!r}", hint=f"known: {', '.join(TOKENIZERS)}"
+        )
     return TOKENIZERS[name](
         context_length=int(spec.get("context_length", 77)),
         lowercase=bool(spec.get("lowercase", False)),

@@ -15,6 +15,7 @@ when they have labels.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,9 +243,26 @@ def model_name(checkpoint: str | None, features) -> str:
     return "+".join(names) or "features"
 
 
+def safe_name(value: str) -> str:
+    """``value`` as one safe file-name part: letters, digits and ``. _ + - =`` kept, any
+    other run of characters (``/``, ``\\``, spaces, controls) becomes ``_``, and no part
+    starts with a dot (so ``..`` cannot climb out of the output folder)."""
+    out = re.sub(r"[^\w.+=-]+", "_", value, flags=re.ASCII)
+    out = re.sub(r"\.{2,}", "_", out)
+    return "_" + out[1:] if out.startswith(".") else out
+
+
 def output_path(template: str, result: dict[str, Any]) -> str:
-    """Fill ``{model}``, ``{task}``, ``{dataset}``, ``{query}``, ``{target}`` in ``--output``."""
-    values = {k: str(result.get(k) or "") for k in ("model", "task", "dataset", "query", "target")}
+    """Fill ``{model}``, ``{task}``, ``{dataset}``, ``{query}``, ``{target}`` in ``--output``.
+
+    The values come from the inputs' metadata (an encoder name, a folder name), so each is
+    reduced to safe file-name characters (:func:`safe_name`): a feature file whose
+    encoder is ``../../x`` cannot make ``-o 'results/{model}.json'`` write elsewhere.
+    """
+    values = {
+        k: safe_name(str(result.get(k) or ""))
+        for k in ("model", "task", "dataset", "query", "target")
+    }
     try:
         return template.format(**values)
     except (KeyError, IndexError, ValueError) as e:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.errors import BadInput
+from mmcli.formats import safejson
+from mmcli.formats.userfiles import read_file
 
 FORMATS = ("csv", "markdown", "json")
 FIXED = ("file", "dataset", "model", "task")
@@ -42,10 +44,8 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     out = []
     for f in files:
         try:
-            obj = json.loads(Path(f).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInput("file not found", where=f) from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = safejson.loads(read_file(f).decode("utf-8"))
+        except (safejson.JSONError, UnicodeDecodeError):
             raise BadInput(
                 "not a JSON file", where=f, hint="pass files written by mmcli eval"
             ) from None

@@ -14,16 +14,16 @@ starting with ``#`` are skipped), or a JSON list of templates.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmcli.errors import BadInput
 from mmcli.evaluate.classification import classification_metrics, labelled_rows
+from mmcli.formats import safejson
+from mmcli.formats.userfiles import read_file
 
 DEFAULT_TEMPLATES: dict[str, list[str]] = {
     "image": [
@@ -44,19 +44,18 @@ DEFAULT_TEMPLATES: dict[str, list[str]] = {
 
 def load_templates(path: str | os.PathLike) -> list[str]:
     """Templates from a text file (one per line) or a JSON list; each must contain ``{}``."""
-    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInput("templates file not found", where=str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_file(path, "templates file").decode("utf-8")
+    except UnicodeDecodeError as e:
         raise BadInput(f"cannot read templates ({e})", where=str(path)) from None
+    except OSError as e:
+        raise BadInput(f"cannot read templates ({e.strerror or e})", where=str(path)) from None
     stripped = text.strip()
     if stripped.startswith("["):
         try:
-            templates = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"bad JSON ({e.msg})", where=str(path)) from None
+            templates = safejson.loads(stripped)
+        except safejson.JSONError as e:
+            raise BadInput(str(e), where=str(path)) from None
         if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
             raise BadInput("expected a JSON list of strings", where=str(path))
     else:

@@ -14,14 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmcli.errors import BadInput
+from mmcli.formats import safejson
 from mmcli.formats.atomic import atomic_write_bytes, is_stdio, read_bytes
-from mmcli.formats.tensorfile import (
-    FORMAT_VERSION,
-    META_FORMAT,
-    META_KIND,
-    _parse_header,
-    read_header,
-)
+from mmcli.formats.layout import FORMAT_VERSION, META_FORMAT, META_KIND
+from mmcli.formats.safetensors_io import parse_header, read_header, save_torch
+from mmcli.formats.userfiles import read_file
 
 MODEL_KIND = "model"
 
@@ -51,9 +48,8 @@ def _unshare(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
-    """Write a checkpoint atomically (``-`` for stdout)."""
-    from safetensors.torch import save
-
+    """Write a checkpoint atomically (``-`` for stdout); the same content gives the same
+    bytes (canonical header)."""
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_KIND: MODEL_KIND,
@@ -62,32 +58,53 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         "mmcli.state": json.dumps(ckpt.state, sort_keys=True),
         "mmcli.metrics": json.dumps(ckpt.metrics, sort_keys=True),
     }
-    atomic_write_bytes(path, save(_unshare(ckpt.state_dict), metadata=metadata))
+    atomic_write_bytes(path, save_torch(_unshare(ckpt.state_dict), metadata))
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint's config and metadata, reading only the header (no torch)."""
     _, metadata, _ = read_header(path)
-    return _from_metadata(metadata, str(path))
+    return checkpoint_from_metadata(metadata, str(path))
 
 
-def _from_metadata(metadata: dict[str, str], where: str) -> Checkpoint:
+def checkpoint_from_metadata(metadata: dict[str, str], where: str) -> Checkpoint:
+    """The config and metadata of a checkpoint from its header's metadata (type-checked:
+    each entry a JSON object)."""
     if metadata.get(META_KIND) != MODEL_KIND or "mmcli.model" not in metadata:
         kind = metadata.get(META_KIND)
         raise BadInput(
-            f"not an mmcli model checkpoint (kind: {kind or 'plain safetensors'})",
+            f"not an mmcli model checkpoint (kind: {kind[:40] if kind else 'plain safetensors'})",
             where=where,
             hint="pass a checkpoint written by mmcli fuse-train or distill",
         )
-    try:
-        return Checkpoint(
-            config=json.loads(metadata["mmcli.model"]),
-            train=json.loads(metadata.get("mmcli.train", "{}")),
-            state=json.loads(metadata.get("mmcli.state", "{}")),
-            metrics=json.loads(metadata.get("mmcli.metrics", "{}")),
+    parts = {}
+    for key in ("model", "train", "state", "metrics"):
+        try:
+            value = safejson.loads(metadata.get(f"mmcli.{key}", "{}"))
+        except safejson.JSONError as e:
+            raise BadInput(f"corrupt checkpoint metadata (mmcli.{key}: {e})", where=where) from None
+        if not isinstance(value, dict):
+            raise BadInput(
+                f"corrupt checkpoint metadata (mmcli.{key} is not a JSON object)", where=where
+            )
+        parts[key] = value
+    return Checkpoint(
+        config=parts["model"], train=parts["train"], state=parts["state"], metrics=parts["metrics"]
+    )
+
+
+def read_checkpoint_bytes(path: str | os.PathLike, what: str = "checkpoint") -> bytes:
+    """The whole checkpoint file (``-``: stdin); BadInput for a missing path, a folder, a
+    FIFO or a device (never opened)."""
+    if is_stdio(path):
+        return read_bytes(path)
+    if os.path.isdir(path):
+        raise BadInput(
+            f"expected a {what} file, got a folder",
+            where=str(path),
+            hint="pass the model file, e.g. RUN/model.safetensors",
         )
-    except json.JSONDecodeError:
-        raise BadInput("corrupt checkpoint metadata", where=where) from None
+    return read_file(path, what)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> Checkpoint:
@@ -96,23 +113,14 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> Checkpoint:
     from safetensors.torch import load
 
     where = str(path)
-    if is_stdio(path):
-        data = read_bytes(path)
-    else:
-        if not os.path.exists(path):
-            raise BadInput("checkpoint not found", where=where, hint="check the path")
-        if os.path.isdir(path):
-            raise BadInput(
-                "expected a checkpoint file, got a folder",
-                where=where,
-                hint="pass the model file, e.g. RUN/model.safetensors",
-            )
-        with open(path, "rb") as f:
-            data = f.read()
-    _, metadata, _ = _parse_header(data, where)
-    ckpt = _from_metadata(metadata, where)
+    data = read_checkpoint_bytes(path)
+    _, metadata, _ = parse_header(data, where)
+    ckpt = checkpoint_from_metadata(metadata, where)
     try:
         ckpt.state_dict = {k: v.to(device) for k, v in load(data).items()}
     except SafetensorError as e:
         raise BadInput(f"corrupt checkpoint ({e})", where=where) from None
     return ckpt
+
+
+_from_metadata = checkpoint_from_metadata  # the old private name

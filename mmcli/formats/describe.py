@@ -8,7 +8,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from mmcli.errors import BadInput
+from mmcli.formats import safejson
 from mmcli.formats.atomic import is_stdio, read_bytes
+from mmcli.formats.contract import parse_json_entry
 from mmcli.formats.tensorfile import (
     DTYPES,
     ITEM_SUFFIX,
@@ -16,7 +19,7 @@ from mmcli.formats.tensorfile import (
     META_KIND,
     RESERVED,
     ShardFile,
-    _parse_header,
+    parse_header,
     read_header,
     resolve_sources,
 )
@@ -33,9 +36,13 @@ def _describe_model(path: str, tensors: dict, metadata: dict[str, str]) -> dict[
         "tensors": len(tensors),
     }
     for key in ("model", "train", "state", "metrics"):
-        raw = metadata.get(f"mmcli.{key}")
-        if raw:
-            out[key] = json.loads(raw)
+        value = parse_json_entry(metadata, f"mmcli.{key}", None, path)
+        if value is not None:
+            if not isinstance(value, dict):
+                raise BadInput(
+                    f"corrupt checkpoint metadata (mmcli.{key} is not an object)", where=path
+                )
+            out[key] = value
     return out
 
 
@@ -57,6 +64,10 @@ def _label_counts(shards: list[ShardFile]) -> dict[str, int] | None:
 
 def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
     first = shards[0]
+    for shard in shards:  # what info reports is checked like every reader checks it
+        shard.ids()
+        for name in shard.tables:
+            shard.item_index(name)
     tables = {}
     for name in first.tables:
         info = first.tensors[name]
@@ -85,8 +96,9 @@ def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
     }
     stats: dict[str, int] = {}
     for shard in shards:
-        for key, value in (shard.extra("stats", {}) or {}).items():
-            if isinstance(value, int):
+        shard_stats = shard.extra("stats", {})
+        for key, value in (shard_stats if isinstance(shard_stats, dict) else {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
                 stats[key] = stats.get(key, 0) + value
     return {
         "paths": [s.path for s in shards],
@@ -104,8 +116,8 @@ def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
 
 def _maybe_json(v: str) -> Any:
     try:
-        return json.loads(v)
-    except (json.JSONDecodeError, TypeError):
+        return safejson.loads(v)
+    except safejson.JSONError:
         return v
 
 
@@ -121,7 +133,7 @@ def describe(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[d
     for path in paths:
         if is_stdio(path):
             data = read_bytes(path)
-            tensors, metadata, _ = _parse_header(data, "<stdin>")
+            tensors, metadata, _ = parse_header(data, "<stdin>")
             if metadata.get(META_KIND) == "model":
                 out.append(_describe_model("<stdin>", tensors, metadata))
                 continue

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mmcli.errors import BadInput
+from mmcli.formats import safejson
 from mmcli.formats.atomic import atomic_open, is_stdio
+from mmcli.formats.userfiles import open_file
 from mmcli.modalities import MODALITIES
 
 MANIFEST_NAME = "manifest.jsonl"  # the normalized manifest preprocess writes beside its shards
@@ -108,11 +110,7 @@ def _open_binary(path: str | os.PathLike) -> tuple[BinaryIO, Path, str]:
     if is_stdio(path):
         return sys.stdin.buffer, Path.cwd(), "<stdin>"
     p = Path(path)
-    if not p.exists():
-        raise BadInput("manifest not found", where=str(path), hint="check the path")
-    if p.is_dir():
-        raise BadInput("expected a manifest file, got a folder", where=str(path))
-    return open(p, "rb"), p.resolve().parent, p.name
+    return open_file(p, "manifest", stdin_ok=True), p.resolve().parent, p.name
 
 
 def read_manifest(
@@ -143,9 +141,9 @@ def read_manifest(
                 continue
             reason, obj = None, None
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                reason = f"bad JSON ({e.msg} at column {e.colno})"
+                obj = safejson.loads(line)
+            except safejson.JSONError as e:
+                reason = str(e)
             if reason is None and not isinstance(obj, dict):
                 reason = f"expected a JSON object, got {type(obj).__name__}"
             if reason is None:
@@ -192,7 +190,7 @@ def write_manifest(path: str | os.PathLike, items: Iterable[Item | dict[str, Any
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -20,6 +20,8 @@ Inputs are the rows exactly as the tensor shards store them:
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
@@ -139,18 +141,39 @@ class LogMel(nn.Module):
 
     def __init__(self, sample_rate: int, n_mels: int, n_fft: int, hop_length: int):
         super().__init__()
+        for name, value in (("sample_rate", sample_rate), ("n_mels", n_mels),
+                            ("n_fft", n_fft), ("hop_length", hop_length)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.sample_rate, self.n_mels = sample_rate, n_mels
+        self.n_fft, self.hop_length = n_fft, hop_length
+        self.register_buffer("fb", torch.empty(n_fft // 2 + 1, n_mels), persistent=False)
+        self.register_buffer("window", torch.empty(n_fft), persistent=False)
+        self._fill()
+
+    @torch.no_grad()
+    def _fill(self) -> None:
+        """Compute the filterbank and window; skipped on the meta device, where checkpoint
+        loading builds models only to check their sizes (torchaudio's filterbank needs
+        real numbers)."""
+        if self.fb.is_meta:
+            return
         import torchaudio.functional as AF
 
-        self.n_fft, self.hop_length = n_fft, hop_length
-        fb = AF.melscale_fbanks(
-            n_freqs=n_fft // 2 + 1,
-            f_min=0.0,
-            f_max=sample_rate / 2.0,
-            n_mels=n_mels,
-            sample_rate=sample_rate,
-        )  # (n_freqs, n_mels)
-        self.register_buffer("fb", fb, persistent=False)
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        with torch.device("cpu"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fb = AF.melscale_fbanks(
+                n_freqs=self.n_fft // 2 + 1,
+                f_min=0.0,
+                f_max=self.sample_rate / 2.0,
+                n_mels=self.n_mels,
+                sample_rate=self.sample_rate,
+            )  # (n_freqs, n_mels)
+            window = torch.hann_window(self.n_fft)
+        for w in caught:  # torchaudio's "all zero mel filterbank": one logged line
+            logging.getLogger("mmcli").warning("log-mel front end: %s", w.message)
+        self.fb.copy_(fb)
+        self.window.copy_(window)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.shape[-1] < self.n_fft:

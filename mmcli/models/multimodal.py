@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 
 from mmcli.errors import BadInput
 from mmcli.models.base import Encoder
+from mmcli.models.config import CONFIG_VERSION, ModelConfig  # noqa: F401  (re-exported)
 from mmcli.models.fusion import mean_fusion
 from mmcli.models.heads import build_head, head_out_dim
 from mmcli.models.registry import (
@@ -42,67 +42,9 @@ from mmcli.models.registry import (
     parse_encoder_spec,
     resolve,
 )
-from mmcli.models.weights import apply_state_dict, load_weights
+from mmcli.models.weights import load_weights
 
 log = logging.getLogger("mmcli")
-
-CONFIG_VERSION = 1
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a :class:`MultimodalModel` (JSON-serialisable).
-
-    ``encoders``: ``{modality: {"name": "resnet18", "config": {...all fields...}}}``;
-    ``heads``: ``{modality: {"kind": "identity"|"linear"|"mlp", "in_dim", "out_dim", "hidden"}}``
-    (empty: backbone features); ``embed_dim``: the joint dimension when there are heads;
-    ``fusion``: ``{"kind": ..., ...}`` or None; ``inputs``: per modality, the tensor table
-    spec the model expects (image_size / tokenizer + context_length / sample_rate +
-    seconds), so raw queries can be preprocessed exactly as the training data was;
-    ``extra``: free-form.
-    """
-
-    encoders: dict[str, dict[str, Any]]
-    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    embed_dim: int | None = None
-    fusion: dict[str, Any] | None = None
-    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    version: int = CONFIG_VERSION
-    #: trained parts beyond encoders and heads (fuse-train / distill):
-    logit_scale: float | None = None  # initial log of the contrastive temperature's inverse
-    logit_bias: float | None = None  # initial bias of the sigmoid loss
-    classifier: dict[str, Any] | None = (
-        None  # {"labels": [...]}: a label head on the fused embedding
-    )
-    matcher: bool = False  # a match/no-match head on the fused state (image-text matching)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> ModelConfig:
-        if not isinstance(d, Mapping) or not isinstance(d.get("encoders"), Mapping):
-            raise BadInput("model config has no encoders", where=where)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise BadInput(
-                f"model config has unknown entries ({', '.join(unknown)})",
-                where=where,
-                hint="it was written by a newer mmcli; upgrade mmcli",
-            )
-        version = int(d.get("version", CONFIG_VERSION))
-        if version > CONFIG_VERSION:
-            raise BadInput(
-                f"model config version {version} is newer than this mmcli reads ({CONFIG_VERSION})",
-                where=where,
-                hint="upgrade mmcli",
-            )
-        for m, spec in d["encoders"].items():
-            if not isinstance(spec, Mapping) or "name" not in spec:
-                raise BadInput(f"model config: encoder {m!r} has no name", where=where)
-        return cls(**{k: d[k] for k in known if k in d})
 
 
 # ------------------------------------------------------------------------ model
@@ -348,45 +290,19 @@ class MultimodalModel(nn.Module):
         metrics: dict[str, Any] | None = None,
     ) -> None:
         """Write weights + config (+ training args, step, metrics) atomically."""
-        from mmcli.formats.checkpoint import Checkpoint, save_checkpoint
+        from mmcli.models.checkpoint_io import save_model
 
-        save_checkpoint(
-            path,
-            Checkpoint(
-                config=self.config_dict(),
-                state_dict=self.state_dict(),
-                train=train or {},
-                state=state or {},
-                metrics=metrics or {},
-            ),
-        )
+        save_model(self, path, train=train, state=state, metrics=metrics)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu"
     ) -> MultimodalModel:
-        """Rebuild a model from an mmcli checkpoint (BadInput on anything that does not fit)."""
-        from mmcli.formats.atomic import is_stdio
-        from mmcli.formats.checkpoint import load_checkpoint
-        from mmcli.formats.manifest import file_sha256
+        """Rebuild a model from an mmcli checkpoint (BadInput on anything that does not fit):
+        see :func:`mmcli.models.checkpoint_io.load_model`."""
+        from mmcli.models.checkpoint_io import load_model
 
-        where = str(path)
-        ckpt = load_checkpoint(path, device="cpu")
-        config = ModelConfig.from_dict(ckpt.config, where=where)
-        try:
-            model = cls(config)
-        except BadInput as e:
-            raise BadInput(f"cannot rebuild the model: {e}", where=where) from None
-        apply_state_dict(
-            model, ckpt.state_dict, where=where, label="its model config", lenient=False
-        )
-        model.weights.update(config.extra.get("encoder_weights", {}) or {})
-        model.checkpoint = {
-            "path": where,
-            "sha256": None if is_stdio(path) else file_sha256(path),
-        }
-        model.checkpoint_meta = {"train": ckpt.train, "state": ckpt.state, "metrics": ckpt.metrics}
-        return model.to(device).eval()
+        return load_model(path, cls, device=device)
 
 
 # --------------------------------------------------------------------- building

@@ -166,27 +166,39 @@ def apply_state_dict(
         log.info("note: %s: dropped the classifier head (%s)", where, _list(dropped, 4))
         for k in dropped:
             del renamed[k]
-        unexpected = [k for k in unexpected if k not in dropped]
-    missing = [k for k in target if k not in renamed]
-    shapes = [
-        f"{k} {list(renamed[k].shape)} vs {list(v.shape)}"
-        for k, v in target.items()
-        if k in renamed and tuple(renamed[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} ({_list(missing)})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({_list(unexpected)})")
-        if shapes:
-            parts.append(f"wrong shape {len(shapes)} (file vs model: {_list(shapes)})")
+    parts = mismatch_parts(
+        {k: tuple(v.shape) for k, v in target.items()},
+        {k: tuple(v.shape) for k, v in renamed.items()},
+    )
+    if parts:
         raise BadInput(
             f"weights do not match {label}: " + "; ".join(parts),
             where=where,
             hint="pass weights saved from the same architecture and config",
         )
     module.load_state_dict(renamed, strict=True)
+
+
+def mismatch_parts(
+    target: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """What differs between a module's state (name -> shape) and given weights: the
+    missing, unexpected and wrongly shaped names, one phrase each (empty: they match)."""
+    missing = [k for k in target if k not in given]
+    unexpected = [k for k in given if k not in target]
+    shapes = [
+        f"{k} {list(given[k])} vs {list(v)}"
+        for k, v in target.items()
+        if k in given and tuple(given[k]) != tuple(v)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} ({_list(missing)})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} ({_list(unexpected)})")
+    if shapes:
+        parts.append(f"wrong shape {len(shapes)} (file vs model: {_list(shapes)})")
+    return parts
 
 
 def _list(keys: list[str], n: int = 3) -> str:

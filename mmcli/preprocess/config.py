@@ -7,6 +7,7 @@ from typing import Any
 
 from mmcli.data.audio import AudioTransform
 from mmcli.data.image import ImageTransform
+from mmcli.data.limits import MAX_IMAGE_PIXELS, check_max_pixels, check_value
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import MANIFEST_NAME, MODALITY_FIELDS
@@ -39,13 +40,15 @@ class PreprocessConfig:
     on_error: str = "skip"
     split: str | None = None
     modalities: list[str] | None = None  # None = every modality the items have
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (0 = no limit)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "context_length", "sample_rate", "shard_size"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"{name.replace('_', '-')} must be positive")
-        if self.audio_seconds <= 0:
-            raise BadInput("audio-seconds must be positive")
+        if self.shard_size < 1:
+            raise BadInput("shard-size must be positive")
+        for key, name in (("image_size", "image_size"), ("context_length", "context_length"),
+                          ("sample_rate", "sample_rate"), ("seconds", "audio_seconds")):  # fmt: skip
+            check_value(key, getattr(self, name), name=f"--{name.replace('_', '-')}")
+        check_max_pixels(self.max_image_pixels)
         if self.on_error not in ("skip", "fail"):
             raise BadInput("on-error must be skip or fail")
         if self.modalities is not None:

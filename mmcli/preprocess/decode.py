@@ -37,8 +37,8 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
     (field, reason) | None)] in item order).
     """
-    chunk_id, files, image_size, sample_rate, seconds = task
-    image_tf = ImageTransform(image_size)
+    chunk_id, files, image_size, sample_rate, seconds, max_pixels = task
+    image_tf = ImageTransform(image_size, max_pixels)
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
     for image_path, audio_path in files:
@@ -132,7 +132,10 @@ def _tasks(
                 for it in plan.items[start : start + CHUNK]
             ]
             cid = len(tasks)
-            tasks.append((cid, files, config.image_size, config.sample_rate, config.audio_seconds))
+            tasks.append(
+                (cid, files, config.image_size, config.sample_rate, config.audio_seconds,
+                 config.max_image_pixels)
+            )  # fmt: skip
             owner[cid] = plan
             plan.chunks += 1
     return tasks, owner

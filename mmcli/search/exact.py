@@ -177,6 +177,7 @@ class ExactIndex:
             )
         if k < 1:
             raise BadInput("k must be at least 1")
+        k = min(k, max(1, self.searchable))  # never more hits than candidates (-k 10**30)
         q = q.to("cpu", torch.float32)
         if not bool(torch.isfinite(q).all()):
             raise BadInput("a query holds NaN or infinite values")

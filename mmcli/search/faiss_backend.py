@@ -184,6 +184,9 @@ class FaissIndex:
                 f"queries have {q.shape[1]} dimensions, the index {self.exact.dim}",
                 hint="encode queries with the model that produced the index features",
             )
+        if k < 1:
+            raise BadInput("k must be at least 1")
+        k = min(k, max(1, self.exact.searchable))  # never more hits than candidates
         b = q.shape[0]
         mask = self.exact.row_mask  # rows that may be hits (a split), or None
         spread = 1 if mask is None else -(-self.exact.size // max(self.exact.searchable, 1))

@@ -18,7 +18,6 @@ JSONL query lines (``retrieve`` on stdin) are objects with exactly one of
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import sys
@@ -34,6 +33,7 @@ from mmcli.data.audio import AudioDecodeError, audio_transform_from_spec
 from mmcli.data.image import ImageDecodeError, image_transform_from_spec
 from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
+from mmcli.formats import safejson
 from mmcli.formats.features import FeatureSet
 from mmcli.formats.tensorfile import where_paths
 from mmcli.models.multimodal import MultimodalModel
@@ -76,10 +76,10 @@ def query_from_obj(obj: Any, where: str = "query") -> Query:
 
 def parse_query_line(line: str, where: str) -> Query:
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
+        obj = safejson.loads(line)
+    except safejson.JSONError as e:
         raise BadInput(
-            f"bad JSON ({e.msg} at column {e.colno})",
+            str(e),
             where=where,
             hint='one query object per line, e.g. {"text": "a red circle"}',
         ) from None

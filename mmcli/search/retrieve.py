@@ -66,8 +66,8 @@ def default_target(tables: list[str]) -> str:
 
 class Retriever:
     def __init__(self, cfg: RetrieveConfig, progress: ProgressFactory = null_progress):
-        if cfg.k < 1:
-            raise BadInput("-k must be at least 1")
+        if not isinstance(cfg.k, int) or isinstance(cfg.k, bool) or cfg.k < 1:
+            raise BadInput(f"-k must be a whole number >= 1, got {cfg.k!r}")
         if cfg.threshold is not None and math.isnan(cfg.threshold):
             raise BadInput("--threshold must be a number, got nan")
         if cfg.backend == "exact":  # faiss-only options would be silently ignored

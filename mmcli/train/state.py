@@ -297,8 +297,9 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write a nested dict of tensors / JSON values atomically as one safetensors file."""
-    from safetensors.torch import save
+    """Write a nested dict of tensors / JSON values atomically as one safetensors file
+    (canonical header: the same state gives the same bytes)."""
+    from mmcli.formats.safetensors_io import save_torch as save
 
     tensors: dict[str, torch.Tensor] = {}
     structure = _flatten("s", state, tensors)

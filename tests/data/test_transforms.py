@@ -128,3 +128,10 @@ def test_unreadable_audio(tmp_path):
         load_audio(tmp_path / "bad.wav")
     with pytest.raises(AudioDecodeError, match="file not found"):
         load_audio(tmp_path / "nope.wav")
+
+
+def test_the_file_contract_knows_every_tokenizer_and_its_vocabulary():
+    from mmcli.data.text import TOKENIZERS
+    from mmcli.formats.layout import TOKENIZER_VOCAB
+
+    assert {name: cls.vocab_size for name, cls in TOKENIZERS.items()} == TOKENIZER_VOCAB

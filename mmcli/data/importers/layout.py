@@ -13,6 +13,7 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import is_stdio
+from mmcli.formats.userfiles import open_file, open_text
 
 log = logging.getLogger("mmcli")
 
@@ -43,14 +44,12 @@ class ImportOptions:
 
 def load_json(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open_text(path, "JSON file") as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise BadInput("file not found", where=path) from None
-    except IsADirectoryError:
-        raise BadInput("expected a JSON file, got a folder", where=path) from None
     except UnicodeDecodeError:
         raise BadInput("not a UTF-8 text file (expected JSON)", where=path) from None
+    except RecursionError:
+        raise BadInput("bad JSON (nested too deeply)", where=path) from None
     except json.JSONDecodeError as e:
         raise BadInput(
             f"bad JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path
@@ -90,7 +89,7 @@ def detect_format(path: str) -> str:
     if suffix == ".json":
         return _detect_json(p)
     # unknown extension: sniff the first line
-    with open(p, "rb") as f:
+    with open_file(p, "input") as f:
         head = f.readline(1 << 16).strip()
     if head.startswith(b"{"):
         return "jsonl"
@@ -103,7 +102,7 @@ def detect_format(path: str) -> str:
 
 def _detect_json(p: Path) -> str:
     try:
-        with open(p, encoding="utf-8-sig") as f:
+        with open_text(p, "input") as f:
             first = f.read(1)
             f.seek(0)
             if first != "{":
@@ -111,6 +110,8 @@ def _detect_json(p: Path) -> str:
             data = json.load(f)
     except UnicodeDecodeError:
         raise BadInput("not a UTF-8 text file (expected JSON)", where=str(p)) from None
+    except RecursionError:
+        raise BadInput("bad JSON (nested too deeply)", where=str(p)) from None
     except json.JSONDecodeError as e:
         # a .json file holding JSON lines
         if e.msg == "Extra data":

@@ -13,6 +13,7 @@ from mmcli.data.importers.layout import ImportOptions, log
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import is_stdio
 from mmcli.formats.manifest import Item
+from mmcli.formats.userfiles import open_text
 from mmcli.modalities import MODALITIES
 
 #: the columns each field is read from when no ``--*-col`` option names one, by preference
@@ -61,9 +62,7 @@ def _open(path: str) -> tuple[io.TextIOBase, Path, str]:
             ) from None
         return io.StringIO(text, newline=""), Path.cwd(), "<stdin>"
     p = Path(path)
-    if not p.is_file():
-        raise BadInput("CSV file not found", where=path)
-    stream = open(p, encoding="utf-8-sig", newline="")  # noqa: SIM115
+    stream = open_text(p, "CSV file", newline="")
     return stream, p.resolve().parent, p.name
 
 
