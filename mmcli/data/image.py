@@ -53,8 +53,9 @@ def center_box(width: int, height: int, size: int) -> tuple[float, float, float,
     return (left, top, left + side, top + side)
 
 
-def load_image(path: str | os.PathLike, size: int = 224):
-    """Decode ``path`` into a uint8 numpy array [3, size, size]. Raises ImageDecodeError."""
+def load_image(path: str | os.PathLike, size: int = 224, sizes: list | None = None):
+    """Decode ``path`` into a uint8 numpy array [3, size, size]. Raises ImageDecodeError.
+    ``sizes``, when given, receives the decoded image's (width, height) before resizing."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -65,6 +66,8 @@ def load_image(path: str | os.PathLike, size: int = 224):
                 im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
+            if sizes is not None:
+                sizes.append(im.size)
             box = center_box(im.width, im.height, size)
             im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
             arr = np.asarray(im, dtype=np.uint8)
