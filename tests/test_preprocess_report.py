@@ -89,3 +89,18 @@ def test_truncated_share_and_the_length_that_fits_99_percent(cli, tmp_path):
         "3 captions (3.0%) were cut at --context-length 32; --context-length 42 fits 99%"
         in r.stderr
     )
+
+
+def test_a_manifest_given_to_extract_or_fuse_train_says_to_preprocess_it(cli, tmp_path):
+    m = _data(tmp_path, n=3)
+    for args in (["extract", m, "-o", tmp_path / "f", "-e", "image=tiny"],
+                 ["fuse-train", m, "-o", tmp_path / "run", "--epochs", "1"]):  # fmt: skip
+        r = cli(*args)
+        assert r.exit_code == 2, r.stderr
+        assert "this looks like a manifest (JSON text), not a safetensors tensor file" in r.stderr
+        assert "mmcli preprocess MANIFEST -o DIR" in r.stderr
+        assert "bad header" not in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "noise.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    r = cli("extract", bad, "-o", tmp_path / "f2", "-e", "image=tiny")
+    assert r.exit_code == 2 and "not a safetensors file (bad header)" in r.stderr

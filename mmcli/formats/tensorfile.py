@@ -204,16 +204,29 @@ class TensorInfo:
         return DTYPES[self.dtype][1]
 
 
+def _not_safetensors(head: bytes, why: str, where: str) -> BadInput:
+    """The error for a file that is not safetensors; text that looks like a manifest (JSON
+    lines, a JSON or CSV file) says to preprocess it first."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if text in (b"{", b"["):
+        return BadInput(
+            "this looks like a manifest (JSON text), not a safetensors tensor file",
+            where=where,
+            hint="turn raw data into tensor shards first: mmcli preprocess MANIFEST -o DIR, then pass DIR",
+        )
+    return BadInput(f"not a safetensors file ({why})", where=where)
+
+
 def _parse_header(
     raw: bytes, where: str, size: int | None = None
 ) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse a safetensors header. ``size``: the whole file's size in bytes (``len(raw)``
     when None: ``raw`` is the whole file); every tensor must lie inside it."""
     if len(raw) < 8:
-        raise BadInput("not a safetensors file (too short)", where=where)
+        raise _not_safetensors(raw, "too short", where)
     (n,) = struct.unpack("<Q", raw[:8])
     if n > 100_000_000 or len(raw) < 8 + n:
-        raise BadInput("not a safetensors file (bad header)", where=where)
+        raise _not_safetensors(raw[:8], "bad header", where)
     try:
         header = json.loads(raw[8 : 8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -255,10 +268,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise BadInput("not a safetensors file (too short)", where=where)
+                raise _not_safetensors(head, "too short", where)
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
-                raise BadInput("not a safetensors file (bad header)", where=where)
+                raise _not_safetensors(head, "bad header", where)
             return _parse_header(head + f.read(n), where, os.fstat(f.fileno()).st_size)
     except FileNotFoundError:
         raise BadInput("file not found", where=where) from None
