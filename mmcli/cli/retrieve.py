@@ -189,7 +189,7 @@ def retrieve(
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput
-        from mmcli.evaluate.run import resolve_device
+        from mmcli.runtime import resolve_device  # not evaluate's: it imports every task
         from mmcli.search.queries import (
             feature_query_batches,
             line_query_batches,
@@ -214,7 +214,7 @@ def retrieve(
             ef_search=ef_search,
             rebuild=rebuild_index,
             model=model,
-            device=resolve_device(device),
+            device=str(resolve_device(device)),
             batch_size=batch_size,
             with_fields=fields,
             split=split,
