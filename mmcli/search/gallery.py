@@ -36,7 +36,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.3em} h2{font-size:1.05em;margin:1.6em 0 .4em}
 .hits{display:flex;flex-wrap:wrap;gap:10px}
-figure.hit{margin:0;padding:6px;width:172px;background:#fff;border:1px solid #ddd;border-radius:6px}
+figure.hit{box-sizing:border-box;margin:0;padding:6px;width:172px;background:#fff;border:1px solid #ddd;border-radius:6px}
 figure.hit img{display:block;width:160px;height:128px;object-fit:contain;margin:auto;image-rendering:pixelated}
 figure.hit audio{width:160px}
 figcaption{font-size:.8em;margin-top:4px;overflow-wrap:anywhere}

@@ -64,8 +64,10 @@ def test_html_page_of_image_hits_is_self_contained_and_loads(cli, pipe, tmp_path
 def test_text_hits_are_shown_as_text_and_markup_in_captions_is_escaped(pipe, tmp_path):
     lines = [{"query": {"id": "a"}, "hits": [
         {"rank": 1, "id": "<i>x</i>", "score": 0.5, "row": 1,
-         "item": {"text": ["first", "<script>alert(1)</script>"], "image": "/nope.png"}}]}]  # fmt: skip
+         "item": {"text": ["first", "<script>alert(1)</script>"], "image": "/nope.png"}}]},
+        {"query": {"line": 2, "text": "<oops"}, "error": "bad JSON: <oops"}]  # fmt: skip
     doc = gallery_html(lines, target="text")
+    assert '<p class="error">bad JSON: &lt;oops</p>' in doc
     assert "<script>alert(1)</script>" not in doc
     assert '<div class="text">&lt;script&gt;alert(1)&lt;/script&gt;</div>' in doc
     assert "&lt;i&gt;x&lt;/i&gt;" in doc and "<img" not in doc
