@@ -59,9 +59,9 @@ def _recall_png(details: dict[str, Any], path: Path, title: str) -> Path:
         label = f"{key.replace('_retrieval', '')}: {d['query']} → {d['target']}"
         ax.plot(ks, recall, marker="." if len(ks) <= 20 else None, label=label, alpha=0.9)
     ax.set_xscale("log")
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("k (log scale)")
     ax.set_ylabel("recall@k")
     ax.set_ylim(0, 1.02)
