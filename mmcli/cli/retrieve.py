@@ -220,6 +220,8 @@ def retrieve(
             split=split,
             exclude_self=exclude_self,
         )
+        if html_out == "-" or copy_to == "-":
+            raise BadInput("--html and --copy-to take a path", hint="stdout carries the JSON lines")
         if html_out or copy_to:
             from mmcli.formats.outputs import refuse_inputs_as_outputs
 

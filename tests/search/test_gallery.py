@@ -109,3 +109,5 @@ def test_copy_to_copies_the_hit_files_and_never_an_input(cli, pipe, tmp_path):
     r = cli("retrieve", "--index", pipe["features"], "--id", "x1", "--copy-to", pipe["features"])
     assert r.exit_code == 2 and "is where the input is read from" in r.stderr
     assert feat.read_bytes() == before
+    r = cli("retrieve", "--index", pipe["features"], "--id", "x1", "--html", "-")
+    assert r.exit_code == 2 and "--html and --copy-to take a path" in r.stderr
