@@ -144,7 +144,8 @@ def test_tasks_with_a_model(cli, pipe):
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out["metrics"]) == {"acc1", "mean_per_class_recall"}  # 3 classes: no acc5
-    assert out["model"] == "model" and out["info"]["classes"] == 3
+    # named after its folder (issue 13: "model" for every run overwrote -o {model}_{task}.json)
+    assert out["model"] == pipe["root"].name and out["info"]["classes"] == 3
     r = cli("eval", pipe["features"], "--task", "linear-probe")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["info"]["rows"] == {"train": 4, "val": 4, "test": 4}

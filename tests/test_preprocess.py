@@ -531,7 +531,7 @@ def test_each_corrupt_input_through_preprocess_in_both_modes(tmp_path, cli):
     manifest = _corrupt_inputs(tmp_path)
     # skip: every bad input is skipped, counted and listed with its reason
     r = cli("preprocess", manifest, "-o", tmp_path / "skip", "--image-size", "16",
-            "--audio-seconds", "0.25", "-q")  # fmt: skip
+            "--audio-seconds", "0.25", "--max-skip", "100%", "-q")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     assert TensorSet(tmp_path / "skip").ids() == ["ok"]
     errors = {

@@ -74,7 +74,8 @@ def lines(text: str) -> list[dict]:
 
 
 def test_id_query_matches_a_full_sort_and_attaches_resolved_fields(cli, toy):
-    r = cli("retrieve", "--index", toy["root"], "--id", "it7", "--id", "it21", "-k", "5")
+    r = cli("retrieve", "--index", toy["root"], "--id", "it7", "--id", "it21", "-k", "5",
+            "--no-exclude-self")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     out = lines(r.stdout)
     assert [o["query"] for o in out] == [{"id": "it7"}, {"id": "it21"}]
@@ -133,7 +134,8 @@ def test_feature_file_queries_one_line_per_row(cli, toy, tmp_path):
 
 def test_stdin_lines_bad_lines_answered_in_place(cli, toy):
     stdin = '{"id": "it1"}\nnot json\n\n{"id": "missing"}\n{"id": "it2", "tag": 7}\n{"text": "x"}\n'
-    r = cli("retrieve", "--index", toy["root"], "-k", "1", "--no-fields", input=stdin)
+    r = cli("retrieve", "--index", toy["root"], "-k", "1", "--no-fields", "--no-exclude-self",
+            input=stdin)  # fmt: skip
     assert r.exit_code == 0, r.stderr
     out = lines(r.stdout)
     assert len(out) == 5
@@ -332,8 +334,9 @@ def test_a_moved_folder_tree_still_finds_its_manifest(tmp_path):
     shutil.move(str(paths["root"]), tmp_path / "after")
     root = tmp_path / "after"
     r = cli(
-        "retrieve", "--index", root / "feats", "--id", "x0", "--target", "text", "-k", "1", "-q"
-    )
+        "retrieve", "--index", root / "feats", "--id", "x0", "--target", "text", "-k", "1", "-q",
+        "--no-exclude-self",
+    )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     hit = json.loads(r.stdout.splitlines()[0])["hits"][0]
     assert hit["item"]["label"] == "red"
@@ -346,7 +349,7 @@ def test_a_moved_folder_tree_still_finds_its_manifest(tmp_path):
 
 def test_table_for_people_on_stderr_data_on_stdout(cli, toy):
     r = cli("retrieve", "--index", toy["root"], "--id", "it3", "--target", "image", "-k", "2",
-            "--table")  # fmt: skip
+            "--table", "--no-exclude-self")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     line = json.loads(r.stdout)  # stdout is still one JSON line per query
     assert [h["id"] for h in line["hits"]][0] == "it3"

@@ -105,6 +105,14 @@ def eval_command(
     table: Annotated[
         bool, typer.Option("--table", help="Also print the metrics as a table on stderr.")
     ] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot",
+            help="Also draw PNGs into this folder: recall@k curves (retrieval), confusion "
+            "matrix and per-class recall (zeroshot, linear-probe, classify). Needs matplotlib.",
+        ),
+    ] = None,
     summarize: Annotated[
         bool,
         typer.Option(
@@ -197,7 +205,14 @@ def eval_command(
         with contextlib.ExitStack() as stack:
             if not templated:  # locked for the whole run: a second eval -o F is refused early
                 stack.enter_context(_writing(output, inputs, is_result_file, overwrite))
-            result = run_eval(cfg, progress=ctx.progress)
+            if plot:
+                from mmcli.formats.outputs import refuse_inputs_as_outputs
+                from mmcli.plots import pyplot
+
+                refuse_inputs_as_outputs(inputs, folder=plot, option="--plot")
+                pyplot()  # matplotlib missing: say so before the evaluation runs
+            details: dict | None = {} if plot else None
+            result = run_eval(cfg, progress=ctx.progress, details=details)
             path = output if is_stdio(output) else output_path(output, result)
             if templated:
                 stack.enter_context(_writing(path, inputs, is_result_file, overwrite))
@@ -205,6 +220,11 @@ def eval_command(
                 f.write(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
         if not is_stdio(path):
             ctx.info(f"wrote {path}")
+        if plot:
+            from mmcli.plots.evaluation import eval_pictures
+
+            for png in eval_pictures(result, details, plot):
+                ctx.info(f"wrote {png}")
         if table:
             _render(result)
 

@@ -117,6 +117,14 @@ def preprocess(
     ] = 1000,
     workers: Workers = 0,
     on_error: OnError = "skip",
+    max_skip: Annotated[
+        str,
+        typer.Option(
+            "--max-skip",
+            help="Stop with exit 2 when more items than this are skipped (unreadable files): "
+            "a count (50) or a share of the items (5%); the shards stay, --resume finishes.",
+        ),
+    ] = "50%",
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -152,6 +160,7 @@ def preprocess(
             workers=workers,
             on_error=on_error,
             split=split,
+            max_skip=max_skip,
             modalities=modality or None,
         )
         opts = ImportOptions(
@@ -178,9 +187,4 @@ def preprocess(
             f"preprocessed {s['kept']:,} of {s['items']:,} items ({rows}) into {s['shards']} shard(s) "
             f"in {s['seconds']:.1f} s ({s['items_per_s'] or 0:,.0f} items/s); skipped {s['skipped']}"
             + (f", see {out}/errors.jsonl" if s["skipped"] and out != "-" else "")
-            + (
-                f"; {s['truncated_captions']} captions truncated to {context_length} tokens"
-                if s["truncated_captions"]
-                else ""
-            )
         )

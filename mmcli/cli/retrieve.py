@@ -129,6 +129,31 @@ def retrieve(
     table: Annotated[
         bool, typer.Option("--table", help="Also print hits as tables on stderr.")
     ] = False,
+    exclude_self: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-self/--no-exclude-self",
+            help="Leave an --id query's own item out of its hits (default on).",
+            rich_help_panel="Queries",
+        ),
+    ] = True,
+    html_out: Annotated[
+        str | None,
+        typer.Option(
+            "--html",
+            help="Also write a self-contained page of every query and its hits "
+            "(thumbnails, audio players and captions embedded).",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    copy_to: Annotated[
+        str | None,
+        typer.Option(
+            "--copy-to",
+            help="Copy every hit's file into this folder as q<query>-<rank>-<id>.<ext>.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
     on_error: Annotated[
         Literal["skip", "fail"],
         typer.Option(
@@ -164,7 +189,7 @@ def retrieve(
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput
-        from mmcli.evaluate.run import resolve_device
+        from mmcli.runtime import resolve_device  # not evaluate's: it imports every task
         from mmcli.search.queries import (
             feature_query_batches,
             line_query_batches,
@@ -189,11 +214,21 @@ def retrieve(
             ef_search=ef_search,
             rebuild=rebuild_index,
             model=model,
-            device=resolve_device(device),
+            device=str(resolve_device(device)),
             batch_size=batch_size,
             with_fields=fields,
             split=split,
+            exclude_self=exclude_self,
         )
+        if html_out == "-" or copy_to == "-":
+            raise BadInput("--html and --copy-to take a path", hint="stdout carries the JSON lines")
+        if html_out or copy_to:
+            from mmcli.formats.outputs import refuse_inputs_as_outputs
+
+            inputs = [*index, model, *(queries or []), *(image or []), *(audio or [])]
+            refuse_inputs_as_outputs(inputs, files=[html_out] if html_out else [], option="--html")
+            if copy_to:
+                refuse_inputs_as_outputs(inputs, folder=copy_to, option="--copy-to")
         retriever = Retriever(cfg, progress=ctx.progress)
         if queries:
             batches = feature_query_batches(queries, retriever, table=query_table)
@@ -209,11 +244,31 @@ def retrieve(
         # queries given as arguments are usage: a bad one stops with exit 2
         policy = on_error if not any(given[:4]) else "fail"
         out = sys.stdout
+        kept: list[dict] = []
         for line in retriever.run(batches, on_error=policy):
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             out.flush()
+            if html_out or copy_to:
+                kept.append(line)
             if table:
-                _render(line)
+                _render(line, retriever.target)
+        _pictures(kept, retriever.target, html_out, copy_to, " ".join(index))
+
+
+def _pictures(lines: list, target: str, html_out, copy_to, title: str) -> None:
+    import logging
+
+    log = logging.getLogger("mmcli")
+    if html_out:
+        from mmcli.search.gallery import write_gallery
+
+        n = write_gallery(lines, html_out, target=target, title=f"mmcli retrieve {title}")
+        log.info("wrote %s (%d queries, %d hits)", html_out, len(lines), n)
+    if copy_to:
+        from mmcli.search.gallery import copy_hits
+
+        files = copy_hits(lines, copy_to)
+        log.info("copied %d hit files to %s", len(files), copy_to)
 
 
 def _stdin_is_tty() -> bool:
@@ -223,7 +278,7 @@ def _stdin_is_tty() -> bool:
         return False
 
 
-def _render(line: dict) -> None:
+def _render(line: dict, target: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -239,7 +294,7 @@ def _render(line: dict) -> None:
         item = hit.get("item") or {}
         what = item.get("image") or item.get("audio") or ""
         texts = item.get("text")
-        if texts and ("row" in hit or not what):  # a caption hit: show the caption
+        if texts and (target == "text" or not what):  # a caption hit: show the caption
             texts = [texts] if isinstance(texts, str) else texts
             what = texts[hit.get("row", 0)] if hit.get("row", 0) < len(texts) else texts[0]
         t.add_row(str(hit["rank"]), str(hit["id"]), f"{hit['score']:.4f}", str(what))

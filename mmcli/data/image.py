@@ -58,10 +58,16 @@ def center_box(width: int, height: int, size: int) -> tuple[float, float, float,
     return (left, top, left + side, top + side)
 
 
-def load_image(path: str | os.PathLike, size: int = 224, max_pixels: int = MAX_IMAGE_PIXELS):
+def load_image(
+    path: str | os.PathLike,
+    size: int = 224,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    sizes: list | None = None,
+):
     """Decode ``path`` into a uint8 numpy array [3, size, size]. Raises ImageDecodeError,
     also for a path that is not a regular file (never opened) and for an image of more
-    than ``max_pixels`` pixels (refused before decoding; 0 = no limit)."""
+    than ``max_pixels`` pixels (refused before decoding; 0 = no limit). ``sizes``, when
+    given, receives the decoded image's (width, height) before resizing."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -77,6 +83,8 @@ def load_image(path: str | os.PathLike, size: int = 224, max_pixels: int = MAX_I
                 im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
+            if sizes is not None:
+                sizes.append(im.size)
             box = center_box(im.width, im.height, size)
             im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
             arr = np.asarray(im, dtype=np.uint8)

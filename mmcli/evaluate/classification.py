@@ -30,15 +30,26 @@ def true_class_ranks(logits, labels) -> np.ndarray:
     return (ahead.sum(1) + 1).cpu().numpy()
 
 
+def predicted_classes(logits) -> np.ndarray:
+    """The top-1 class of each row; equal logits: the lower class index."""
+    logits = torch.as_tensor(logits).float()
+    top = logits.max(1, keepdim=True).values
+    return (logits == top).int().argmax(1).cpu().numpy().astype(np.int64)
+
+
 def classification_metrics(
-    logits, labels, n_classes: int | None = None, prefix: str = ""
+    logits, labels, n_classes: int | None = None, prefix: str = "", details: dict | None = None
 ) -> dict[str, float]:
-    """acc1, acc5 (n_classes >= 5) and mean per-class recall of ``logits`` [N, C]."""
+    """acc1, acc5 (n_classes >= 5) and mean per-class recall of ``logits`` [N, C].
+    ``details`` (for ``eval --plot``) receives ``labels`` and ``predictions`` (the
+    top-1 class under the tie rule)."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise BadInput("no labelled samples to evaluate")
     n_classes = int(n_classes if n_classes is not None else np.shape(logits)[1])
     ranks = true_class_ranks(logits, labels)
+    if details is not None:
+        details.update(labels=labels, predictions=predicted_classes(logits))
     out = {f"{prefix}acc1": float((ranks <= 1).mean())}
     if n_classes >= 5:
         out[f"{prefix}acc5"] = float((ranks <= 5).mean())
@@ -66,7 +77,9 @@ def labelled_rows(features, table: str) -> tuple[Any, np.ndarray]:
     return x[torch.from_numpy(keep)], y[keep]
 
 
-def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int = 256):
+def evaluate_classifier(
+    features, model, *, device: Any = "cpu", batch_size: int = 256, details: dict | None = None
+):
     """Accuracy of a classifier checkpoint (``mmcli fuse-train --objective classify``).
 
     The model's label head scores its fused embedding: ``model.classifier(model.fuse(
@@ -88,9 +101,13 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
     target = np.array(
         [index.get(names[i], -1) if i >= 0 else -1 for i in features.labels()], dtype=np.int64
     )
+    if details is not None:
+        details["classes"] = labels_of_model
     joint = _own_embeddings(features, model)
     if joint is not None:  # extract --model output of this very checkpoint
-        return _classify_embeddings(features, model, head, joint, target, labels_of_model, device)
+        return _classify_embeddings(
+            features, model, head, joint, target, labels_of_model, device, details
+        )
     modalities = [m for m in model.modalities if m in features.tables]
     if not modalities:
         raise BadInput(
@@ -122,7 +139,9 @@ def evaluate_classifier(features, model, *, device: Any = "cpu", batch_size: int
                     f"the classifier cannot read these features ({e})", where=features.paths[0]
                 ) from None
             logits.append(head(fused).float().cpu())
-    metrics = classification_metrics(torch.cat(logits), target[items], len(labels_of_model))
+    metrics = classification_metrics(
+        torch.cat(logits), target[items], len(labels_of_model), details=details
+    )
     return metrics, {
         "samples": int(len(items)),
         "classes": len(labels_of_model),
@@ -149,7 +168,9 @@ def _own_embeddings(features, model) -> list[str] | None:
     return None
 
 
-def _classify_embeddings(features, model, head, tables, target, labels_of_model, device):
+def _classify_embeddings(
+    features, model, head, tables, target, labels_of_model, device, details=None
+):
     """Accuracy of the label head on embeddings extracted by the same model: the fused
     table, or (no fusion module) the mean of each item's first joint-space rows."""
     embeddings, present, first_row = {}, {}, {}
@@ -169,7 +190,7 @@ def _classify_embeddings(features, model, head, tables, target, labels_of_model,
         )
     with torch.inference_mode():
         logits = head.to(device)(fused.to(device)).float().cpu()
-    metrics = classification_metrics(logits, target[items], len(labels_of_model))
+    metrics = classification_metrics(logits, target[items], len(labels_of_model), details=details)
     return metrics, {"samples": int(len(items)), "classes": len(labels_of_model), "inputs": tables}
 
 

@@ -143,6 +143,7 @@ def linear_probe(
     device: Any = "cpu",
     seed: int = 0,
     max_iter: int = 100,
+    details: dict | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Choose the weight decay on ``val`` (or a held-out part of ``train``), refit on
     train + val, report on ``test``. Returns ``(metrics, info)``."""
@@ -169,7 +170,7 @@ def linear_probe(
     x_all, x_test = _standardize(full_x, test.x.float())
     w, b = fit_logistic_regression(x_all, full_y, n_classes, best, device=device, max_iter=max_iter)
     logits = (x_test.to(device) @ w + b).cpu()
-    metrics = classification_metrics(logits, test.y, n_classes, prefix="lp_")
+    metrics = classification_metrics(logits, test.y, n_classes, prefix="lp_", details=details)
     info = {
         "weight_decay": best,
         "val_acc1": {str(wd): v for wd, v in scores.items()},
@@ -232,6 +233,7 @@ def evaluate_linear_probe(
     weight_decays: Sequence[float] = WEIGHT_DECAYS,
     device: Any = "cpu",
     seed: int = 0,
+    details: dict | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Linear-probe metrics from one FeatureSet with manifest splits, or from separate
     ``train`` / ``val`` / ``test`` FeatureSets (see the module docstring)."""
@@ -284,7 +286,10 @@ def evaluate_linear_probe(
         weight_decays=weight_decays,
         device=device,
         seed=seed,
+        details=details,
     )
+    if details is not None:
+        details["classes"] = list(names)
     info["table"] = table
     return metrics, info
 

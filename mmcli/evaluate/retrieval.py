@@ -106,6 +106,7 @@ def evaluate_retrieval(
     device: Any = "cpu",
     block_elems: int = BLOCK_ELEMS,
     progress: ProgressFactory = null_progress,
+    details: dict | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Retrieval metrics of a :class:`~mmcli.formats.features.FeatureSet`, both directions.
 
@@ -164,6 +165,14 @@ def evaluate_retrieval(
         kf: _info(fwd, query, target),
         kb: _info(bwd, target, query),
     }
+    if details is not None:  # eval --plot: recall at every k from the first hits' ranks
+        for key, r, a, b in ((kf, fwd, query, target), (kb, bwd, target, query)):
+            details[key] = {
+                "first": r.first(),
+                "candidates": r.n_candidates,
+                "query": a,
+                "target": b,
+            }
     return metrics, info
 
 

@@ -15,6 +15,7 @@ when they have labels.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,12 @@ def retrieval_pairs(
     return pairs
 
 
-def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict[str, Any]:
+def run_eval(
+    cfg: EvalConfig, progress: ProgressFactory = null_progress, details: dict | None = None
+) -> dict[str, Any]:
+    """The result (see the module docstring). ``details``, when given, receives what
+    ``eval --plot`` draws: per retrieval direction the first hits' ranks, per
+    classification task the labels, predictions and class names."""
     started = time.perf_counter()
     if cfg.task not in TASKS:
         raise BadInput(f"unknown task {cfg.task!r}", hint=f"use one of {', '.join(TASKS)}")
@@ -122,15 +128,15 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
     model = _task_model(cfg, task, device)
     query = target = None
     if task == "retrieval":
-        metrics, info, query, target = _retrieval(cfg, features, device, progress)
+        metrics, info, query, target = _retrieval(cfg, features, device, progress, details)
     elif task == "zeroshot":
-        metrics, info, target = _zeroshot(cfg, features, model, device)
+        metrics, info, target = _zeroshot(cfg, features, model, device, details)
     elif task == "linear-probe":
-        metrics, info = _linear_probe(cfg, features, split_sets, device)
+        metrics, info = _linear_probe(cfg, features, split_sets, device, details)
         target = info.get("table")
     else:  # classify
         metrics, info = evaluate_classifier(
-            features, model, device=device, batch_size=cfg.batch_size
+            features, model, device=device, batch_size=cfg.batch_size, details=details
         )
     any_set = features if features is not None else split_sets["train"]
     all_paths = [p for fs in (features, *split_sets.values()) if fs is not None for p in fs.paths]
@@ -178,14 +184,19 @@ def _task_model(cfg: EvalConfig, task: str, device: str):
     return load_model(cfg.model, device)
 
 
-def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory):
+def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory, details=None):
     """(metrics, info, query, target): every pair asked for, prefixed when several."""
     metrics: dict[str, float] = {}
     info: dict[str, Any] = {}
     pairs = retrieval_pairs(features.tables, cfg.query, cfg.target)
     for q, t in pairs:
-        m, i = evaluate_retrieval(features, q, t, ks=cfg.ks, device=device, progress=progress)
         prefix = f"{q}_{t}/" if len(pairs) > 1 else ""
+        d = {} if details is not None else None
+        m, i = evaluate_retrieval(
+            features, q, t, ks=cfg.ks, device=device, progress=progress, details=d
+        )
+        if details is not None:
+            details.update({prefix + k: v for k, v in d.items()})
         metrics.update({prefix + k: v for k, v in m.items()})
         info.update({prefix + k: v for k, v in i.items()})
     query, target = pairs[0] if len(pairs) == 1 else (None, None)  # several: in the keys
@@ -194,7 +205,7 @@ def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory
     return metrics, info, query, target
 
 
-def _zeroshot(cfg: EvalConfig, features, model, device: str):
+def _zeroshot(cfg: EvalConfig, features, model, device: str, details=None):
     """(metrics, info, the table classified)."""
     table = cfg.table or probe_table(features, None)
     templates = load_templates(cfg.templates) if cfg.templates else None
@@ -204,52 +215,79 @@ def _zeroshot(cfg: EvalConfig, features, model, device: str):
         QueryEncoder(model, device),
         templates=templates,
         batch_size=cfg.batch_size,
+        details=details,
     )
     return metrics, info, table
 
 
-def _linear_probe(cfg: EvalConfig, features, split_sets: dict, device: str):
+def _linear_probe(cfg: EvalConfig, features, split_sets: dict, device: str, details=None):
+    opts = {"device": device, "seed": cfg.seed, "details": details}
     if split_sets["train"] is not None or split_sets["test"] is not None:
-        return evaluate_linear_probe(table=cfg.table, device=device, seed=cfg.seed, **split_sets)
-    return evaluate_linear_probe(features, cfg.table, device=device, seed=cfg.seed)
+        return evaluate_linear_probe(table=cfg.table, **opts, **split_sets)
+    return evaluate_linear_probe(features, cfg.table, **opts)
+
+
+#: folder and file names that say nothing about which data or model it is: the folder
+#: above is named with them (``coco/train`` -> ``coco-train``, ``runs/a/model`` -> ``a``)
+GENERIC_DATA = {"train", "training", "val", "valid", "validation", "dev", "test", "testing",
+                "data", "dataset", "raw", "images", "tensors", "features", "feats", "joint"}  # fmt: skip
+GENERIC_MODEL = {"model", "best", "last", "final", "checkpoint", "state", "weights"}
+
+
+def safe_name(text: str) -> str:
+    """``text`` reduced to ``[A-Za-z0-9._-]`` (other runs of characters become ``_``; no
+    leading or trailing dots or underscores, so ``..`` cannot climb out of a folder), so
+    that it can fill an ``-o`` file-name template without making a path."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")
+    return out or "unnamed"
+
+
+def _folder_name(folder: Path) -> str:
+    name = folder.name
+    if name.lower() in GENERIC_DATA and folder.parent.name:
+        return f"{folder.parent.name}-{name}"
+    return name
 
 
 def dataset_name(features) -> str:
     """The folder of the original input (``data/coco/manifest.jsonl`` -> ``coco``), else
-    that of the manifest, else that of the feature files."""
+    that of the manifest, else that of the feature files; a generic folder name (``train``,
+    ``data``...) is prefixed with the one above it (``coco/train`` -> ``coco-train``)."""
     source = features.source or {}
     for key in ("input", "manifest"):
         value = source.get(key)
         if value and value != "-" and Path(value).parent.name:
-            return Path(value).parent.name if Path(value).suffix else Path(value).name
-    first = Path(features.paths[0])
-    return first.parent.name or first.stem
+            p = Path(os.path.abspath(value))
+            return safe_name(_folder_name(p.parent if p.suffix else p))
+    first = Path(os.path.abspath(features.paths[0]))
+    return safe_name(_folder_name(first.parent) or first.stem)
+
+
+def checkpoint_name(path: str) -> str:
+    """``runs/a/model.safetensors`` -> ``a``; ``students/tiny.safetensors`` -> ``tiny``."""
+    p = Path(os.path.abspath(path))
+    stem = p.name.split(".")[0]
+    if stem.lower() in GENERIC_MODEL and p.parent.name:
+        return p.parent.name
+    return stem
 
 
 def model_name(checkpoint: str | None, features) -> str:
-    """The checkpoint's stem, else the model or encoders the features were extracted with."""
+    """The checkpoint's name (its folder for ``model.safetensors``), else the model or
+    encoders the features were extracted with."""
     if checkpoint:
-        return Path(checkpoint).stem
+        return safe_name(checkpoint_name(checkpoint))
     names = []
     for t in features.tables:
         spec = features.spec(t)
         model = spec.get("model")
         if isinstance(model, dict) and model.get("path"):
-            name = Path(str(model["path"])).stem
+            name = checkpoint_name(str(model["path"]))
         else:
             name = spec.get("encoder")
         if name and str(name) not in names:
             names.append(str(name))
-    return "+".join(names) or "features"
-
-
-def safe_name(value: str) -> str:
-    """``value`` as one safe file-name part: letters, digits and ``. _ + - =`` kept, any
-    other run of characters (``/``, ``\\``, spaces, controls) becomes ``_``, and no part
-    starts with a dot (so ``..`` cannot climb out of the output folder)."""
-    out = re.sub(r"[^\w.+=-]+", "_", value, flags=re.ASCII)
-    out = re.sub(r"\.{2,}", "_", out)
-    return "_" + out[1:] if out.startswith(".") else out
+    return safe_name("+".join(names)) if names else "features"
 
 
 def output_path(template: str, result: dict[str, Any]) -> str:

@@ -99,6 +99,7 @@ def evaluate_zeroshot(
     *,
     templates: Sequence[str] | None = None,
     batch_size: int = 256,
+    details: dict | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Zero-shot metrics of ``features``' ``table`` with the classes of its labels."""
     x, y = labelled_rows(features, table)
@@ -112,7 +113,9 @@ def evaluate_zeroshot(
             hint="zero-shot needs features in the model's joint space (mmcli extract --model CKPT)",
         )
     logits = x.float() @ w.T  # (N, C)
-    metrics = classification_metrics(logits, y, len(names))
+    metrics = classification_metrics(logits, y, len(names), details=details)
+    if details is not None:
+        details["classes"] = list(names)
     info = {
         "table": table,
         "samples": int(len(y)),

@@ -130,10 +130,10 @@ def parse_header(
     line, for anything a reader could trip over.
     """
     if len(raw) < 8:
-        raise BadInput("not a safetensors file (too short)", where=where)
+        raise _not_safetensors(raw, "too short", where)
     (n,) = struct.unpack("<Q", raw[:8])
     if n > MAX_HEADER_BYTES or len(raw) < 8 + n:
-        raise BadInput("not a safetensors file (bad header length)", where=where)
+        raise _not_safetensors(raw[:8], "bad header length", where)
     try:
         header = safejson.loads(bytes(raw[8 : 8 + n]).decode("utf-8"))
     except UnicodeDecodeError:
@@ -169,6 +169,19 @@ def parse_header(
     return tensors, metadata, data_start
 
 
+def _not_safetensors(head: bytes, why: str, where: str) -> BadInput:
+    """The error for a file that is not safetensors; text that looks like a manifest (JSON
+    lines, a JSON or CSV file) says to preprocess it first."""
+    text = bytes(head).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if text in (b"{", b"["):
+        return BadInput(
+            "this looks like a manifest (JSON text), not a safetensors tensor file",
+            where=where,
+            hint="turn raw data into tensor shards first: mmcli preprocess MANIFEST -o DIR, then pass DIR",
+        )
+    return BadInput(f"not a safetensors file ({why})", where=where)
+
+
 def _check_disjoint(tensors: dict[str, TensorInfo], where: str) -> None:
     ranges = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
     for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
@@ -187,10 +200,10 @@ def read_header(
     with open_file(path, what) as f:
         head = f.read(8)
         if len(head) < 8:
-            raise BadInput("not a safetensors file (too short)", where=where)
+            raise _not_safetensors(head, "too short", where)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise BadInput("not a safetensors file (bad header length)", where=where)
+            raise _not_safetensors(head, "bad header length", where)
         return parse_header(head + f.read(n), where, os.fstat(f.fileno()).st_size)
 
 

@@ -35,6 +35,7 @@ from mmcli.formats.outputs import refuse_inputs_as_outputs
 from mmcli.preprocess.config import ERRORS_FILE, STATE_FILE, PreprocessConfig
 from mmcli.preprocess.decode import ShardPlan, decode
 from mmcli.preprocess.output import Output, finish_folder, write_complete
+from mmcli.preprocess.report import caption_report, check_skips, upsampled_images, warn
 from mmcli.preprocess.shards import (
     ShardWriter,
     collect_items,
@@ -110,12 +111,16 @@ def _run(input, out, fmt, config, opts, resume, overwrite, progress) -> dict[str
     processed = sum(len(p.items) for p in pending)
     summary = _finish(plans, output, writer, items, fmt, opts, modalities, started, processed)
     summary.update(input=str(input), out=str(out))
+    summary["upsampled_images"] = upsampled_images(output, plans, writer)
+    summary.update(caption_report(items, config, summary["truncated_captions"]))
+    warn(summary, config)
     if summary["kept"] == 0:
         errors = writer.errors
         if output is not None:  # keep only the list of reasons
             errors = output.skipped()
             output.remove_all()
         _nothing_kept(errors, fmt, input, out)
+    check_skips(summary, config, out)  # too many skipped: the folder stays unfinished
     if output is not None:
         write_complete(output, summary)
     return summary

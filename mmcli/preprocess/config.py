@@ -39,6 +39,7 @@ class PreprocessConfig:
     workers: int = 0
     on_error: str = "skip"
     split: str | None = None
+    max_skip: str = "50%"  # more items skipped than this (N or P%) stops with exit 2
     modalities: list[str] | None = None  # None = every modality the items have
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (0 = no limit)
 
@@ -51,6 +52,7 @@ class PreprocessConfig:
         check_max_pixels(self.max_image_pixels)
         if self.on_error not in ("skip", "fail"):
             raise BadInput("on-error must be skip or fail")
+        self.skip_limit(1)  # a bad --max-skip is refused before any work
         if self.modalities is not None:
             unknown = set(self.modalities) - set(MODALITY_FIELDS)
             if unknown:
@@ -58,6 +60,25 @@ class PreprocessConfig:
                     f"unknown modality {sorted(unknown)[0]!r}",
                     hint=f"use {', '.join(MODALITY_FIELDS)}",
                 )
+
+    def skip_limit(self, items: int) -> int:
+        """The most items that may be skipped out of ``items`` (``--max-skip N`` or ``P%``)."""
+        text = str(self.max_skip).strip()
+        try:
+            if text.endswith("%"):
+                share = float(text[:-1])
+                if not 0 <= share <= 100:
+                    raise ValueError
+                return int(items * share / 100)
+            n = int(text)
+            if n < 0:
+                raise ValueError
+            return n
+        except ValueError:
+            raise BadInput(
+                f"--max-skip {self.max_skip!r} is not a count or a percentage",
+                hint="e.g. --max-skip 10 or --max-skip 5%",
+            ) from None
 
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer(self.context_length, self.lowercase)
@@ -72,6 +93,6 @@ class PreprocessConfig:
     def output_options(self) -> dict[str, Any]:
         """The options that change the output (workers/on_error do not)."""
         d = asdict(self)
-        for k in ("workers", "on_error"):
+        for k in ("workers", "on_error", "max_skip"):
             d.pop(k)
         return d

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
-from mmcli.data.image import ImageDecodeError, ImageTransform
+from mmcli.data.image import ImageDecodeError, ImageTransform, load_image
 from mmcli.formats.manifest import Item
 from mmcli.preprocess.config import CHUNK, PreprocessConfig
 
@@ -35,7 +35,7 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     """Worker: decode the image/audio files of a chunk of items.
 
     Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
-    (field, reason) | None)] in item order).
+    (field, reason) | None, upsampled: the image's shorter side was below S)] in item order).
     """
     chunk_id, files, image_size, sample_rate, seconds, max_pixels = task
     image_tf = ImageTransform(image_size, max_pixels)
@@ -43,10 +43,11 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     out = []
     for image_path, audio_path in files:
         image = audio = error = None
+        sizes: list = []
         try:
             if image_path is not None:
                 try:
-                    image = image_tf(image_path)
+                    image = load_image(image_path, image_tf.size, image_tf.max_pixels, sizes=sizes)
                 except ImageDecodeError as e:
                     error = ("image", str(e))
             if error is None and audio_path is not None:
@@ -59,7 +60,7 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
                 "image" if image is None and image_path else "audio",
                 f"{type(e).__name__}: {e}",
             )
-        out.append((image, audio, error))
+        out.append((image, audio, error, bool(sizes) and min(sizes[0]) < image_tf.size))
     return chunk_id, out
 
 
@@ -147,7 +148,7 @@ def decode(
     """Yield (shard plan, decoded results in item order) shard by shard, decoding in workers."""
     if "image" not in modalities and "audio" not in modalities:  # text only: nothing to decode
         for plan in pending:
-            yield plan, [(None, None, None)] * len(plan.items)
+            yield plan, [(None, None, None, False)] * len(plan.items)
         return
     tasks, owner = _tasks(pending, config, modalities)
     if config.workers > 0 and len(tasks) > 1:

@@ -34,7 +34,14 @@ def collect_items(
                 where=input,
                 hint="drop --split, or add a split field to the items",
             )
+        present = sorted({str(it.split) for it in items if it.split})
         items = [it for it in items if it.split == config.split]
+        if not items:
+            raise BadInput(
+                f"--split {config.split}: no item is in that split",
+                where=input,
+                hint=f"the data's splits: {', '.join(present)}",
+            )
     if not items:
         if opts.errors and config.split is None:
             first = opts.errors[0]
@@ -81,6 +88,7 @@ class ShardWriter:
         self.output = output
         self.errors: list[dict[str, Any]] = []  # of the shards written by this run
         self.truncated = 0
+        self.upsampled = 0  # images whose shorter side was below --image-size
         self.rows = dict.fromkeys(modalities, 0)
 
     def _keep(self, plan: ShardPlan, results: list[tuple]):
@@ -89,7 +97,8 @@ class ShardWriter:
         rows: dict[str, list] = {m: [] for m in self.modalities}
         row_items: dict[str, list[int]] = {m: [] for m in self.modalities}
         errors = []
-        for item, (image, audio, error) in zip(plan.items, results):
+        self._upsampled = 0
+        for item, (image, audio, error, upsampled) in zip(plan.items, results):
             if error is not None:
                 fld, reason = error
                 if self.config.on_error == "fail":
@@ -108,6 +117,7 @@ class ShardWriter:
                 continue
             local = len(kept)
             kept.append(item)
+            self._upsampled += bool(upsampled and image is not None)
             for m, value in (("image", image), ("audio", audio)):
                 if value is not None:
                     rows[m].append(value)
@@ -146,6 +156,7 @@ class ShardWriter:
         shard, truncated = self._shard(kept, rows, row_items)
         self.errors.extend(errors)
         self.truncated += truncated
+        self.upsampled += self._upsampled
         for m in self.modalities:
             self.rows[m] += len(shard.tables[m])
         kwargs = dict(
@@ -155,7 +166,14 @@ class ShardWriter:
             source=self.source,
             index=plan.index,
             count=self.count,
-            extra={"errors": errors, "stats": {"truncated": truncated, "skipped": len(errors)}},
+            extra={
+                "errors": errors,
+                "stats": {
+                    "truncated": truncated,
+                    "skipped": len(errors),
+                    "upsampled": self._upsampled,
+                },
+            },
         )
         if self.output is None:
             return serialize_shard(shard, **kwargs)

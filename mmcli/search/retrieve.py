@@ -55,6 +55,7 @@ class RetrieveConfig:
     batch_size: int = 256
     with_fields: bool = True
     split: str | None = None  # search only the items of this manifest split
+    exclude_self: bool = True  # an --id query's own item is not among its hits
 
 
 def default_target(tables: list[str]) -> str:
@@ -105,6 +106,15 @@ class Retriever:
             raise BadInput(f"unknown backend {cfg.backend!r}", hint="use exact or faiss")
         self.items_np = self.items.numpy()
         self.multi_row = len(self.items_np) > len(np.unique(self.items_np))
+        exact = self.index if cfg.backend == "exact" else self.index.exact
+        self.candidates = int(exact.searchable)
+        if cfg.k > self.candidates:  # eval refuses; a search answers with what there is
+            log.warning(
+                "-k %d is larger than the %d %s candidates: at most %d hits per query",
+                cfg.k, self.candidates, self.target, self.candidates,
+            )  # fmt: skip
+        #: cosine scores (unit vectors before 16-bit rounding) are clamped to [-1, 1]
+        self.normalized = bool(self.features.spec(self.target).get("normalized"))
         self._row_in_item: np.ndarray | None = None
         self._encoder: QueryEncoder | None = None
         self._query_rows: dict[str, tuple[Any, np.ndarray]] = {}
@@ -174,7 +184,7 @@ class Retriever:
         return out
 
     # --------------------------------------------------------------------- search
-    def search_vectors(self, vectors: Any):
+    def search_vectors(self, vectors: Any, extra: int = 0):
         q = (
             torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors])
             if isinstance(vectors, list)
@@ -188,13 +198,13 @@ class Retriever:
         if self.cfg.backend == "exact":
             return self.index.search(
                 q,
-                self.cfg.k,
+                self.cfg.k + extra,
                 scoring=self.scoring,
                 threshold=self.cfg.threshold,
                 device=self.cfg.device,
                 batch_size=SEARCH_BATCH,
             )
-        return self.index.search(q, self.cfg.k, threshold=self.cfg.threshold)
+        return self.index.search(q, self.cfg.k + extra, threshold=self.cfg.threshold)
 
     @property
     def index_dim(self) -> int:
@@ -211,8 +221,25 @@ class Retriever:
         sizes = [len(g) for g in groups]
         if not flat:
             return [[] for _ in queries]
-        result = self.search_vectors([v for _, v in flat])
-        lines = [self.result_line(obj, result.hits(i)) for i, (obj, _) in enumerate(flat)]
+        # --exclude-self: an id query searching its own table leaves its own item out
+        own_table = (self.cfg.query_table or self.target) == self.target
+        drop = self.cfg.exclude_self and own_table
+        own = [
+            self.features.item_index(q.value) if drop and q.kind == "id" else None
+            for q, g in zip(queries, groups)
+            for _ in g
+        ]
+        extra = 0
+        if any(i is not None for i in own):
+            counts = np.bincount(self.items_np, minlength=len(self.features.ids))
+            extra = max(int(counts[i]) for i in own if i is not None)
+        result = self.search_vectors([v for _, v in flat], extra)
+        lines = []
+        for i, (obj, _) in enumerate(flat):
+            hits = result.hits(i)
+            if own[i] is not None:
+                hits = [(r, s) for r, s in hits if int(self.items_np[r]) != own[i]]
+            lines.append(self.result_line(obj, hits[: self.cfg.k]))
         out, j = [], 0
         for n in sizes:
             out.append(lines[j : j + n])
@@ -226,7 +253,7 @@ class Retriever:
             hit: dict[str, Any] = {
                 "rank": rank,
                 "id": self.features.ids[item],
-                "score": _short_float(score),
+                "score": _short_float(min(max(score, -1.0), 1.0) if self.normalized else score),
             }
             if self.multi_row:
                 hit["row"] = int(self.row_in_item[row])
