@@ -67,6 +67,7 @@ class ModelConfig:
         None  # {"labels": [...]}: a label head on the fused embedding
     )
     matcher: bool = False  # a match/no-match head on the fused state (image-text matching)
+    captioner: dict[str, Any] | None = None  # a caption decoder (mmcli.models.decoder)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +164,11 @@ class MultimodalModel(nn.Module):
             self.matcher = nn.Linear(self.fusion.width, 1)
             nn.init.zeros_(self.matcher.weight)
             nn.init.zeros_(self.matcher.bias)
+        self.captioner: nn.Module | None = None
+        if config.captioner is not None:
+            from mmcli.models.decoder import build_captioner
+
+            self.captioner = build_captioner(config.captioner, self.encoders)
         #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
         self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
         #: {"path", "sha256"} of the checkpoint this model was loaded from
