@@ -8,7 +8,8 @@ evaluation code, as CLIP_benchmark's captioning task runs it; its ``Cider`` is C
 clipped n-gram counts, a Gaussian length penalty, x10), keyed as CLIP_benchmark keys them:
 ``Bleu_1`` ... ``Bleu_4``, ``ROUGE_L``, ``CIDEr``. ``WER`` (jiwer) is the word error rate
 against the closest reference of each item: the errors (substitutions, deletions,
-insertions) summed over the items, divided by the words of those references.
+insertions) summed over the items, divided by the words of those references; the closest
+reference is the one with the fewest errors.
 
 Tokenization (:func:`tokenize`), the same for every metric, instead of COCO's PTB
 tokenizer (Stanford CoreNLP, which needs Java): NFKC, lowercase, each CJK ideograph, kana
@@ -86,7 +87,8 @@ def coco_metrics(
 def word_error_rate(
     candidates: Mapping[str, str], references: Mapping[str, Sequence[str]]
 ) -> float:
-    """Corpus WER against the closest reference of each item (jiwer's alignment)."""
+    """Corpus WER against the closest reference of each item (the fewest word errors by
+    jiwer's alignment; a tie goes to the longer reference)."""
     try:
         import jiwer
     except ImportError:
@@ -94,7 +96,7 @@ def word_error_rate(
     errors = words = 0
     for k, hyp in candidates.items():
         hyp_text = " ".join(tokenize(hyp))
-        best: tuple[float, int, int] | None = None
+        best: tuple[int, int] | None = None
         for ref in references[k]:
             ref_tokens = tokenize(ref)
             if not ref_tokens:
@@ -104,10 +106,10 @@ def word_error_rate(
                 e = o.substitutions + o.deletions + o.insertions
             else:
                 e = len(ref_tokens)  # everything deleted
-            key = (e / len(ref_tokens), e, len(ref_tokens))
+            key = (e, -len(ref_tokens))
             best = key if best is None or key < best else best
         if best is not None:
-            errors, words = errors + best[1], words + best[2]
+            errors, words = errors + best[0], words - best[1]
     return errors / words if words else float("nan")
 
 

@@ -44,6 +44,10 @@ class Generated:
     finished: bool  # False: cut at max_tokens before the end token
 
 
+def _score_dtype(decoder: CaptionDecoder) -> torch.dtype:
+    return torch.promote_types(decoder.pos.dtype, torch.float32)
+
+
 def max_tokens(decoder: CaptionDecoder, opts: DecodeOptions) -> int:
     most = decoder.config.context_length - 1  # BOS + tokens fit the position table
     if opts.max_tokens is None:
@@ -76,7 +80,7 @@ def greedy(decoder: CaptionDecoder, memory: Memory, opts: DecodeOptions) -> list
     b = len(memory)
     device = decoder.pos.device
     seq = torch.full((b, 1), c.bos_id, dtype=torch.long, device=device)
-    scores = torch.zeros(b, device=device)
+    scores = torch.zeros(b, device=device, dtype=_score_dtype(decoder))
     done = torch.zeros(b, dtype=torch.bool, device=device)
     cache = decoder.start(memory) if opts.cache else None
     for _ in range(max_tokens(decoder, opts)):
@@ -101,10 +105,10 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, opts: DecodeOptions) ->
     rows = torch.arange(b, device=device).repeat_interleave(n)
     memory = memory.index(rows)
     seq = torch.full((b * n, 1), c.bos_id, dtype=torch.long, device=device)
-    scores = torch.full((b, n), float("-inf"), device=device)
+    scores = torch.full((b, n), float("-inf"), device=device, dtype=_score_dtype(decoder))
     scores[:, 0] = 0.0  # one live hypothesis at first: the others would repeat it
     done = torch.zeros(b * n, dtype=torch.bool, device=device)
-    lengths = torch.zeros(b * n, device=device)
+    lengths = torch.zeros(b * n, device=device, dtype=scores.dtype)
     cache = decoder.start(memory) if opts.cache else None
     frozen = None
     base = (torch.arange(b, device=device) * n)[:, None]

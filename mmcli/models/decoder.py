@@ -332,8 +332,10 @@ class CaptionDecoder(nn.Module):
         return self.head(self.ln(x[:, c.prefix :]))
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """float32 log-probabilities; PAD and BOS are impossible (-inf)."""
-        return torch.log_softmax(logits.float().masked_fill(self.banned, float("-inf")), dim=-1)
+        """Log-probabilities (float32, or float64 for a float64 model); PAD and BOS are
+        impossible (-inf)."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return torch.log_softmax(logits.masked_fill(self.banned, float("-inf")), dim=-1)
 
     def caption_logprob(self, memory: Memory, ids: torch.Tensor) -> torch.Tensor:
         """Log-probability [B] of each caption ``ids`` [B, L] (``[BOS, ..., EOS, PAD...]``):
