@@ -81,7 +81,8 @@ def test_stdin_lines_answered_in_place(cli, cap):
     assert r.exit_code == 0, r.stderr
     out = lines(r.stdout)
     assert [x.get("id") for x in out] == ["first", None, None, None, cap["images"][1]]
-    assert "bad JSON" in out[1]["error"] and "file not found" in out[2]["error"]
+    assert "bad JSON" in out[1]["error"] and "line 2 of <stdin>" in out[1]["error"]
+    assert "file not found" in out[2]["error"] and "line 3 of <stdin>" in out[2]["error"]
     assert 'no "image" path' in out[3]["error"]
     r = cli("caption", "--model", cap["model"], "--on-error", "fail", "-q", input=stdin + "\n")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1

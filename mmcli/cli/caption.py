@@ -144,6 +144,14 @@ def _stdin_is_tty() -> bool:
         return False
 
 
+def _bad_line(e: Exception, where: str):
+    from mmcli.errors import BadInput
+
+    if isinstance(e, json.JSONDecodeError):
+        return BadInput(f"bad JSON ({e.msg} at column {e.colno})", where=where)
+    return BadInput("not valid UTF-8", where=where)
+
+
 def _stdin_lines(captioner, on_error: str, batch_size: int):
     """Answer stdin JSON lines batch by batch, as they arrive (bad lines: an error line)."""
     import logging
@@ -166,10 +174,11 @@ def _stdin_lines(captioner, on_error: str, batch_size: int):
             try:
                 obj = json.loads(raw.decode("utf-8"))
                 item_id, path = parse_source_line(obj, captioner.source, where)
-                good.append((len(answers), item_id, captioner.load_file(path)))
+                row = captioner.load_file(path, where=f"{path} (line {lineno} of <stdin>)")
+                good.append((len(answers), item_id, row))
                 answers.append(None)
             except (UnicodeDecodeError, json.JSONDecodeError, BadInput) as e:
-                error = e if isinstance(e, BadInput) else BadInput("bad JSON line", where=where)
+                error = e if isinstance(e, BadInput) else _bad_line(e, where)
                 if on_error == "fail":
                     raise error from None
                 log.warning("%s", error)

@@ -163,15 +163,16 @@ class Captioner:
                 raise BadInput(f"cannot read {self.source} files", hint="pass tensor shards")
         return self._transform
 
-    def load_file(self, path: str) -> np.ndarray:
-        """One file decoded into a source row (BadInput when it does not decode)."""
+    def load_file(self, path: str, where: str | None = None) -> np.ndarray:
+        """One file decoded into a source row (BadInput naming ``where``, default the path,
+        when it does not decode)."""
         from mmcli.data.audio import AudioDecodeError
         from mmcli.data.image import ImageDecodeError
 
         try:
             return self.transform()(Path(path).expanduser())
         except (ImageDecodeError, AudioDecodeError) as e:
-            raise BadInput(str(e), where=str(path)) from None
+            raise BadInput(str(e), where=where or str(path)) from None
 
     def caption_files(
         self, paths: Sequence[str], ids: Sequence[str] | None = None

@@ -86,3 +86,17 @@ def test_a_perfect_caption_set():
     assert m["WER"] == 0.0
     assert m["CIDEr"] > 3.0
     assert set(m) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "WER"}
+
+
+def test_missing_scorers_say_how_to_install(monkeypatch):
+    import sys
+
+    from mmcli.errors import BadInput
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.bleu.bleu", None)
+    with pytest.raises(BadInput, match=r'pip install "mmcli\[caption\]"') as e:
+        coco_metrics({"x": "a"}, {"x": ["a"]})
+    assert "pycocoevalcap is not installed" in str(e.value)
+    monkeypatch.setitem(sys.modules, "jiwer", None)
+    with pytest.raises(BadInput, match="jiwer is not installed"):
+        word_error_rate({"x": "a"}, {"x": ["a"]})
