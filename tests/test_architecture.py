@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"mmcli", "errors", "modalities", "progress", "runtime"},
     {"formats"},
     {"data", "models", "plots"},
-    {"preprocess", "extract", "train", "evaluate", "search", "overview"},
+    {"preprocess", "extract", "train", "evaluate", "search", "overview", "generate"},
     {"cli"},
     {"__main__"},
 ]

@@ -7,13 +7,13 @@ import sys
 import typer
 
 from mmcli import __version__
-from mmcli.cli import distill, eval, extract, fuse_train, info, preprocess, retrieve
+from mmcli.cli import caption, distill, eval, extract, fuse_train, info, preprocess, retrieve
 
 app = typer.Typer(
     name="mmcli",
     help=(
         "Multimodal (image, text, audio) representation learning from the terminal: "
-        "preprocess -> extract -> fuse-train -> distill -> eval / retrieve."
+        "preprocess -> extract -> fuse-train -> distill -> eval / retrieve / caption."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -44,6 +44,7 @@ app.command("distill")(distill.distill)
 app.command("info")(info.info)
 app.command("eval")(eval.eval_command)
 app.command("retrieve")(retrieve.retrieve)
+app.command("caption")(caption.caption)
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ Task = Annotated[
     str,
     typer.Option(
         "--task",
-        help="retrieval | zeroshot | linear-probe | classify | auto (retrieval for 2+ modalities, "
-        "zeroshot with --model and labels, else linear-probe).",
+        help="retrieval | zeroshot | linear-probe | classify | captioning | auto (retrieval for "
+        "2+ modalities, zeroshot with --model and labels, else linear-probe).",
     ),
 ]
 
@@ -47,6 +47,14 @@ def eval_command(
     model: Annotated[
         str | None,
         typer.Option(help="Checkpoint: encodes class prompts (zeroshot) or classifies (classify)."),
+    ] = None,
+    captions: Annotated[
+        str | None,
+        typer.Option(
+            help="Captioning: mmcli caption's JSON lines (file or -); FEATURES are the tensor "
+            "shards with the reference captions (or give --model to caption them now).",
+            rich_help_panel="Captioning",
+        ),
     ] = None,
     templates: Annotated[
         str | None,
@@ -135,7 +143,7 @@ def eval_command(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Evaluate features: retrieval, zero-shot, linear probe or a classifier.
+    """Evaluate features: retrieval, zero-shot, linear probe, a classifier or captions.
 
     Prints one JSON object (metrics under "metrics", CLIP_benchmark key
     names). Retrieval runs both directions with ground truth from the
@@ -156,6 +164,8 @@ def eval_command(
         mmcli eval --train tr/ --val va/ --test te/ -o '{model}_{task}.json'
 
         mmcli eval --summarize 'results/*.json' --format markdown
+
+        mmcli eval out/tensors --task captioning --captions captions.jsonl --split test
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput
@@ -193,6 +203,7 @@ def eval_command(
             templates=templates,
             table=modality,
             split=split,
+            captions=captions,
             train=train,
             val=val,
             test=test,

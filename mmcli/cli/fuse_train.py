@@ -34,6 +34,7 @@ from mmcli.cli.common import (
 
 _MODEL = "Model"
 _RUN = "Run"
+_CAPTION = "Captioning"
 
 
 def fuse_train(
@@ -57,7 +58,8 @@ def fuse_train(
     objective: Annotated[
         str,
         typer.Option(
-            help="contrastive | sigmoid, plus classify / match, with weights: contrastive=1,match=0.5.",
+            help="contrastive | sigmoid, plus classify / match / caption, with weights: "
+            "contrastive=1,match=0.5 (contrastive=1,caption=2: CoCa).",
             rich_help_panel=_MODEL,
         ),
     ] = "contrastive",
@@ -125,6 +127,26 @@ def fuse_train(
             rich_help_panel=_MODEL,
         ),
     ] = None,
+    caption_decoder: Annotated[
+        str,
+        typer.Option(
+            help="--objective caption: attention (over the source tokens) | pooled (the pooled "
+            "vector only) | prefix, with options: attention:width=256,depth=2,heads=4.",
+            rich_help_panel=_CAPTION,
+        ),
+    ] = "attention",
+    caption_from: Annotated[
+        str | None,
+        typer.Option(
+            help="--objective caption: the modality to caption \\[default: image, else audio].",
+            rich_help_panel=_CAPTION,
+            show_default=False,
+        ),
+    ] = None,
+    label_smoothing: Annotated[
+        float,
+        typer.Option(help="--objective caption: label smoothing.", rich_help_panel=_CAPTION),
+    ] = 0.1,
     epochs: Epochs = 10,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 128,
@@ -159,6 +181,8 @@ def fuse_train(
 
         mmcli fuse-train feats/ -o runs/heads --fusion attention --objective contrastive,match
 
+        mmcli fuse-train out/tensors -o runs/coca --objective contrastive=1,caption=2
+
         torchrun --nproc_per_node 2 -m mmcli fuse-train out/tensors -o runs/ddp --batch-size 64
     """
     with command(quiet=quiet, debug=debug) as ctx:
@@ -184,6 +208,9 @@ def fuse_train(
             batch_with=batch_with,
             train_split=train_split,
             val_split=val_split,
+            caption_decoder=caption_decoder,
+            caption_from=caption_from,
+            label_smoothing=label_smoothing,
         )
         loop = loop_config(
             epochs=epochs,

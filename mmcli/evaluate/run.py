@@ -33,7 +33,7 @@ from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
 from mmcli.search.queries import QueryEncoder, load_model
 
-TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify")
+TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify", "captioning")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class EvalConfig:
     val: list[str] | None = None
     test: list[str] | None = None
     split: str | None = None  # evaluate only the items of this manifest split
+    captions: str | None = None  # captioning: mmcli caption's JSON lines (else --model writes them)
     device: str = "cpu"
     batch_size: int = 256
     seed: int = 0
@@ -116,6 +117,8 @@ def run_eval(
     if cfg.task not in TASKS:
         raise BadInput(f"unknown task {cfg.task!r}", hint=f"use one of {', '.join(TASKS)}")
     device = resolve_device(cfg.device)
+    if cfg.task == "captioning":
+        return _captioning(cfg, device, started)
     split_sets = {
         k: FeatureSet.open(v) if v else None
         for k, v in (("train", cfg.train), ("val", cfg.val), ("test", cfg.test))
@@ -168,6 +171,37 @@ def _check_task_inputs(cfg: EvalConfig, task: str, features) -> None:
                 hint="it trains on train, picks the weight decay on val and reports test",
             )
         features.select_split(cfg.split)
+
+
+def _captioning(cfg: EvalConfig, device: str, started: float) -> dict[str, Any]:
+    """``--task captioning``: tensor shards (the references) and captions (see
+    :mod:`mmcli.evaluate.captioning`)."""
+    from mmcli.evaluate.captioning import evaluate_captioning
+
+    if not cfg.features:
+        raise BadInput("--task captioning needs the tensor shards that hold the references")
+    metrics, info, refs = evaluate_captioning(
+        cfg.features,
+        captions=cfg.captions,
+        model=cfg.model,
+        split=cfg.split,
+        device=device,
+        batch_size=cfg.batch_size,
+    )
+    name = cfg.model or (cfg.captions if cfg.captions != "-" else "captions")
+    return {
+        "task": "captioning",
+        "dataset": dataset_name(refs),
+        "model": Path(name).stem,
+        "query": info.get("source"),
+        "target": "text",
+        "split": cfg.split,
+        "features": refs.paths,
+        "metrics": metrics,
+        "info": info,
+        "mmcli": __version__,
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
 
 
 def _task_model(cfg: EvalConfig, task: str, device: str):

@@ -48,6 +48,7 @@ class ModelConfig:
         None  # {"labels": [...]}: a label head on the fused embedding
     )
     matcher: bool = False  # a match/no-match head on the fused state (image-text matching)
+    captioner: dict[str, Any] | None = None  # a caption decoder (mmcli.models.decoder)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +152,8 @@ def check_config(d: Mapping[str, Any], where: str | None = None) -> None:
             raise _bad("classifier.labels", "a non-empty list of label names", labels, where)
     if not isinstance(d.get("matcher", False), bool):
         raise _bad("matcher", "true or false", d.get("matcher"), where)
+    if d.get("captioner") is not None:
+        _object("captioner", d["captioner"], where)  # its fields: mmcli.models.decoder
 
 
 def _check_head(key: str, h: Any, where: str | None) -> None:

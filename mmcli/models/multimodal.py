@@ -92,6 +92,11 @@ class MultimodalModel(nn.Module):
             self.matcher = nn.Linear(self.fusion.width, 1)
             nn.init.zeros_(self.matcher.weight)
             nn.init.zeros_(self.matcher.bias)
+        self.captioner: nn.Module | None = None
+        if config.captioner is not None:
+            from mmcli.models.decoder import build_captioner
+
+            self.captioner = build_captioner(config.captioner, self.encoders)
         #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
         self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
         #: {"path", "sha256"} of the checkpoint this model was loaded from

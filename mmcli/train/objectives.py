@@ -161,3 +161,24 @@ def interactive_contrastive_loss(
         contrastive_loss(s_a, t_b, item_a, item_b, logit_scale)
         + contrastive_loss(t_a, s_b, item_a, item_b, logit_scale)
     )
+
+
+def caption_loss(
+    logp: torch.Tensor, target: torch.Tensor, pad_id: int, smoothing: float = 0.0
+) -> torch.Tensor:
+    """Teacher-forced token cross-entropy of captions, averaged over the tokens that are
+    not padding.
+
+    ``logp`` [B, L, V]: the decoder's log-probabilities of the token after each input
+    position (tokens it never emits are -inf); ``target`` [B, L]: the tokens that follow
+    (``pad_id`` where the caption has ended). With label smoothing ``e`` each token's loss
+    is ``(1 - e) * -log p(target) + e * mean over the emittable tokens of -log p``.
+    """
+    valid = target != pad_id
+    nll = -logp.gather(-1, target.long().clamp_min(0)[..., None]).squeeze(-1)
+    if smoothing:
+        allowed = torch.isfinite(logp)
+        uniform = -logp.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1).clamp_min(1)
+        nll = (1 - smoothing) * nll + smoothing * uniform
+    nll = nll.masked_fill(~valid, 0.0)
+    return nll.sum() / valid.sum().clamp_min(1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmcli.errors import BadInput
+from mmcli.models.decoder import parse_decoder_spec
 from mmcli.models.registry import fusion_kinds
 from mmcli.train.splits import SplitSpec
 from mmcli.train.task import parse_weights
 
-OBJECTIVES = ("contrastive", "sigmoid", "classify", "match")
+OBJECTIVES = ("contrastive", "sigmoid", "classify", "match", "caption")
 #: the objectives that learn from pairs of modalities
 PAIR_OBJECTIVES = ("contrastive", "sigmoid")
 
@@ -36,6 +37,10 @@ class FuseConfig:
     train_split: str = "train"
     val_split: str | None = None  # None: "val" when the data has it; a named split must exist
     eval_batch_size: int = 256
+    # the caption objective (train/fuse/caption.py)
+    caption_decoder: str = "attention"  # attention | pooled | prefix [:width=256,depth=2,...]
+    caption_from: str | None = None  # the modality captioned (default: image, else audio)
+    label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.objectives) - set(OBJECTIVES))
@@ -59,6 +64,10 @@ class FuseConfig:
             raise BadInput("--temperature must be in (0, 1)")
         if self.head not in ("linear", "mlp"):
             raise BadInput(f"unknown head {self.head!r}", hint="use linear or mlp")
+        if "caption" in self.objectives:
+            parse_decoder_spec(self.caption_decoder)
+            if not 0 <= self.label_smoothing < 1:
+                raise BadInput("--label-smoothing must be in [0, 1)")
 
     @property
     def contrastive(self) -> bool:

@@ -7,6 +7,7 @@ import math
 from mmcli.errors import BadInput
 from mmcli.modalities import train_encoder
 from mmcli.models.multimodal import ModelConfig, MultimodalModel, build_model
+from mmcli.train.fuse.caption import captioner_spec
 from mmcli.train.fuse.config import FuseConfig
 from mmcli.train.splits import Data, load_splits
 from mmcli.train.task import head_spec, token_counts
@@ -60,6 +61,7 @@ def setup_model(data: Data, cfg: FuseConfig) -> MultimodalModel:
         logit_bias=-10.0 if "sigmoid" in cfg.objectives else None,
         classifier={"labels": ds.label_names} if "classify" in cfg.objectives else None,
         matcher="match" in cfg.objectives,
+        captioner=captioner_spec(cfg, data, model) if "caption" in cfg.objectives else None,
         extra={"features": {m: ds.spec(m) for m in data.modalities}} if features else {},
     )
     if "sigmoid" in cfg.objectives:

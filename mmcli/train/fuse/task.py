@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from mmcli.models.multimodal import MultimodalModel
 from mmcli.train import objectives as obj
+from mmcli.train.fuse.caption import METRICS as CAPTION_METRICS
+from mmcli.train.fuse.caption import caption_metrics, caption_term
 from mmcli.train.fuse.config import FuseConfig
 from mmcli.train.parallel import gather, gather_with_grad
 from mmcli.train.sampler import Batch
@@ -25,18 +27,27 @@ class FuseTask(JointTask):
         self.pairs = data.pairs
         self.modalities = data.modalities
         self.seed = seed
+        # the caption objective: the source it reads, and whether that is all there is
+        self.caption_from = model.captioner.config.source if model.captioner else None
+        self.caption_only = set(cfg.objectives) == {"caption"}
+        self.encoded = [self.caption_from] if self.caption_only else self.modalities
 
     # -- helpers ------------------------------------------------------------------
-    def _encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-        """Normalized embeddings of every row, and tokens of block 0 when fusion needs them."""
+    def _encode(self, batch: Batch):
+        """Normalized embeddings of every row, tokens of block 0 when fusion needs them, and
+        the caption source's (pooled, tokens, mask) of block 0 (None without captioning)."""
         model = self.model
-        emb, toks = {}, {}
+        emb, toks, src = {}, {}, None
         need_tokens = model.fusion is not None and model.config.fusion["kind"] == "attention"
-        for m in self.modalities:
+        cap_tokens = model.captioner is not None and model.captioner.config.kind == "attention"
+        for m in self.encoded:
             fused = need_tokens and m in model.config.fusion.get("modalities", self.modalities)
-            pooled, tm = self.pooled_rows(model, batch, m, batch.data[m], tokens=fused)
-            if tm is not None:
+            want = fused or (m == self.caption_from and cap_tokens)
+            pooled, tm = self.pooled_rows(model, batch, m, batch.data[m], tokens=want)
+            if fused:
                 toks[m] = tm
+            if m == self.caption_from:
+                src = (pooled[: len(batch)], *(tm if cap_tokens else (None, None)))
             emb[m] = F.normalize(model.heads[m](pooled).float(), dim=-1)
         if "text_neg" in batch.data:
             text = model.encoders["text"]
@@ -46,7 +57,7 @@ class FuseTask(JointTask):
             else:
                 pooled = text(batch.data["text_neg"])
             emb["text_neg"] = F.normalize(model.heads["text"](pooled).float(), dim=-1)
-        return emb, toks
+        return emb, toks, src
 
     def _rows(self, batch: Batch, emb: dict[str, torch.Tensor], m: str):
         """(embeddings, item ids) of the rows of ``m`` that exist, gathered over ranks.
@@ -64,7 +75,7 @@ class FuseTask(JointTask):
     # -- the loss -----------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         model, w = self.model, self.cfg.objectives
-        emb, toks = self._encode(batch)
+        emb, toks, src = self._encode(batch)
         losses: dict[str, torch.Tensor] = {}
         if "contrastive" in w or "sigmoid" in w:
             scale = model.logit_scale.exp()
@@ -85,12 +96,35 @@ class FuseTask(JointTask):
             losses["classify"] = obj.classify_loss(model.classifier(fused), batch.labels)
         if "match" in w:
             losses["match"] = self._match_loss(batch, first, toks)
+        if "caption" in w:
+            losses["caption"] = caption_term(model, batch, src, self.cfg.label_smoothing)
         total = sum(w[k] * v for k, v in losses.items())
         logs = {"loss": float(total.detach())}
         logs.update({k: float(v.detach()) for k, v in losses.items()})
         if model.logit_scale is not None:
             logs["logit_scale"] = float(model.logit_scale.detach().exp())
         return total, logs
+
+    # -- validation with a caption decoder --------------------------------------------
+    def metric_names(self) -> list[str] | None:
+        names = None if self.caption_only else super().metric_names()
+        if self.caption_from and self.data.validates:
+            names = (names or []) + CAPTION_METRICS
+        return names
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = {} if self.caption_only else super().evaluate()
+        if self.caption_from and self.data.validates:
+            data = self.data
+            metrics.update(
+                caption_metrics(self.model, data.val_dataset, data.val, self.eval_batch_size)
+            )
+        return metrics
+
+    def default_best_metric(self) -> str | None:
+        if self.caption_only:
+            return "caption/loss" if self.data.val is not None else None
+        return super().default_best_metric()
 
     def _match_loss(self, batch: Batch, emb: dict[str, torch.Tensor], toks: dict) -> torch.Tensor:
         """Image-text matching with in-batch hard negatives (for every pair (a, b) trained)."""
