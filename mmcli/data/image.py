@@ -77,21 +77,77 @@ def load_image(path: str | os.PathLike, size: int = 224):
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+#: mmcli: one resampling pass over the crop box (JPEG draft); torchvision-pil: resize the
+#: whole image, then crop, with torchvision on PIL images (open_clip, timm); hf:
+#: transformers' torchvision backend (antialiased resize of uint8 tensors, crop rounded down)
+BACKENDS = ("mmcli", "torchvision-pil", "hf")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
+    """File -> uint8 [3, size, size]. The defaults are mmcli's own fast path; the other
+    settings reproduce a pretrained model's transform (``preprocess --like``)."""
+
     size: int = 224
+    resize_mode: str = "shortest"  # shortest side | longest side (padded) | squash
+    interpolation: str = "bicubic"
+    resize_size: int | None = None  # resize to this, then center-crop size (timm's crop_pct)
+    backend: str = "mmcli"
+    fill: int = 0  # padding value of resize_mode=longest
+
+    def __post_init__(self) -> None:
+        for name, value, known in (("resize mode", self.resize_mode, RESIZE_MODES),
+                                   ("interpolation", self.interpolation, INTERPOLATIONS),
+                                   ("image backend", self.backend, BACKENDS)):  # fmt: skip
+            if value not in known:
+                raise ValueError(f"unknown {name} {value!r} (use {', '.join(known)})")
+        if self.resize_size is not None and self.resize_size < self.size:
+            raise ValueError(
+                f"resize size {self.resize_size} is smaller than the image size {self.size}"
+            )
+
+    @property
+    def default(self) -> bool:
+        return self == ImageTransform(self.size)
 
     def __call__(self, path: str | os.PathLike):
-        return load_image(path, self.size)
+        if self.default:
+            return load_image(path, self.size)
+        from mmcli.data.image_like import load_image_like
+
+        return load_image_like(path, self)
 
     def spec(self) -> dict[str, Any]:
+        if self.default:  # unchanged from earlier mmcli versions (resume fingerprints)
+            return {
+                "image_size": self.size,
+                "resize": "shorter-side bicubic antialiased",
+                "crop": "center",
+                "layout": "NCHW uint8 RGB",
+            }
         return {
             "image_size": self.size,
-            "resize": "shorter-side bicubic antialiased",
-            "crop": "center",
+            "resize_mode": self.resize_mode,
+            "interpolation": self.interpolation,
+            "resize_size": self.resize_size,
+            "backend": self.backend,
+            "fill": self.fill,
+            "crop": "none"
+            if self.resize_mode != "shortest" and self.resize_size is None
+            else "center",
             "layout": "NCHW uint8 RGB",
         }
 
 
 def image_transform_from_spec(spec: dict[str, Any]) -> ImageTransform:
-    return ImageTransform(size=int(spec.get("image_size", 224)))
+    """The transform a table (or a pretrained model's ``inputs``) was made with."""
+    return ImageTransform(
+        size=int(spec.get("image_size", 224)),
+        resize_mode=spec.get("resize_mode", "shortest"),
+        interpolation=spec.get("interpolation", "bicubic"),
+        resize_size=spec.get("resize_size"),
+        backend=spec.get("backend", "mmcli"),
+        fill=int(spec.get("fill", 0) or 0),
+    )

@@ -122,6 +122,9 @@ class Shard:
     tables: dict[str, Any] = field(default_factory=dict)
     items: dict[str, Any] = field(default_factory=dict)
     labels: Any | None = None
+    #: string columns beside the tables (``text.raw``: the captions as given, one per text
+    #: row), stored as ``<name>.bytes`` + ``<name>.offsets`` like the item ids
+    strings: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _is_torch(x: Any) -> bool:
@@ -154,6 +157,10 @@ def serialize_shard(
     for name, data in shard.tables.items():
         tensors[name] = data
         tensors[name + ITEM_SUFFIX] = shard.items[name]
+    for name, values in shard.strings.items():
+        if "." not in name or name.split(".", 1)[0] not in shard.tables:
+            raise ValueError(f"string column {name!r} must be named <table>.<column>")
+        tensors[name + ".bytes"], tensors[name + ".offsets"] = encode_ids(values)
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_KIND: kind,
@@ -330,8 +337,18 @@ class ShardFile:
 
     @property
     def tables(self) -> list[str]:
-        names = [n for n in self.tensors if n not in RESERVED and not n.endswith(ITEM_SUFFIX)]
+        # table names hold no dot: dotted names are columns (ids, labels, <m>.item, strings)
+        names = [n for n in self.tensors if "." not in n]
         return sorted(names, key=table_order)
+
+    def has_strings(self, name: str) -> bool:
+        return f"{name}.offsets" in self.tensors
+
+    def strings(self, name: str) -> list[str]:
+        """A string column (``text.raw``: one caption per text row) written with the shard."""
+        return decode_ids(
+            self.numpy(f"{name}.bytes").tobytes(), self.numpy(f"{name}.offsets").tolist()
+        )
 
     @property
     def num_items(self) -> int:

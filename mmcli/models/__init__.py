@@ -8,7 +8,9 @@
     model.encode("text", ids, normalize=True)      # [B, 256]
 
 Importing this package registers every built-in encoder (torchvision itself is only
-imported when a torchvision architecture is built).
+imported when a torchvision architecture is built; open_clip, transformers and timm when
+one of their encoders is: :mod:`mmcli.models.adapters`). ``load_model(spec)`` resolves
+a ``--model`` argument: an mmcli checkpoint or ``open_clip:ARCH`` / ``hf:DIR``.
 """
 
 from mmcli.models import audio, fusion, image, passthrough, text  # noqa: F401  (register encoders, fusion)
@@ -19,6 +21,7 @@ from mmcli.models.multimodal import (
     build_model,
     register_fusion,
 )
+from mmcli.models.pretrained import load_model
 from mmcli.models.registry import (
     MODALITIES,
     create,
@@ -32,6 +35,9 @@ from mmcli.models.weights import load_weights
 
 list = list_encoders  # noqa: A001 - models.list() mirrors timm/open_clip; shadows only here
 
+# registered after the built-in encoders (list order); their libraries load lazily
+from mmcli.models import adapters  # noqa: E402, F401
+
 __all__ = [
     "MODALITIES",
     "Encoder",
@@ -41,6 +47,7 @@ __all__ = [
     "create",
     "list",
     "list_encoders",
+    "load_model",
     "load_weights",
     "make_config",
     "parse_encoder_spec",

@@ -37,6 +37,9 @@ class Encoder(nn.Module):
 
     modality: str = ""
     name: str = ""
+    #: True for encoders with their own tokenizer: they take caption strings (or the
+    #: batch their ``tokenize(texts)`` makes), not byte-token ids
+    takes_text: bool = False
 
     def __init__(self, config: Any):
         super().__init__()

@@ -177,7 +177,8 @@ class MultimodalModel(nn.Module):
     @property
     def space(self) -> str:
         """``joint`` when the model projects to a shared space, else ``backbone``."""
-        return "joint" if len(self.heads) else "backbone"
+        joint = len(self.heads) or self.config.extra.get("space") == "joint"  # pretrained CLIPs
+        return "joint" if joint else "backbone"
 
     def encoder(self, modality: str) -> Encoder:
         if modality not in self.encoders:
@@ -317,6 +318,8 @@ class MultimodalModel(nn.Module):
             "text": len(shape) == 2 and "int" in kind,
             "audio": len(shape) in (2, 3) and "float" in kind,
         }.get(m, True)
+        if ok and hasattr(enc, "check_spec"):  # e.g. a fixed image size
+            enc.check_spec(tensors.spec(m), where)
         if not ok:
             expect = {
                 "image": "uint8 [rows, 3, H, W]",
