@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmcli.data.captions import caption_rows
 from mmcli.errors import BadInput, RunFailure
 from mmcli.formats.atomic import is_stdio
 from mmcli.formats.tensorfile import (
@@ -149,7 +150,9 @@ def extract(
         rows = dict.fromkeys(modalities, 0)
         total = sum(tensors.shards[i].rows(m) for i in todo for m in modalities)
         cl_tables = {"image"} if channels_last and "image" in modalities else set()
-        loader = _Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables)
+        tokenize = text_tokenizers(model, modalities)  # pretrained text: its own tokenizer
+        loader = _Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables, tokenize)
+        truncated = dict.fromkeys(tokenize, 0)
         feats: dict[str, Any] = {}
         with progress("extract", total=total, unit="rows") as bar, torch.inference_mode():
             try:
@@ -167,13 +170,18 @@ def extract(
                         z = model.encode(msg.table, x, normalize=normalize)  # (B, D)
                     feats[msg.table][msg.start : msg.start + z.shape[0]] = z
                     rows[msg.table] += z.shape[0]
+                    if msg.table in truncated:  # captions cut by a pretrained tokenizer
+                        truncated[msg.table] += msg.data.truncated
                     bar.update(z.shape[0])
             finally:
                 loader.close()
-        counts = runtime.all_reduce_sum([len(todo), len(skipped), *rows.values()], dev)
+        counts = runtime.all_reduce_sum(
+            [len(todo), len(skipped), *rows.values(), *truncated.values()], dev
+        )
         runtime.barrier()
         seconds = time.perf_counter() - started
         rows = {m: int(c) for m, c in zip(modalities, counts[2:])}
+        truncated = {m: int(c) for m, c in zip(truncated, counts[2 + len(modalities) :])}
         computed = sum(rows.values())
         return {
             "out": str(out),
@@ -191,6 +199,8 @@ def extract(
             "dtype": dtype,
             "world_size": dist.world_size,
             "rank": dist.rank,
+            "truncated": truncated,  # captions cut at a pretrained tokenizer's context length
+            "context_length": {m: model.encoders[m].context_length for m in truncated},
         }
 
 
@@ -199,18 +209,19 @@ def extract(
 
 def _setup_model(model, encoders, weights, tensors: TensorSet):
     """(MultimodalModel, modalities to extract) from the arguments."""
-    from mmcli.models import MultimodalModel, build_model
+    from mmcli.models import MultimodalModel, build_model, load_model
+    from mmcli.models.pretrained import is_library_spec, one_weights
 
     if model is not None and encoders:
         raise BadInput("pass either --model or --encoder, not both")
-    if model is not None and weights:
+    if model is not None and weights and not is_library_spec(model):
         raise BadInput(
             "--weights applies to --encoder backbones; a --model checkpoint has its weights",
             hint="drop --weights",
         )
     if model is not None:
-        if not isinstance(model, MultimodalModel):
-            model = MultimodalModel.from_checkpoint(model)
+        if not isinstance(model, MultimodalModel):  # a checkpoint, open_clip:ARCH or hf:DIR
+            model = load_model(model, weights=one_weights(weights))
         modalities = [m for m in model.modalities if m in tensors.tables]
         if not modalities:
             raise BadInput(
@@ -243,6 +254,11 @@ def _setup_model(model, encoders, weights, tensors: TensorSet):
         weights[next(iter(encoders))] = weights.pop("")
     model = build_model(encoders, weights=weights, inputs=tensors.specs)
     return model, list(model.modalities)
+
+
+def text_tokenizers(model, modalities) -> dict[str, Any]:
+    """``tokenize(captions)`` of each encoder with its own tokenizer (pretrained text towers)."""
+    return {m: model.encoders[m].tokenize for m in modalities if model.encoders[m].takes_text}
 
 
 def _note_random_weights(model, modalities) -> None:
@@ -418,6 +434,8 @@ def _specs(
             "model": model.checkpoint,
             "input": tensors.spec(m),
         }
+        if hasattr(model.encoders[m], "tokenizer_spec"):  # a pretrained model's own tokenizer
+            specs[m]["tokenizer"] = model.encoders[m].tokenizer_spec()
     return specs
 
 
@@ -523,11 +541,14 @@ class _Loader:
         device,
         prefetch: int,
         channels_last=(),
+        tokenize=None,
     ):
         self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
         self.batch_size = batch_size
         self.pin = device.type == "cuda"
         self.channels_last = set(channels_last)
+        #: table -> a pretrained encoder's tokenize(captions): those tables are read as strings
+        self.tokenize: dict[str, Any] = dict(tokenize or {})
         self.feed = Prefetch(self._batches, depth=prefetch, name="mmcli-extract-loader")
 
     def _copy(self, data, table: str):
@@ -535,6 +556,8 @@ class _Loader:
         channels_last (torch's copy: measured faster here than numpy's strided one)."""
         import torch
 
+        if table in self.tokenize:  # caption strings -> the model's own tokens
+            return self.tokenize[table](data)
         if table in self.channels_last and data.dim() == 4:
             out = data.contiguous(memory_format=torch.channels_last)
             if out.data_ptr() == data.data_ptr():  # already channels_last: still copy
@@ -547,8 +570,9 @@ class _Loader:
         for i in self.shards:
             sf = self.tensors.shards[i]
             for table in self.tables:
-                data = sf.tensor(table)  # memory-mapped (rows, ...)
-                for start in range(0, data.shape[0], self.batch_size):
+                # memory-mapped (rows, ...), or the captions as given for a pretrained tokenizer
+                data = caption_rows(sf, table) if table in self.tokenize else sf.tensor(table)
+                for start in range(0, len(data), self.batch_size):
                     yield _Batch(
                         i, table, start, self._copy(data[start : start + self.batch_size], table)
                     )

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
+from mmcli.data.captions import RAW_TEXT
 from mmcli.data.image import ImageDecodeError, ImageTransform
 from mmcli.data.importers import ImportOptions, import_items, manifest_in_folder
 from mmcli.data.text import ByteTokenizer
@@ -516,6 +517,7 @@ class _ShardWriter:
         if "text" in self.modalities:
             tokens, truncated = self.tokenizer.encode_batch(texts)
             shard.tables["text"] = tokens
+            shard.strings[RAW_TEXT] = texts  # the captions as given, for pretrained tokenizers
             shard.items["text"] = np.asarray(text_items, dtype=np.int64)
         else:
             truncated = 0

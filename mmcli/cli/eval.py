@@ -45,7 +45,14 @@ def eval_command(
     ] = "1,5,10",
     model: Annotated[
         str | None,
-        typer.Option(help="Checkpoint: encodes class prompts (zeroshot) or classifies (classify)."),
+        typer.Option(
+            help="Encodes class prompts (zeroshot; a checkpoint, open_clip:ARCH or hf:DIR) or "
+            "classifies (classify)."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", "-w", help="The weights file of --model open_clip:ARCH."),
     ] = None,
     templates: Annotated[
         str | None,
@@ -167,6 +174,7 @@ def eval_command(
             target=target,
             ks=parse_ks(k),
             model=model,
+            weights=weights,
             templates=templates,
             table=modality,
             split=split,

@@ -36,6 +36,7 @@ class EvalConfig:
     target: str | None = None
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     model: str | None = None
+    weights: str | None = None  # the weights file of --model open_clip:ARCH
     templates: str | None = None
     table: str | None = None  # zeroshot / linear-probe: the table to classify
     train: list[str] | None = None
@@ -137,7 +138,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
             )
         from mmcli.search.queries import load_model
 
-        model = load_model(cfg.model, device)
+        model = load_model(cfg.model, device, weights=cfg.weights)
     metrics: dict[str, float] = {}
     info: dict[str, Any] = {}
     query = target = None

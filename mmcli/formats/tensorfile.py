@@ -10,7 +10,11 @@ tensor                        dtype / shape        meaning
 ``item.id.bytes``             uint8 ``[bytes]``    item ids, UTF-8, concatenated
 ``item.id.offsets``           int64 ``[k+1]``      start of each id in ``item.id.bytes``
 ``item.label``                int64 ``[k]``        index into the label names, -1 = no label
+``<m>.<col>.bytes/offsets``   uint8 / int64        a string column per row of ``m`` (``text.raw``:
+                                                   the captions as given), like the ids
 ============================  ===================  ==========================================
+
+Table names hold no dot; every dotted name is a column.
 
 and string metadata: ``mmcli.format`` (version), ``mmcli.kind`` (``tensors`` /
 ``features``), ``mmcli.tables`` (JSON: the spec of each table), ``mmcli.labels`` (JSON list

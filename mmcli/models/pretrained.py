@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from mmcli.errors import BadInput
+
+log = logging.getLogger("mmcli")
 
 LIBRARY_PREFIXES = ("open_clip", "hf", "timm")
 
@@ -31,6 +34,17 @@ def split_spec(spec: str | os.PathLike) -> tuple[str | None, str]:
 
 def is_library_spec(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and split_spec(spec)[0] is not None
+
+
+def one_weights(weights: dict[str, str] | str | None) -> str | None:
+    """The one ``--weights`` file of a whole model (``{"": path}`` as the CLI parses it)."""
+    if weights is None or isinstance(weights, (str, os.PathLike)):
+        return None if weights is None else str(weights)
+    if len(weights) > 1:
+        raise BadInput(
+            "--model takes one --weights file (the whole model's)", hint="pass --weights FILE once"
+        )
+    return next(iter(weights.values()), None)
 
 
 def load_model(spec: str | os.PathLike, *, weights: str | None = None, device: Any = "cpu"):
@@ -66,6 +80,8 @@ def load_model(spec: str | os.PathLike, *, weights: str | None = None, device: A
     else:
         model = hf_model(options["path"], weights=weights)
     model.checkpoint = {"path": str(spec), "sha256": _weights_sha(model)}
+    if not any(model.weights.values()):
+        log.info("note: %s has random weights (pass --weights FILE, or pretrained=TAG)", spec)
     return model.to(device).eval()
 
 

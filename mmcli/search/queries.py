@@ -118,6 +118,9 @@ class QueryEncoder:
         import numpy as np
         import torch
 
+        encoder = getattr(self.model, "encoders", {}).get(modality)
+        if getattr(encoder, "takes_text", False):  # a pretrained model's own tokenizer
+            return encoder.tokenize(list(values))
         t = self.transform(modality)
         if modality == "text":
             tokens, _ = t.encode_batch(values)
@@ -150,11 +153,9 @@ class QueryEncoder:
         return torch.cat(out) if out else torch.empty(0)
 
 
-def load_model(path: str, device: Any = "cpu"):
-    """A :class:`MultimodalModel` from a checkpoint, or a clear error if the models
-    package cannot load it."""
-    try:
-        from mmcli.models.multimodal import MultimodalModel
-    except ImportError as e:  # pragma: no cover - the models package ships with mmcli
-        raise BadInput(f"cannot load models ({e})") from None
-    return MultimodalModel.from_checkpoint(path, device=device)
+def load_model(path: str, device: Any = "cpu", weights: str | None = None):
+    """A :class:`MultimodalModel` from a checkpoint, ``open_clip:ARCH`` or ``hf:DIR``
+    (:func:`mmcli.models.load_model`)."""
+    from mmcli.models.pretrained import load_model as load
+
+    return load(path, weights=weights, device=device)
