@@ -29,7 +29,7 @@ from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
 from mmcli.data.captions import RAW_TEXT
-from mmcli.data.image import ImageDecodeError, ImageTransform
+from mmcli.data.image import ImageDecodeError, ImageTransform, image_options_of, image_transform_of
 from mmcli.data.importers import ImportOptions, import_items, manifest_in_folder
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
@@ -72,6 +72,12 @@ class PreprocessConfig:
     on_error: str = "skip"
     split: str | None = None
     modalities: list[str] | None = None  # None = every modality the items have
+    #: a pretrained model's image transform (``--like``), see mmcli.data.image.ImageTransform
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    resize_size: int | None = None
+    image_backend: str = "mmcli"
+    fill: int = 0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "context_length", "sample_rate", "shard_size"):
@@ -92,9 +98,12 @@ class PreprocessConfig:
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer(self.context_length, self.lowercase)
 
+    def image_transform(self) -> ImageTransform:
+        return image_transform_of(self)
+
     def specs(self) -> dict[str, dict[str, Any]]:
         return {
-            "image": ImageTransform(self.image_size).spec(),
+            "image": self.image_transform().spec(),
             "text": self.tokenizer().spec(),
             "audio": AudioTransform(self.sample_rate, self.audio_seconds).spec(),
         }
@@ -104,7 +113,7 @@ class PreprocessConfig:
         d = asdict(self)
         for k in ("workers", "on_error"):
             d.pop(k)
-        return d
+        return image_options_of(self, d)
 
 
 # ---------------------------------------------------------------- decoding
@@ -116,8 +125,7 @@ def _decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
     (field, reason) | None)] in item order).
     """
-    chunk_id, files, image_size, sample_rate, seconds = task
-    image_tf = ImageTransform(image_size)
+    chunk_id, files, image_tf, sample_rate, seconds = task
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
     for image_path, audio_path in files:
@@ -415,6 +423,7 @@ def _decode(
 ) -> Iterator[tuple[_ShardPlan, list[tuple]]]:
     """Yield (shard plan, decoded results in item order) shard by shard, decoding in workers."""
     want_image, want_audio = "image" in modalities, "audio" in modalities
+    image_tf = config.image_transform()
     tasks = []
     owner: dict[int, _ShardPlan] = {}
     for plan in pending:
@@ -427,7 +436,7 @@ def _decode(
                 for it in plan.items[start : start + CHUNK]
             ]
             cid = len(tasks)
-            tasks.append((cid, files, config.image_size, config.sample_rate, config.audio_seconds))
+            tasks.append((cid, files, image_tf, config.sample_rate, config.audio_seconds))
             owner[cid] = plan
             plan.chunks += 1
     if not want_image and not want_audio:  # text only: nothing to decode

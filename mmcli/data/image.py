@@ -107,10 +107,17 @@ class ImageTransform:
             raise ValueError(
                 f"resize size {self.resize_size} is smaller than the image size {self.size}"
             )
+        if self.backend == "mmcli" and not self.default:
+            raise ValueError(
+                "mmcli's one-pass resize is shortest-side bicubic; other settings need "
+                "backend torchvision-pil or hf"
+            )
 
     @property
     def default(self) -> bool:
-        return self == ImageTransform(self.size)
+        """mmcli's own transform (what preprocess does without --like)."""
+        settings = (self.resize_mode, self.interpolation, self.resize_size, self.fill)
+        return settings == ("shortest", "bicubic", None, 0) and self.backend in ("mmcli",)
 
     def __call__(self, path: str | os.PathLike):
         if self.default:
@@ -151,3 +158,59 @@ def image_transform_from_spec(spec: dict[str, Any]) -> ImageTransform:
         backend=spec.get("backend", "mmcli"),
         fill=int(spec.get("fill", 0) or 0),
     )
+
+
+#: PreprocessConfig fields of the image transform -> ImageTransform fields
+_CONFIG_FIELDS = {"resize_mode": "resize_mode", "interpolation": "interpolation",
+                  "resize_size": "resize_size", "image_backend": "backend", "fill": "fill"}  # fmt: skip
+
+
+def image_transform_of(config: Any) -> ImageTransform:
+    """The ImageTransform of a PreprocessConfig (``image_size`` and the ``--like`` fields)."""
+    kwargs = {field: getattr(config, name) for name, field in _CONFIG_FIELDS.items()}
+    try:
+        return ImageTransform(config.image_size, **kwargs)
+    except ValueError as e:
+        from mmcli.errors import BadInput
+
+        raise BadInput(str(e)) from None
+
+
+def image_options_of(config: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without the image transform fields when they are mmcli's defaults (so
+    runs of earlier versions, which had none, resume)."""
+    if image_transform_of(config).default:
+        return {k: v for k, v in options.items() if k not in _CONFIG_FIELDS}
+    return options
+
+
+def preprocess_image_options(like: dict[str, Any] | None = None, **given: Any) -> dict[str, Any]:
+    """``PreprocessConfig`` image fields from a model's settings (``preprocess --like``,
+    :func:`mmcli.models.adapters.transforms.like`) and the flags given explicitly
+    (``image_size``, ``resize_mode``, ``interpolation``, ``resize_size``; None = not given),
+    which override the model's. Without ``like``: mmcli's own resize, unless a flag asks
+    for what it does not do (then torchvision's, on PIL images)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if like is None:
+        out: dict[str, Any] = {"image_size": 224, **given}
+        defaults = (
+            ("resize_mode", "shortest"),
+            ("interpolation", "bicubic"),
+            ("resize_size", None),
+        )
+        if any(given.get(k, d) != d for k, d in defaults):
+            out["image_backend"] = "torchvision-pil"
+        return out
+    out = {
+        "image_size": int(like["image_size"]),
+        "resize_mode": like.get("resize_mode", "shortest"),
+        "interpolation": like.get("interpolation", "bicubic"),
+        "resize_size": like.get("resize_size"),
+        "image_backend": like.get("backend", "torchvision-pil"),
+        "fill": int(like.get("fill", 0) or 0),
+    }
+    if "image_size" in given and "resize_size" not in given and out["resize_size"] is not None:
+        ratio = out["resize_size"] / out["image_size"]  # keep the model's crop fraction
+        out["resize_size"] = int(given["image_size"] * ratio)
+    out.update(given)
+    return out

@@ -118,7 +118,8 @@ class QueryEncoder:
         import numpy as np
         import torch
 
-        encoder = getattr(self.model, "encoders", {}).get(modality)
+        encoders = dict(getattr(self.model, "encoders", {}))
+        encoder = encoders.get(modality)
         if getattr(encoder, "takes_text", False):  # a pretrained model's own tokenizer
             return encoder.tokenize(list(values))
         t = self.transform(modality)

@@ -200,15 +200,35 @@ def weights_info(source: str) -> dict[str, Any]:
     return {"path": str(source), "sha256": file_sha256(source)}
 
 
-def check_image_size(encoder, spec: dict[str, Any], where: str, like: str) -> None:
-    """Images of another size than a fixed-size model takes: one line naming the fix."""
+#: image settings that change the pixels (besides the size)
+LIKE_KEYS = ("resize_mode", "interpolation", "resize_size", "backend")
+
+
+def check_image_size(
+    encoder, spec: dict[str, Any], where: str, like: str, fixed_size: bool = True
+) -> None:
+    """Images of another size than a fixed-size model takes: one line naming the fix. Images
+    resized otherwise than the model's own transform: a warning (the features differ a little)."""
     have = spec.get("image_size")
+    if have is None:  # not a table preprocess wrote
+        return
     want = encoder.image_size
-    if have is not None and (int(have), int(have)) != tuple(want):
+    if fixed_size and (int(have), int(have)) != tuple(want):
         raise BadInput(
             f"the images are {have} px, {like} takes {want[0]}x{want[1]}",
             where=where,
             hint=f"preprocess them with: mmcli preprocess ... --like {like}",
+        )
+    own = getattr(encoder, "like", None)
+    given = {k: spec.get(k, "mmcli" if k == "backend" else None) for k in LIKE_KEYS}
+    differ = [k for k in LIKE_KEYS if own and own.get(k) != given[k]]
+    if differ:
+        log.warning(
+            "the images were not resized as %s's own transform resizes them (%s): its features "
+            "differ a little; preprocess with --like %s for the same pixels",
+            like,
+            ", ".join(f"{k} {given[k]} vs {own.get(k)}" for k in differ),
+            like,
         )
 
 

@@ -198,6 +198,9 @@ class OpenClipImage(ImageEncoder):
         super().__init__(config, mean=tuple(pp.get("mean")), std=tuple(pp.get("std")))
         self.visual = clip.visual
         self.preprocess_cfg = pp
+        from mmcli.models.adapters.transforms import open_clip_like
+
+        self.like = open_clip_like(pp)
         size = pp.get("size", 224)
         self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         self.out_dim = int(getattr(clip.visual, "output_dim", 0) or clip.text_projection.shape[-1])

@@ -24,6 +24,7 @@ from mmcli.models.adapters.common import (
     require,
     weights_info,
 )
+from mmcli.models.adapters.transforms import timm_like
 from mmcli.models.base import ImageEncoder, grid_tokens
 from mmcli.models.registry import register
 
@@ -91,6 +92,7 @@ class TimmImage(ImageEncoder):
         super().__init__(config, mean=tuple(data["mean"]), std=tuple(data["std"]))
         self.model = model
         self.data_config = data
+        self.like = timm_like(data)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         self.image_size = tuple(int(s) for s in data["input_size"][1:])
         self.out_dim = int(model.num_features)
@@ -110,8 +112,8 @@ class TimmImage(ImageEncoder):
         return pooled, tokens, mask
 
     def check_spec(self, spec: dict[str, Any], where: str) -> None:
-        if self.pretrained_cfg.get("fixed_input_size"):
-            check_image_size(self, spec, where, f"timm:{self.config.arch}")
+        fixed = bool(self.pretrained_cfg.get("fixed_input_size"))  # CNNs take any size
+        check_image_size(self, spec, where, f"timm:{self.config.arch}", fixed_size=fixed)
 
     def load_pretrained(self, source) -> dict[str, Any]:
         state = read_library_weights(str(source))

@@ -130,7 +130,11 @@ def timm_transform(arch: str) -> dict[str, Any]:
     timm = require("timm", "preprocess --like timm:...")
     with quiet_library():
         model = timm.create_model(arch, pretrained=False, num_classes=0)
-    data = timm.data.resolve_data_config({}, model=model)
+    return timm_like(timm.data.resolve_data_config({}, model=model))
+
+
+def timm_like(data: dict[str, Any]) -> dict[str, Any]:
+    """The settings of timm's eval transform for a resolved data config."""
     size = int(data["input_size"][1])
     crop_pct = float(data.get("crop_pct") or 0.875)
     mode = data.get("crop_mode") or "center"
@@ -145,8 +149,6 @@ def timm_transform(arch: str) -> dict[str, Any]:
         "resize_size": math.floor(size / crop_pct),
         "resize_mode": "shortest" if mode == "center" else "squash",
         "crop": "center",
-        "interpolation": interp
-        if interp in ("bilinear", "bicubic", "nearest", "lanczos")
-        else "bilinear",
+        "interpolation": interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
         "backend": "torchvision-pil",
     }
