@@ -15,6 +15,7 @@ background thread, so reading, host-to-device copies and compute overlap.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -122,10 +123,13 @@ def extract(
     resume = resume and not overwrite
     if not _single_output(out):
         _check_folder(Path(out), len(outputs), resume, overwrite)
-    precision = runtime.check_precision(precision, dev)
+    precision = runtime.inference_precision(precision, dev)  # bf16 on the CPU: a bf16 model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        given = model is not None and not isinstance(model, (str, os.PathLike))
         model, modalities = _setup_model(model, encoders, weights, tensors)
+    if given and runtime.cpu_cast(precision, dev):
+        model = copy.deepcopy(model)  # cast a copy, not the caller's model
     for m in modalities:
         model.check_input(tensors, m)
     if channels_last is None:  # faster for the CNNs on CUDA and, measured here, on the CPU too
@@ -142,7 +146,7 @@ def extract(
 
         if dist.is_main:
             _note_random_weights(model, modalities)
-        model.to(dev).eval()
+        model = runtime.cast_for_inference(model.to(dev).eval(), precision, dev)
         if channels_last and "image" in modalities:
             model.encoders["image"].to(memory_format=torch.channels_last)
         specs = _specs(model, modalities, tensors, dtype, normalize, seed)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, Quiet, Seed, command
+from mmcli.cli.common import BatchSize, Debug, Device, InferencePrecision, Quiet, Seed, command
 
 Task = Annotated[
     str,
@@ -121,6 +121,7 @@ def eval_command(
         ),
     ] = None,
     device: Device = "auto",
+    precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 256,
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -175,6 +176,7 @@ def eval_command(
             ks=parse_ks(k),
             model=model,
             weights=weights,
+            precision=precision,
             templates=templates,
             table=modality,
             split=split,

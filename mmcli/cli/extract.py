@@ -8,8 +8,8 @@ from mmcli.cli.common import (
     BatchSize,
     Debug,
     Device,
+    InferencePrecision,
     Overwrite,
-    Precision,
     Quiet,
     Resume,
     Seed,
@@ -74,7 +74,7 @@ def extract(
         ),
     ] = None,
     device: Device = "auto",
-    precision: Precision = "fp32",
+    precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 128,
     dtype: Annotated[
         Literal["float16", "float32"], typer.Option(help="Stored feature dtype.")

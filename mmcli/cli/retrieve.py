@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, Quiet, command
+from mmcli.cli.common import BatchSize, Debug, Device, InferencePrecision, Quiet, command
 
 Many = list[str] | None
 
@@ -143,6 +143,7 @@ def retrieve(
         ),
     ] = "skip",
     device: Device = "auto",
+    precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 256,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -191,6 +192,7 @@ def retrieve(
             rebuild=rebuild_index,
             model=model,
             weights=weights,
+            precision=precision,
             device=resolve_device(device),
             batch_size=batch_size,
             with_fields=fields,

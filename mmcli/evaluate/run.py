@@ -37,6 +37,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     model: str | None = None
     weights: str | None = None  # the weights file of --model open_clip:ARCH
+    precision: str = "fp32"  # the model's inference: bf16 on the CPU casts it to bfloat16
     templates: str | None = None
     table: str | None = None  # zeroshot / linear-probe: the table to classify
     train: list[str] | None = None
@@ -164,7 +165,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFactory = null_progress) -> dict
         metrics, info = evaluate_zeroshot(
             features,
             table,
-            QueryEncoder(model, device),
+            QueryEncoder(model, device, precision=cfg.precision),
             templates=templates,
             batch_size=cfg.batch_size,
         )

@@ -50,6 +50,12 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[0]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the weights (bfloat16 for bf16 inference on the CPU, else float32)."""
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -61,6 +67,7 @@ class ImageEncoder(Encoder):
     """Image encoders: uint8 -> float -> (x - mean) / std, done on the model's device."""
 
     modality = "image"
+    fp32_buffers = ("mean", "std")  # kept float32 when the model is cast (runtime)
 
     def __init__(self, config: Any, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(config)
@@ -71,12 +78,14 @@ class ImageEncoder(Encoder):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{self.name}: expected images [B, 3, H, W], got {list(x.shape)}")
-        dtype = self.mean.dtype
+        dtype, compute = self.mean.dtype, self.compute_dtype  # fp32; the weights' dtype
         if x.dtype == torch.uint8:
             # one fused pass: (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std
             scale = 1.0 / (255.0 * self.std)
-            return torch.addcmul(-self.mean / self.std, x.to(dtype), scale)
-        return (x.to(dtype) - self.mean) / self.std
+            out = torch.addcmul(-self.mean / self.std, x.to(dtype), scale)
+        else:
+            out = (x.to(dtype) - self.mean) / self.std
+        return out if compute == dtype else out.to(compute)  # bf16 weights: cast once
 
 
 def grid_tokens(fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +148,8 @@ class LogMel(nn.Module):
     FFT window are zero-padded, so any length works. The window and filterbank are
     derived from the config, so they are buffers but not part of the state dict.
     """
+
+    fp32_buffers = ("fb", "window")  # the spectrum is computed in fp32, whatever the model's dtype
 
     def __init__(self, sample_rate: int, n_mels: int, n_fft: int, hop_length: int):
         super().__init__()

@@ -195,7 +195,9 @@ class MultimodalModel(nn.Module):
         """Raw rows on the model's device -> [B, D]: encoder, head, L2 normalise."""
         z = self.encoder(modality)(x)  # (B, out_dim)
         if modality in self.heads:
-            z = self.heads[modality](z)  # (B, D)
+            head = self.heads[modality]
+            w = next(head.parameters(), None)  # bf16 inference: features of a passthrough are fp32
+            z = head(z if w is None else z.to(w.dtype))  # (B, D)
         return F.normalize(z.float(), dim=-1) if normalize else z
 
     def encode_tokens(self, modality: str, x: torch.Tensor):

@@ -69,9 +69,16 @@ def parse_query_line(line: str, where: str) -> Query:
 class QueryEncoder:
     """Encodes raw text / image / audio queries with a :class:`MultimodalModel`."""
 
-    def __init__(self, model: Any, device: Any = "cpu"):
-        self.model = model
+    def __init__(self, model: Any, device: Any = "cpu", precision: str = "fp32"):
+        """``precision`` bf16 on the CPU casts ``model`` to bfloat16 (in place); on CUDA
+        bf16 / fp16 autocast."""
+        from mmcli import runtime
+
         self.device = device
+        dev = runtime.resolve_device(str(device))
+        self.precision = runtime.inference_precision(precision, dev)
+        self.model = runtime.cast_for_inference(model, self.precision, dev)
+        self._autocast = lambda: runtime.autocast(dev, self.precision)
         self._transforms: dict[str, Any] = {}
 
     def _spec(self, modality: str) -> dict[str, Any]:
@@ -150,7 +157,8 @@ class QueryEncoder:
         with torch.inference_mode():
             for b0 in range(0, len(values), batch_size):
                 x = self.inputs(modality, values[b0 : b0 + batch_size]).to(self.device)
-                out.append(self.model.encode(modality, x, normalize=True).float().cpu())
+                with self._autocast():
+                    out.append(self.model.encode(modality, x, normalize=True).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
 

@@ -47,6 +47,7 @@ class RetrieveConfig:
     rebuild: bool = False
     model: str | None = None
     weights: str | None = None  # the weights file of --model open_clip:ARCH
+    precision: str = "fp32"  # query encoding: bf16 on the CPU casts the model to bfloat16
     device: str = "cpu"
     batch_size: int = 256
     with_fields: bool = True
@@ -125,6 +126,7 @@ class Retriever:
             self._encoder = QueryEncoder(
                 load_model(self.cfg.model, self.cfg.device, weights=self.cfg.weights),
                 self.cfg.device,
+                precision=self.cfg.precision,
             )
         return self._encoder
 
