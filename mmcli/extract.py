@@ -98,7 +98,8 @@ def extract(
     ``preprocess``, only mmcli's own files; it wins over ``resume``). ``seed`` fixes the
     random init of encoders without weights (so every torchrun rank, and a resumed run,
     builds the same model).
-    ``channels_last`` (None = yes): run the image encoder and its input in channels_last.
+    ``channels_last``: run the image encoder and its input in channels_last (None: the layout
+    measured faster for that encoder and precision, ``Encoder.prefers_channels_last``).
     Returns a summary (rows per modality, rows/s, shards written and skipped, ...).
     """
     import torch
@@ -132,8 +133,10 @@ def extract(
         model = copy.deepcopy(model)  # cast a copy, not the caller's model
     for m in modalities:
         model.check_input(tensors, m)
-    if channels_last is None:  # faster for the CNNs on CUDA and, measured here, on the CPU too
-        channels_last = True
+    if channels_last is None:  # the layout measured faster for this encoder and precision
+        channels_last = "image" in modalities and model.encoders["image"].prefers_channels_last(
+            precision
+        )
     out_dtype = getattr(torch, dtype)
 
     started = time.perf_counter()

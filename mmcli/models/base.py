@@ -50,6 +50,12 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[0]
 
+    def prefers_channels_last(self, precision: str = "fp32") -> bool:
+        """Whether ``extract`` runs this (image) encoder and its input in channels_last at
+        ``precision``: the faster layout measured on the CPU (benchmarks/bench_pretrained.py
+        --layouts); encoders where NCHW measured faster override it."""
+        return True
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the weights (bfloat16 for bf16 inference on the CPU, else float32)."""

@@ -95,17 +95,21 @@ def load_open_clip(model, source: str, arch: str) -> dict[str, Any]:
 
 
 def hf_model(path: str, weights: str | None = None):
-    """``--model hf:DIR``: a CLIP / SigLIP model's two towers, logit scale (and bias)."""
+    """``--model hf:DIR``: a CLIP / SigLIP model's two towers, logit scale (and bias); a
+    text model (BERT, MiniLM, ...): a text-only model, its sentence embeddings."""
     from mmcli.models.adapters.hf import DUAL, LIB, hf_model_object, model_type
     from mmcli.models.multimodal import ModelConfig, MultimodalModel
 
-    kind = model_type(path)
-    if kind not in DUAL:
+    if weights:
         raise BadInput(
-            f"--model hf:... takes a CLIP or SigLIP model; this one is {kind!r}",
-            where=path,
-            hint="use it as one encoder: --encoder text=hf:DIR (or image= / audio=)",
+            "--model hf:DIR reads its weights from DIR",
+            hint="drop --weights (or save the weights into DIR)",
         )
+    kind = model_type(path)
+    record = {"library": "transformers", "path": path, "model_type": kind,
+              "version": library_version("transformers")}  # fmt: skip
+    if kind not in DUAL:
+        return _hf_text_model(path, record)
     with shared_models():
         model = hf_model_object(path)
         bias = getattr(model, "logit_bias", None)
@@ -113,15 +117,33 @@ def hf_model(path: str, weights: str | None = None):
             encoders={m: {"name": LIB, "config": {"path": path}} for m in ("image", "text")},
             logit_scale=float(model.logit_scale.detach()),
             logit_bias=None if bias is None else float(bias.detach().reshape(())),
-            extra={"space": "joint", "pretrained": {"library": "transformers", "path": path,
-                   "version": library_version("transformers"), "model_type": kind}},
-        )  # fmt: skip
+            extra={"space": "joint", "pretrained": record},
+        )
         mm = MultimodalModel(config)
     mm.config.embed_dim = mm.out_dim("image")
     mm.config.inputs = {"image": mm.encoders["image"].like, "text": {"raw_captions": True}}
-    if weights:
-        raise BadInput(
-            "--model hf:DIR reads its weights from DIR",
-            hint="drop --weights (or save the weights into DIR)",
-        )
     return mm
+
+
+def _hf_text_model(path: str, record: dict[str, Any]):
+    """A sentence encoder as a one-modality model (``retrieve --text`` over its features)."""
+    from mmcli.models.adapters.hf import LIB, load_auto
+    from mmcli.models.multimodal import ModelConfig, MultimodalModel
+    from mmcli.models.registry import config_to_dict, make_config
+
+    try:
+        load_auto(path, "AutoTokenizer")
+    except BadInput:
+        raise BadInput(
+            f"--model hf:... takes a CLIP / SigLIP model or a text model; this {record['model_type']!r} "
+            "model has no tokenizer",
+            where=path,
+            hint="use it as one encoder: --encoder image=hf:DIR or audio=hf:DIR",
+        ) from None
+    text = make_config(LIB, "text", path=path)
+    config = ModelConfig(
+        encoders={"text": {"name": LIB, "config": config_to_dict(text)}},
+        inputs={"text": {"raw_captions": True}},
+        extra={"pretrained": record},
+    )
+    return MultimodalModel(config)
