@@ -164,7 +164,9 @@ class MultimodalModel(nn.Module):
             nn.init.zeros_(self.matcher.weight)
             nn.init.zeros_(self.matcher.bias)
         #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
-        self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
+        self.weights: dict[str, dict[str, Any] | None] = {
+            m: getattr(e, "weights_source", None) for m, e in self.encoders.items()
+        }  # library adapters may bring their own (a transformers folder, a named tag)
         #: {"path", "sha256"} of the checkpoint this model was loaded from
         self.checkpoint: dict[str, Any] | None = None
         self.checkpoint_meta: dict[str, Any] = {}

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,16 @@ def model_type(path: str) -> str:
     return str(getattr(load_auto(path, "AutoConfig"), "model_type", ""))
 
 
+@functools.lru_cache(maxsize=16)  # both towers of one folder: hash its weights once
+def folder_weights(path: str) -> dict[str, Any]:
+    """Where an hf encoder's weights come from: the folder (its weights file's sha256) or the hub id."""
+    folder = local_folder(path)
+    if folder is None:
+        return {"path": f"hf:{path}"}
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    return weights_info(str(files[0])) if len(files) == 1 else {"path": str(folder)}
+
+
 def load_tokenizer(path: str):
     tok = load_auto(path, "AutoTokenizer")
     check_hf_tokenizer(tok, where=f"the tokenizer of hf:{path}")
@@ -199,6 +210,7 @@ class HfText(TextEncoder):
     def __init__(self, config: HfTextConfig, model=None):
         super().__init__(config)
         model = hf_model_object(config.path) if model is None else model
+        self.weights_source = folder_weights(config.path)
         self.kind = str(getattr(model.config, "model_type", ""))
         self.tokenizer = load_tokenizer(config.path)
         folder = local_folder(config.path)
@@ -314,6 +326,7 @@ class HfImage(ImageEncoder):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         super().__init__(config, mean=tuple(mean), std=tuple(std))
         model = hf_model_object(config.path) if model is None else model
+        self.weights_source = folder_weights(config.path)
         self.kind = str(getattr(model.config, "model_type", ""))
         if self.kind not in DUAL:
             raise BadInput(
@@ -351,6 +364,7 @@ class HfAudio(AudioEncoder):
     def __init__(self, config: HfAudioConfig, model=None):
         super().__init__(config)
         self.hf = hf_model_object(config.path) if model is None else model
+        self.weights_source = folder_weights(config.path)
         fe = load_auto(config.path, "AutoFeatureExtractor")
         self.sample_rate = int(getattr(fe, "sampling_rate", 16000))
         self.normalize = bool(getattr(fe, "do_normalize", False))

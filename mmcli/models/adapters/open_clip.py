@@ -183,6 +183,15 @@ def _download_hint(oc, name: str, tag: str) -> str:
     )
 
 
+def tag_source(config: _OpenClipConfig) -> dict[str, Any] | None:
+    """The named weights an encoder was built with (``pretrained=TAG``), else None."""
+    return (
+        {"path": f"open_clip:{config.pretrained}", "name": config.pretrained}
+        if config.pretrained
+        else None
+    )
+
+
 def library_model(config: _OpenClipConfig):
     return shared_build(config.library_key(), lambda: create_clip(config))
 
@@ -196,6 +205,7 @@ class OpenClipImage(ImageEncoder):
     def __init__(self, config: OpenClipImageConfig, clip=None):
         clip, pp = library_model(config) if clip is None else clip
         super().__init__(config, mean=tuple(pp.get("mean")), std=tuple(pp.get("std")))
+        self.weights_source = tag_source(config)
         self.visual = clip.visual
         self.preprocess_cfg = pp
         from mmcli.models.adapters.transforms import open_clip_like
@@ -244,6 +254,7 @@ class OpenClipText(TextEncoder):
 
     def __init__(self, config: OpenClipTextConfig, clip=None):
         super().__init__(config)
+        self.weights_source = tag_source(config)
         clip, _ = library_model(config) if clip is None else clip
         oc = require("open_clip", "open_clip encoders")
         # the model without its image tower (the rest is shared, not copied)

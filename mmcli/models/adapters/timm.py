@@ -91,6 +91,7 @@ class TimmImage(ImageEncoder):
         data = timm.data.resolve_data_config({}, model=model)
         super().__init__(config, mean=tuple(data["mean"]), std=tuple(data["std"]))
         self.model = model
+        self.weights_source = {"path": f"timm:{config.arch}"} if config.pretrained else None
         self.data_config = data
         self.like = timm_like(data)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})

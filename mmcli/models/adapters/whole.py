@@ -54,9 +54,6 @@ def open_clip_model(arch: str, weights: str | None = None, pretrained: str | Non
     if weights:
         info = load_open_clip(model, weights, arch)
         model.weights = {"image": info, "text": info}
-    elif pretrained:
-        tag = {"path": f"open_clip:{pretrained}", "name": pretrained}
-        model.weights = {"image": tag, "text": tag}
     return model
 
 
