@@ -47,7 +47,8 @@ def log(msg: str) -> None:
 
 
 def make_shards(out: Path, n: int, seed: int = 0) -> None:
-    """n synthetic 224 px uint8 images (gradients + noise) and a caption each, one shard."""
+    """n synthetic 224 px uint8 images (gradients + noise) in ``out/images`` and a caption
+    each in ``out/texts`` (separate sets: extract encodes every table it finds)."""
     from mmcli.data.text import ByteTokenizer
     from mmcli.models.adapters.transforms import open_clip_like
 
@@ -62,13 +63,18 @@ def make_shards(out: Path, n: int, seed: int = 0) -> None:
     captions = [" ".join(rng.choice(words, int(rng.integers(6, 16)))) for _ in range(n)]
     tok = ByteTokenizer(77)
     tokens, _ = tok.encode_batch(captions)
+    ids, rows = [f"x{i}" for i in range(n)], np.arange(n)
     # the image spec of open_clip's ViT-B-32 transform: extract's check finds no mismatch
     pp = {"size": 224, "resize_mode": "shortest", "interpolation": "bicubic"}
-    specs = {"image": open_clip_like(pp), "text": tok.spec()}
-    shard = Shard(ids=[f"x{i}" for i in range(n)], tables={"image": images, "text": tokens},
-                  items={"image": np.arange(n), "text": np.arange(n)}, strings={"text.raw": captions})  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    write_shard(out / "data-00000-of-00001.safetensors", shard, kind="tensors", specs=specs)
+    for name, shard, specs in [
+        ("images", Shard(ids=ids, tables={"image": images}, items={"image": rows}), {"image": open_clip_like(pp)}),
+        ("texts", Shard(ids=ids, tables={"text": tokens}, items={"text": rows}, strings={"text.raw": captions}),
+         {"text": tok.spec()}),
+    ]:  # fmt: skip
+        (out / name).mkdir(parents=True, exist_ok=True)
+        write_shard(
+            out / name / "data-00000-of-00001.safetensors", shard, kind="tensors", specs=specs
+        )
 
 
 def timed(fn) -> float:
@@ -226,8 +232,8 @@ def main() -> None:
     shards = work / "tensors"
     shutil.rmtree(shards, ignore_errors=True)
     make_shards(shards, args.images)
-    image, _ = TensorSet(shards).table("image")
-    text, _ = TensorSet(shards).table("text")
+    image, _ = TensorSet(shards / "images").table("image")
+    text, _ = TensorSet(shards / "texts").table("text")
     image, text = image.clone(), text.clone()
     results = {
         "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats,

@@ -126,9 +126,9 @@ def model_name(config: _OpenClipConfig) -> str:
     blob = json.dumps(config.model_cfg, sort_keys=True)
     name = f"mmcli-{Path(config.arch).stem}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
     if name not in oc.list_models():  # open_clip reads configs from files: write one
-        folder = Path(tempfile.mkdtemp(prefix="mmcli-open_clip-"))
-        (folder / f"{name}.json").write_text(blob, encoding="utf-8")
-        oc.add_model_config(folder / f"{name}.json")
+        with tempfile.TemporaryDirectory(prefix="mmcli-open_clip-") as folder:
+            (Path(folder) / f"{name}.json").write_text(blob, encoding="utf-8")
+            oc.add_model_config(Path(folder) / f"{name}.json")  # read now, kept in memory
     return name
 
 
