@@ -243,11 +243,11 @@ def main() -> None:
     for name in args.models.split(","):
         log(f"{name}:")
         if name == "vitb32":
-            results["models"][name] = vitb32(shards, image, args)
+            results["models"][name] = vitb32(shards / "images", image, args)
+        elif name == "transformer":
+            results["models"][name] = builtin(name, shards / "texts", text, args)
         else:
-            results["models"][name] = builtin(
-                name, shards, text if name == "transformer" else image, args
-            )
+            results["models"][name] = builtin(name, shards / "images", image, args)
         if args.layouts and name != "transformer":
             log(f"{name} layouts:")
             results["models"][name]["layouts_img_per_s"] = layouts(name, image, args)

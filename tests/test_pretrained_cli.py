@@ -211,7 +211,7 @@ def test_preprocess_like_hf_and_timm_write_their_transforms_pixels(pipe, tmp_pat
 
     from mmcli.data.image import preprocess_image_options
     from mmcli.formats.tensorfile import TensorSet
-    from mmcli.models.adapters.transforms import like as like_settings
+    from mmcli.models.adapters.like import like as like_settings
     from mmcli.preprocess import PreprocessConfig, preprocess
 
     if like == "hf":

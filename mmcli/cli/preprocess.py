@@ -171,7 +171,7 @@ def preprocess(
 
         settings = None
         if like:  # needs the model's library (and torch): only then
-            from mmcli.models.adapters.transforms import like as like_settings
+            from mmcli.models.adapters.like import like as like_settings
 
             settings = like_settings(like)
         image = preprocess_image_options(settings, image_size=image_size, resize_mode=resize_mode,

@@ -59,7 +59,7 @@ def test_open_clip_towers_equal_open_clip(files):
     from PIL import Image
 
     from mmcli import models
-    from mmcli.models.adapters.transforms import open_clip_transform as transform_like
+    from mmcli.models.adapters.open_clip import open_clip_transform as transform_like
 
     cfg, weights = files["open_clip"]
     image = models.create("open_clip", "image", arch=str(cfg))
@@ -84,7 +84,7 @@ def test_hf_towers_equal_transformers(files, kind):
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     from mmcli import models
-    from mmcli.models.adapters.transforms import hf_transform as transform_like
+    from mmcli.models.adapters.hf import hf_transform as transform_like
 
     folder = str(files[kind])
     image = models.create("hf", "image", path=folder)
@@ -148,7 +148,7 @@ def test_timm_equals_timm_with_its_eval_transform(files):
     from PIL import Image
 
     from mmcli import models
-    from mmcli.models.adapters.transforms import timm_transform as transform_like
+    from mmcli.models.adapters.timm import timm_transform as transform_like
 
     enc = models.create("timm", "image", arch="test_resnet")
     info = models.load_weights(enc, files["timm"])  # the classifier in the file is dropped

@@ -40,6 +40,7 @@ from mmcli.models.adapters.common import (
     view_without,
     weights_info,
 )
+from mmcli.models.adapters.pooling import pool, poolings
 from mmcli.models.adapters.shared import shared_build
 from mmcli.models.adapters.transforms import hf_like
 from mmcli.models.base import AudioEncoder, ImageEncoder, TextEncoder
@@ -50,16 +51,6 @@ DUAL = ("clip", "siglip")
 IMAGE_PARTS = ("vision_model", "visual_projection")
 TEXT_PARTS = ("text_model", "text_projection")
 SCALE = ("logit_scale", "logit_bias")
-#: sentence-transformers' 1_Pooling/config.json keys, in the order it concatenates them
-POOLING_KEYS = {
-    "cls": "pooling_mode_cls_token",
-    "max": "pooling_mode_max_tokens",
-    "mean": "pooling_mode_mean_tokens",
-    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
-    "weightedmean": "pooling_mode_weightedmean_tokens",
-    "lasttoken": "pooling_mode_lasttoken",
-}
-POOLINGS = tuple(m for m in POOLING_KEYS if m != "weightedmean")  # implemented here
 
 
 @dataclass
@@ -226,7 +217,7 @@ class HfText(TextEncoder):
             self.hf = model
             limit = int(st.get("max_seq_length") or _model_limit(model, self.tokenizer))
             self.padding = "longest"
-            self.pooling = _poolings(config.pooling, read_json(folder, "1_Pooling/config.json"))
+            self.pooling = poolings(config.pooling, read_json(folder, "1_Pooling/config.json"))
         self.context_length = int(config.max_length or limit)
         dim = getattr(model.config, "projection_dim", None) if self.kind == "clip" else None
         hidden = int(getattr(model.config, "text_config", model.config).hidden_size)
@@ -269,45 +260,6 @@ def _model_limit(model, tokenizer) -> int:
     limit = int(getattr(model.config, "max_position_embeddings", 512))
     tok = int(getattr(tokenizer, "model_max_length", limit) or limit)
     return min(limit, tok) if tok < 10**6 else limit
-
-
-def _poolings(choice: str, cfg: dict[str, Any]) -> list[str]:
-    """The pooling modes: ``choice``, else those of ``1_Pooling/config.json`` (legacy
-    ``pooling_mode_*`` flags or sentence-transformers 5's ``pooling_mode``), else mean."""
-    if choice != "auto":
-        return [choice]
-    if "pooling_mode" in cfg:
-        given = cfg["pooling_mode"]
-        modes = [given] if isinstance(given, str) else list(given)
-        modes = [m.replace("mean_sqrt_len_tokens", "mean_sqrt_len") for m in modes]
-    else:
-        modes = [m for m, key in POOLING_KEYS.items() if cfg.get(key)]
-    unknown = [m for m in modes if m not in POOLINGS]
-    if unknown:
-        raise BadInput(
-            f"1_Pooling: {unknown[0]} pooling is not supported", hint="pass hf:DIR,pooling=mean"
-        )
-    return modes or ["mean"]  # sentence-transformers' default for a plain model
-
-
-def pool(states: torch.Tensor, mask: torch.Tensor, modes: list[str]) -> torch.Tensor:
-    """sentence-transformers' pooling of token states [B, L, H] -> [B, H * len(modes)]."""
-    m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
-    count = m.sum(1).clamp_min(1e-9)
-    out = []
-    for mode in modes:
-        if mode == "cls":
-            out.append(states[:, 0])
-        elif mode == "mean":
-            out.append((states * m).sum(1) / count)
-        elif mode == "mean_sqrt_len":
-            out.append((states * m).sum(1) / count.sqrt())
-        elif mode == "max":
-            out.append(states.masked_fill(m == 0, float("-inf")).amax(1))
-        else:  # lasttoken: the last valid position
-            last = mask.long().sum(1).clamp_min(1) - 1
-            out.append(states[torch.arange(states.shape[0], device=states.device), last])
-    return torch.cat(out, dim=-1)
 
 
 # ------------------------------------------------------------------------ image
@@ -391,3 +343,11 @@ class HfAudio(AudioEncoder):
 
     def load_pretrained(self, source) -> dict[str, Any]:
         return weights_file(self, source)
+
+
+def hf_transform(path: str) -> dict[str, Any]:
+    folder = local_folder(path)
+    pp = read_json(folder, "preprocessor_config.json") if folder else _hub_processor(path)
+    if not pp:
+        raise BadInput("no preprocessor_config.json: not an image model folder", where=path)
+    return hf_like(pp)

@@ -46,6 +46,7 @@ from mmcli.models.adapters.common import (
     weights_info,
 )
 from mmcli.models.adapters.shared import shared_build
+from mmcli.models.adapters.transforms import open_clip_like
 from mmcli.models.base import ImageEncoder, TextEncoder
 from mmcli.models.registry import register
 
@@ -208,8 +209,6 @@ class OpenClipImage(ImageEncoder):
         self.weights_source = tag_source(config)
         self.visual = clip.visual
         self.preprocess_cfg = pp
-        from mmcli.models.adapters.transforms import open_clip_like
-
         self.like = open_clip_like(pp)
         size = pp.get("size", 224)
         self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
@@ -311,3 +310,24 @@ def _text_dim(clip, proj) -> int:
     if isinstance(proj, torch.nn.Linear):
         return int(proj.out_features)
     return int(proj.shape[-1])
+
+
+def open_clip_transform(arch: str, pretrained: str | None = None) -> dict[str, Any]:
+    """``preprocess --like open_clip:ARCH``: the model's transform settings, without building it."""
+    from dataclasses import asdict
+
+    oc = require("open_clip", "preprocess --like open_clip:...")
+    from open_clip.transform import PreprocessCfg
+
+    name = model_name(OpenClipImageConfig(arch=arch, pretrained=pretrained))
+    pp = asdict(PreprocessCfg())  # open_clip's defaults, then the tag's, as create_model does
+    if pretrained:
+        pp.update(
+            {
+                k: v
+                for k, v in (oc.get_pretrained_cfg(name, pretrained) or {}).items()
+                if v is not None
+            }
+        )
+    pp["size"] = ((oc.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size", 224)
+    return open_clip_like(pp)

@@ -123,3 +123,11 @@ class TimmImage(ImageEncoder):
         state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
         load_strict(self.model, state, str(source), f"timm:{self.config.arch}")
         return weights_info(str(source))
+
+
+def timm_transform(arch: str) -> dict[str, Any]:
+    """``preprocess --like timm:NAME``: timm's eval transform settings for the model."""
+    timm = require("timm", "preprocess --like timm:...")
+    with quiet_library():
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    return timm_like(timm.data.resolve_data_config({}, model=model))

@@ -1,11 +1,12 @@
-"""A pretrained model's image transform as mmcli image settings (``preprocess --like``).
+"""A pretrained model's image transform config as mmcli image settings (``preprocess --like``,
+:func:`mmcli.models.adapters.like.like`).
 
-    like("open_clip:ViT-B-32")   # {"image_size": 224, "resize_mode": "shortest", "interpolation":
-                                 #  "bicubic", "backend": "torchvision-pil", ...}
-    like("hf:path/to/clip"); like("timm:resnet50")
+    open_clip_like(preprocess_cfg)   # {"image_size": 224, "resize_mode": "shortest",
+                                     #  "interpolation": "bicubic", "backend": "torchvision-pil", ...}
+    hf_like(preprocessor_config); timm_like(data_config)
 
 The settings are those of :class:`mmcli.data.image.ImageTransform` (see
-:mod:`mmcli.data.image_like` for how each library's resampling is reproduced); the
+:mod:`mmcli.data.image` for how each library's resampling is reproduced); the
 normalisation (mean / std) is not part of them: the encoder does it on its device.
 """
 
@@ -15,27 +16,6 @@ import math
 from typing import Any
 
 from mmcli.errors import BadInput
-from mmcli.models.adapters.common import quiet_library, require
-
-
-def like(spec: str) -> dict[str, Any]:
-    """The image settings of ``open_clip:ARCH[,pretrained=TAG]``, ``hf:DIR`` or ``timm:NAME``."""
-    from mmcli.models.pretrained import split_spec
-    from mmcli.models.registry import parse_encoder_spec
-
-    lib, rest = split_spec(spec)
-    if lib is None or not rest:
-        raise BadInput(
-            f"--like {spec}: expected open_clip:ARCH, hf:DIR or timm:NAME",
-            hint="e.g. --like open_clip:ViT-B-32",
-        )
-    _, options = parse_encoder_spec(f"{lib}:{rest}", modality="image")
-    if lib == "open_clip":
-        return open_clip_transform(options["arch"], options.get("pretrained"))
-    if lib == "hf":
-        return hf_transform(options["path"])
-    return timm_transform(options["arch"])
-
 
 # -------------------------------------------------------------------- open_clip
 
@@ -53,29 +33,6 @@ def open_clip_like(pp: dict[str, Any]) -> dict[str, Any]:
         "backend": "torchvision-pil",
         "fill": int(pp.get("fill_color", 0) or 0),
     }
-
-
-def open_clip_transform(arch: str, pretrained: str | None = None) -> dict[str, Any]:
-    """``preprocess --like open_clip:ARCH``: the model's transform settings, without building it."""
-    from dataclasses import asdict
-
-    from mmcli.models.adapters.open_clip import OpenClipImageConfig, model_name
-
-    oc = require("open_clip", "preprocess --like open_clip:...")
-    from open_clip.transform import PreprocessCfg
-
-    name = model_name(OpenClipImageConfig(arch=arch, pretrained=pretrained))
-    pp = asdict(PreprocessCfg())  # open_clip's defaults, then the tag's, as create_model does
-    if pretrained:
-        pp.update(
-            {
-                k: v
-                for k, v in (oc.get_pretrained_cfg(name, pretrained) or {}).items()
-                if v is not None
-            }
-        )
-    pp["size"] = ((oc.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size", 224)
-    return open_clip_like(pp)
 
 
 # ---------------------------------------------------------------- transformers
@@ -112,25 +69,7 @@ def hf_like(pp: dict[str, Any], default_size: int = 224) -> dict[str, Any]:
     return out
 
 
-def hf_transform(path: str) -> dict[str, Any]:
-    from mmcli.models.adapters.hf import _hub_processor, local_folder, read_json
-
-    folder = local_folder(path)
-    pp = read_json(folder, "preprocessor_config.json") if folder else _hub_processor(path)
-    if not pp:
-        raise BadInput("no preprocessor_config.json: not an image model folder", where=path)
-    return hf_like(pp)
-
-
 # ------------------------------------------------------------------------- timm
-
-
-def timm_transform(arch: str) -> dict[str, Any]:
-    """``preprocess --like timm:NAME``: timm's eval transform settings for the model."""
-    timm = require("timm", "preprocess --like timm:...")
-    with quiet_library():
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
-    return timm_like(timm.data.resolve_data_config({}, model=model))
 
 
 def timm_like(data: dict[str, Any]) -> dict[str, Any]:
