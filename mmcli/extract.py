@@ -129,7 +129,7 @@ def extract(
         torch.manual_seed(seed)
         given = model is not None and not isinstance(model, (str, os.PathLike))
         model, modalities = _setup_model(model, encoders, weights, tensors)
-    if given and runtime.cpu_cast(precision, dev):
+    if given and runtime.cpu_cast(precision, dev) and not runtime.is_cast(model, precision):
         model = copy.deepcopy(model)  # cast a copy, not the caller's model
     for m in modalities:
         model.check_input(tensors, m)

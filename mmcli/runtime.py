@@ -110,6 +110,14 @@ def cpu_cast(precision: str, device) -> bool:
     return precision == "bf16" and getattr(device, "type", device) == "cpu"
 
 
+def is_cast(model, precision: str) -> bool:
+    """True when ``model``'s floating-point weights are already in ``precision``'s dtype."""
+    import torch
+
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return all(p.dtype == want for p in model.parameters() if p.is_floating_point())
+
+
 def cast_for_inference(model, precision: str, device):
     """``model`` cast to bfloat16 for bf16 inference on the CPU (weights and activations
     bf16, not autocast); unchanged otherwise. Buffers a module lists in ``fp32_buffers``
