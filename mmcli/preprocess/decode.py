@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
-from mmcli.data.image import ImageDecodeError, ImageTransform
+from mmcli.data.image import ImageDecodeError
 from mmcli.formats.manifest import Item
 from mmcli.preprocess.config import CHUNK, PreprocessConfig
 
@@ -37,8 +37,7 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
     (field, reason) | None)] in item order).
     """
-    chunk_id, files, image_size, sample_rate, seconds, max_pixels = task
-    image_tf = ImageTransform(image_size, max_pixels)
+    chunk_id, files, image_tf, sample_rate, seconds = task
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
     for image_path, audio_path in files:
@@ -120,6 +119,7 @@ def _tasks(
     pending: list[ShardPlan], config: PreprocessConfig, modalities: list[str]
 ) -> tuple[list[tuple], dict[int, ShardPlan]]:
     want_image, want_audio = "image" in modalities, "audio" in modalities
+    image_tf = config.image_transform()  # mmcli's, or a pretrained model's (--like)
     tasks = []
     owner: dict[int, ShardPlan] = {}
     for plan in pending:
@@ -132,10 +132,7 @@ def _tasks(
                 for it in plan.items[start : start + CHUNK]
             ]
             cid = len(tasks)
-            tasks.append(
-                (cid, files, config.image_size, config.sample_rate, config.audio_seconds,
-                 config.max_image_pixels)
-            )  # fmt: skip
+            tasks.append((cid, files, image_tf, config.sample_rate, config.audio_seconds))
             owner[cid] = plan
             plan.chunks += 1
     return tasks, owner
