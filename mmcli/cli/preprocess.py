@@ -79,7 +79,7 @@ def preprocess(
         typer.Option(
             min=8,
             help="Images: shorter side resized to this, then center-cropped square "
-            "[default: 224, or the --like model's].",
+            "\\[default: 224, or the --like model's].",
             rich_help_panel=_PROC,
             show_default=False,
         ),
@@ -96,7 +96,7 @@ def preprocess(
         Literal["shortest", "longest", "squash"] | None,
         typer.Option(
             help="Images: fit the shortest side and crop, the longest side and pad, or squash "
-            "[default: shortest, or the --like model's].",
+            "\\[default: shortest, or the --like model's].",
             rich_help_panel=_PROC,
             show_default=False,
         ),
@@ -104,7 +104,7 @@ def preprocess(
     interpolation: Annotated[
         Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] | None,
         typer.Option(
-            help="Images: resampling filter [default: bicubic, or the --like model's].",
+            help="Images: resampling filter \\[default: bicubic, or the --like model's].",
             rich_help_panel=_PROC,
             show_default=False,
         ),
