@@ -6,6 +6,7 @@ stays fast; every function here takes plain strings and returns torch objects.
     device = resolve_device("auto")                 # cuda:LOCAL_RANK when available, else cpu
     with autocast(device, "bf16"):                  # no-op on the CPU and for fp32
         y = model(x)
+    model = cast_for_inference(model, inference_precision("bf16", device), device)  # CPU: bf16 weights
     dist = dist_info()                              # rank / world size from torchrun's env
     with distributed(device) as dist:               # init gloo (cpu) / nccl (cuda) when world > 1
         for i in dist.my_shards(n_shards): ...
@@ -93,6 +94,49 @@ def check_precision(precision: str, device) -> str:
         if not torch.cuda.is_bf16_supported():
             raise BadInput("this GPU does not support bf16", hint="use --precision fp16")
     return precision
+
+
+def inference_precision(precision: str, device) -> str:
+    """The precision inference runs at on ``device``: bf16 and fp16 on CUDA (autocast), bf16
+    on the CPU too (the model cast to bfloat16: measured faster than CPU autocast), fp16 on
+    the CPU falls back to fp32 with a note."""
+    if precision == "bf16" and getattr(device, "type", device) == "cpu":
+        return "bf16"
+    return check_precision(precision, device)
+
+
+def cpu_cast(precision: str, device) -> bool:
+    """True when inference at ``precision`` casts the model itself (bf16 on the CPU)."""
+    return precision == "bf16" and getattr(device, "type", device) == "cpu"
+
+
+def is_cast(model, precision: str) -> bool:
+    """True when ``model``'s floating-point weights are already in ``precision``'s dtype."""
+    import torch
+
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return all(p.dtype == want for p in model.parameters() if p.is_floating_point())
+
+
+def cast_for_inference(model, precision: str, device):
+    """``model`` cast to bfloat16 for bf16 inference on the CPU (weights and activations
+    bf16, not autocast); unchanged otherwise. Buffers a module lists in ``fp32_buffers``
+    (image mean/std, the log-mel filterbank) stay float32: inputs are normalised in fp32,
+    then cast once."""
+    if not cpu_cast(precision, device):
+        return model
+    import torch
+
+    keep = [
+        (module, name, getattr(module, name))
+        for module in model.modules()
+        for name in getattr(module, "fp32_buffers", ())
+        if getattr(module, name, None) is not None
+    ]
+    model.to(torch.bfloat16)
+    for module, name, buffer in keep:
+        setattr(module, name, buffer)  # the float32 originals
+    return model
 
 
 def autocast(device, precision: str):

@@ -33,6 +33,15 @@ Precision = Annotated[
     Literal["fp32", "bf16", "fp16"],
     typer.Option(help="Autocast precision (bf16/fp16 apply on CUDA).", rich_help_panel="Compute"),
 ]
+InferencePrecision = Annotated[
+    Literal["fp32", "bf16", "fp16"],
+    typer.Option(
+        "--precision",
+        help="bf16: on the CPU the model runs in bfloat16 (weights and activations), on CUDA "
+        "autocast; fp16: CUDA autocast only.",
+        rich_help_panel="Compute",
+    ),
+]
 BatchSize = Annotated[int, typer.Option(min=1, help="Rows per batch.", rich_help_panel="Compute")]
 Seed = Annotated[int, typer.Option(help="Random seed (makes CPU runs reproducible).")]
 Resume = Annotated[

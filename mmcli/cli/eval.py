@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, Quiet, Seed, command
+from mmcli.cli.common import BatchSize, Debug, Device, InferencePrecision, Quiet, Seed, command
 
 Task = Annotated[
     str,
@@ -46,7 +46,14 @@ def eval_command(
     ] = "1,5,10",
     model: Annotated[
         str | None,
-        typer.Option(help="Checkpoint: encodes class prompts (zeroshot) or classifies (classify)."),
+        typer.Option(
+            help="Encodes class prompts (zeroshot; a checkpoint, open_clip:ARCH or hf:DIR) or "
+            "classifies (classify)."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", "-w", help="The weights file of --model open_clip:ARCH."),
     ] = None,
     captions: Annotated[
         str | None,
@@ -138,6 +145,7 @@ def eval_command(
         ),
     ] = None,
     device: Device = "auto",
+    precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 256,
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -200,6 +208,8 @@ def eval_command(
             target=target,
             ks=parse_ks(k),
             model=model,
+            weights=weights,
+            precision=precision,
             templates=templates,
             table=modality,
             split=split,

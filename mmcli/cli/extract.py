@@ -8,8 +8,8 @@ from mmcli.cli.common import (
     BatchSize,
     Debug,
     Device,
+    InferencePrecision,
     Overwrite,
-    Precision,
     Quiet,
     Resume,
     Seed,
@@ -22,7 +22,9 @@ from mmcli.modalities import BUILTIN_ENCODERS, EXTRACT_ENCODERS, MODALITIES
 ENCODER_HELP = (
     "Names: "
     + "; ".join(f"{m}: {', '.join(names)}" for m, names in BUILTIN_ENCODERS.items())
-    + ". Default: "
+    + "; pretrained (docs/models.md): image=open_clip:ARCH, text=open_clip:ARCH, "
+    "text|image|audio=hf:DIR_OR_ID, image=timm:NAME."
+    + " Default: "
     + ", ".join(f"{m}={name}" for m, name in EXTRACT_ENCODERS.items())
     + " for each table present."
 )
@@ -51,18 +53,24 @@ def extract(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="An mmcli model checkpoint: joint-space embeddings."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Joint-space embeddings of an mmcli checkpoint, open_clip:ARCH (with --weights "
+            "FILE) or hf:DIR (a CLIP / SigLIP folder).",
+        ),
     ] = None,
     weights: Annotated[
         list[str] | None,
         typer.Option(
             "--weights",
             "-w",
-            help="Encoder weights: [MODALITY=]PATH (.safetensors, torchvision .pth/.pt) or [MODALITY=]imagenet.",
+            help="Encoder weights: [MODALITY=]PATH (.safetensors, torchvision / open_clip / timm "
+            ".pth/.pt/.bin) or [MODALITY=]imagenet; with --model open_clip:ARCH, its weights file.",
         ),
     ] = None,
     device: Device = "auto",
-    precision: Precision = "fp32",
+    precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 128,
     dtype: Annotated[
         Literal["float16", "float32"], typer.Option(help="Stored feature dtype.")
@@ -93,6 +101,8 @@ def extract(
             -w image=imagenet --device cuda --precision bf16
 
         mmcli extract out/tensors/ -o out/joint/ --model run/model.safetensors
+
+        mmcli extract out/tensors/ -o out/clip/ --model open_clip:ViT-B-32 -w clip.safetensors
 
         torchrun --nproc_per_node 4 -m mmcli extract out/tensors/ -o out/feats/
     """
@@ -152,7 +162,12 @@ def _summary_line(s: dict) -> str:
     if s["skipped"]:
         done += f", {s['skipped']} already done"
     ranks = f" x {s['world_size']} processes" if s["world_size"] > 1 else ""
+    cut = "".join(
+        f"; {n:,} {m} row(s) cut at the tokenizer's {s['context_length'][m]} tokens"
+        for m, n in (s.get("truncated") or {}).items()
+        if n
+    )
     return (
         f"extracted {rows}: {done} in {s['seconds']:.1f} s ({s['rows_per_s']:,.0f} rows/s, "
-        f"{s['device']}{ranks}, {s['precision']}) -> {s['out']}"
+        f"{s['device']}{ranks}, {s['precision']}) -> {s['out']}{cut}"
     )

@@ -75,13 +75,48 @@ def preprocess(
         ),
     ] = None,
     image_size: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=8,
-            help="Images: shorter side resized to this, then center-cropped square.",
+            help="Images: shorter side resized to this, then center-cropped square "
+            "\\[default: 224, or the --like model's].",
+            rich_help_panel=_PROC,
+            show_default=False,
+        ),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option(
+            help="Images: resize as this pretrained model's own transform does (open_clip:ARCH, "
+            "hf:DIR, timm:NAME): size, resize mode, interpolation, crop; flags given override.",
             rich_help_panel=_PROC,
         ),
-    ] = 224,
+    ] = None,
+    resize_mode: Annotated[
+        Literal["shortest", "longest", "squash"] | None,
+        typer.Option(
+            help="Images: fit the shortest side and crop, the longest side and pad, or squash "
+            "\\[default: shortest, or the --like model's].",
+            rich_help_panel=_PROC,
+            show_default=False,
+        ),
+    ] = None,
+    interpolation: Annotated[
+        Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] | None,
+        typer.Option(
+            help="Images: resampling filter \\[default: bicubic, or the --like model's].",
+            rich_help_panel=_PROC,
+            show_default=False,
+        ),
+    ] = None,
+    resize_size: Annotated[
+        int | None,
+        typer.Option(
+            min=8,
+            help="Images: resize to this, then center-crop --image-size (timm's crop_pct).",
+            rich_help_panel=_PROC,
+        ),
+    ] = None,
     context_length: Annotated[
         int,
         typer.Option(
@@ -143,14 +178,26 @@ def preprocess(
         mmcli preprocess dataset_flickr8k.json --images-dir Flicker8k_Dataset --split test -o flickr8k-test
 
         mmcli preprocess data/manifest.jsonl -o - | mmcli info -
+
+        mmcli preprocess photos/ -o out/clip-tensors --like open_clip:ViT-B-32
     """
     with command(quiet=quiet, debug=debug) as ctx:
+        from mmcli.data.image import preprocess_image_options
         from mmcli.data.importers import ImportOptions
         from mmcli.preprocess import PreprocessConfig
         from mmcli.preprocess import preprocess as run
 
+        settings = None
+        if like:  # needs the model's library (and torch): only then
+            from mmcli.models.adapters.like import like as like_settings
+
+            settings = like_settings(like)
+        image = preprocess_image_options(settings, image_size=image_size, resize_mode=resize_mode,
+                                         interpolation=interpolation, resize_size=resize_size)  # fmt: skip
+        if like:
+            ctx.info(f"images as {like} resizes them: " + _image_line(image))
         config = PreprocessConfig(
-            image_size=image_size,
+            **image,
             context_length=context_length,
             lowercase=lowercase,
             sample_rate=sample_rate,
@@ -188,3 +235,11 @@ def preprocess(
             f"in {s['seconds']:.1f} s ({s['items_per_s'] or 0:,.0f} items/s); skipped {s['skipped']}"
             + (f", see {out}/errors.jsonl" if s["skipped"] and out != "-" else "")
         )
+
+
+def _image_line(o: dict) -> str:
+    resize = f"resize {o.get('resize_size') or o['image_size']} ({o.get('resize_mode', 'shortest')} side)"
+    return (
+        f"{resize}, {o.get('interpolation', 'bicubic')}, {o['image_size']} px "
+        f"({o.get('image_backend', 'mmcli')})"
+    )

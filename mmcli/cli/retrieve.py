@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, Quiet, command
+from mmcli.cli.common import BatchSize, Debug, Device, InferencePrecision, Quiet, command
 
 Many = list[str] | None
 
@@ -76,8 +76,13 @@ def retrieve(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Checkpoint that encodes raw queries (the one the index was extracted with)."
+            help="Encodes raw queries (the model the index was extracted with): a checkpoint, "
+            "open_clip:ARCH or hf:DIR."
         ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", "-w", help="The weights file of --model open_clip:ARCH."),
     ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Hits per query.")] = 10,
     threshold: Annotated[float | None, typer.Option(help="Drop hits scoring below this.")] = None,
@@ -162,6 +167,7 @@ def retrieve(
         ),
     ] = "skip",
     device: Device = "auto",
+    precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 256,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -214,6 +220,8 @@ def retrieve(
             ef_search=ef_search,
             rebuild=rebuild_index,
             model=model,
+            weights=weights,
+            precision=precision,
             device=str(resolve_device(device)),
             batch_size=batch_size,
             with_fields=fields,

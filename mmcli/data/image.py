@@ -122,26 +122,235 @@ def _pixel_limit(Image, max_pixels: int):
         yield
 
 
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+#: mmcli: one resampling pass over the crop box (JPEG draft); torchvision-pil: resize the
+#: whole image, then crop, with torchvision on PIL images (open_clip, timm); hf:
+#: transformers' torchvision backend (antialiased resize of uint8 tensors, crop rounded down)
+BACKENDS = ("mmcli", "torchvision-pil", "hf")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
+    """File -> uint8 [3, size, size]. The defaults are mmcli's own fast path; the other
+    settings reproduce a pretrained model's transform (``preprocess --like``)."""
+
     size: int = 224
     #: refuse images of more pixels before decoding (0 = no limit); not part of the spec
     max_pixels: int = MAX_IMAGE_PIXELS
+    resize_mode: str = "shortest"  # shortest side | longest side (padded) | squash
+    interpolation: str = "bicubic"
+    resize_size: int | None = None  # resize to this, then center-crop size (timm's crop_pct)
+    backend: str = "mmcli"
+    fill: int = 0  # padding value of resize_mode=longest
 
-    def __call__(self, path: str | os.PathLike):
-        return load_image(path, self.size, self.max_pixels)
+    def __post_init__(self) -> None:
+        for name, value, known in (("resize mode", self.resize_mode, RESIZE_MODES),
+                                   ("interpolation", self.interpolation, INTERPOLATIONS),
+                                   ("image backend", self.backend, BACKENDS)):  # fmt: skip
+            if value not in known:
+                raise ValueError(f"unknown {name} {value!r} (use {', '.join(known)})")
+        if self.resize_size is not None and self.resize_size < self.size:
+            raise ValueError(
+                f"resize size {self.resize_size} is smaller than the image size {self.size}"
+            )
+        if self.backend == "mmcli" and not self.default:
+            raise ValueError(
+                "mmcli's one-pass resize is shortest-side bicubic; other settings need "
+                "backend torchvision-pil or hf"
+            )
+
+    @property
+    def default(self) -> bool:
+        """mmcli's own transform (what preprocess does without --like)."""
+        settings = (self.resize_mode, self.interpolation, self.resize_size, self.fill)
+        return settings == ("shortest", "bicubic", None, 0) and self.backend in ("mmcli",)
+
+    def __call__(self, path: str | os.PathLike, sizes: list | None = None):
+        """``sizes``, when given, receives the decoded image's (width, height)."""
+        if self.default:
+            return load_image(path, self.size, self.max_pixels, sizes=sizes)
+        return load_image_like(path, self, sizes=sizes)
 
     def spec(self) -> dict[str, Any]:
+        if self.default:  # unchanged from earlier mmcli versions (resume fingerprints)
+            return {
+                "image_size": self.size,
+                "resize": "shorter-side bicubic antialiased",
+                "crop": "center",
+                "layout": "NCHW uint8 RGB",
+            }
         return {
             "image_size": self.size,
-            "resize": "shorter-side bicubic antialiased",
-            "crop": "center",
+            "resize_mode": self.resize_mode,
+            "interpolation": self.interpolation,
+            "resize_size": self.resize_size,
+            "backend": self.backend,
+            "fill": self.fill,
+            "crop": "none"
+            if self.resize_mode != "shortest" and self.resize_size is None
+            else "center",
             "layout": "NCHW uint8 RGB",
         }
 
 
 def image_transform_from_spec(spec: dict[str, Any]) -> ImageTransform:
-    """The transform a table spec (or a model's image input spec) describes; BadInput for
-    an image size outside the bounds of :mod:`mmcli.data.limits`."""
+    """The transform a table (or a pretrained model's ``inputs``) was made with; BadInput
+    for an image size outside the bounds of :mod:`mmcli.data.limits`."""
     check_input_spec("image", spec)
-    return ImageTransform(size=int(spec.get("image_size", 224)))
+    return ImageTransform(
+        size=int(spec.get("image_size", 224)),
+        resize_mode=spec.get("resize_mode", "shortest"),
+        interpolation=spec.get("interpolation", "bicubic"),
+        resize_size=spec.get("resize_size"),
+        backend=spec.get("backend", "mmcli"),
+        fill=int(spec.get("fill", 0) or 0),
+    )
+
+
+#: PreprocessConfig fields of the image transform -> ImageTransform fields
+_CONFIG_FIELDS = {"resize_mode": "resize_mode", "interpolation": "interpolation",
+                  "resize_size": "resize_size", "image_backend": "backend", "fill": "fill"}  # fmt: skip
+
+
+def image_transform_of(config: Any) -> ImageTransform:
+    """The ImageTransform of a PreprocessConfig (``image_size`` and the ``--like`` fields)."""
+    kwargs = {field: getattr(config, name) for name, field in _CONFIG_FIELDS.items()}
+    try:
+        return ImageTransform(config.image_size, **kwargs)
+    except ValueError as e:
+        from mmcli.errors import BadInput
+
+        raise BadInput(str(e)) from None
+
+
+def image_options_of(config: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without the image transform fields when they are mmcli's defaults (so
+    runs of earlier versions, which had none, resume)."""
+    if image_transform_of(config).default:
+        return {k: v for k, v in options.items() if k not in _CONFIG_FIELDS}
+    return options
+
+
+def preprocess_image_options(like: dict[str, Any] | None = None, **given: Any) -> dict[str, Any]:
+    """``PreprocessConfig`` image fields from a model's settings (``preprocess --like``,
+    :func:`mmcli.models.adapters.like.like`) and the flags given explicitly
+    (``image_size``, ``resize_mode``, ``interpolation``, ``resize_size``; None = not given),
+    which override the model's. Without ``like``: mmcli's own resize, unless a flag asks
+    for what it does not do (then torchvision's, on PIL images)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if like is None:
+        out: dict[str, Any] = {"image_size": 224, **given}
+        defaults = (
+            ("resize_mode", "shortest"),
+            ("interpolation", "bicubic"),
+            ("resize_size", None),
+        )
+        if any(given.get(k, d) != d for k, d in defaults):
+            out["image_backend"] = "torchvision-pil"
+        return out
+    out = {
+        "image_size": int(like["image_size"]),
+        "resize_mode": like.get("resize_mode", "shortest"),
+        "interpolation": like.get("interpolation", "bicubic"),
+        "resize_size": like.get("resize_size"),
+        "image_backend": like.get("backend", "torchvision-pil"),
+        "fill": int(like.get("fill", 0) or 0),
+    }
+    if "image_size" in given and "resize_size" not in given and out["resize_size"] is not None:
+        ratio = out["resize_size"] / out["image_size"]  # keep the model's crop fraction
+        out["resize_size"] = int(given["image_size"] * ratio)
+    out.update(given)
+    return out
+
+
+# ------------------------------------------------ a pretrained model's transform
+# A pretrained model's own image transform, reproduced to the pixel (``preprocess --like``).
+#
+# open_clip and timm resize PIL images with torchvision (``Resize`` on the whole image, then
+# ``CenterCrop``, rounding the offset); transformers >= 5 resizes uint8 tensors with
+# torchvision's v2 antialiased kernels and crops with the offset rounded down. Both paths call
+# the same torchvision functions, so the uint8 pixels equal the library's own before its
+# ``ToTensor`` / ``Normalize`` (which the encoder does, on its device). What stays
+# different: mmcli applies the EXIF orientation (the libraries do not), and composites
+# transparent images over white (open_clip's ``convert("RGB")`` drops the alpha channel).
+
+
+def _mode(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
+
+
+def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The decoded RGB image (EXIF orientation applied), no resampling; the same checks as
+    :func:`load_image` (a regular file, at most ``max_pixels`` pixels, 0 = no limit)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        f = open_file(path, "file")
+    except NotAFile as e:
+        raise ImageDecodeError(e.reason) from None
+    try:
+        with f, _pixel_limit(Image, max_pixels), Image.open(f) as im:
+            _check_pixels(im.size, max_pixels)
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im).copy()
+    except UnidentifiedImageError:
+        raise ImageDecodeError("cannot decode image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode image ({e})") from None
+
+
+def target_size(width: int, height: int, t: Any) -> tuple[int, int]:
+    """(h, w) the image is resized to before the crop or pad."""
+    side = t.resize_size or t.size
+    if t.resize_mode == "squash":
+        return side, side
+    if t.resize_mode == "longest":  # open_clip / timm ResizeKeepRatio(longest=1)
+        ratio = max(height / side, width / side)
+        return round(height / ratio), round(width / ratio)
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = side, int(side * long / short)  # torchvision's (and transformers') rule
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def load_image_like(path: str | os.PathLike, t: Any, sizes: list | None = None):
+    """uint8 numpy [3, size, size] as the transform ``t`` (an ImageTransform) makes it."""
+    import torch
+    import torchvision.transforms.functional as F
+
+    im = open_rgb(path, getattr(t, "max_pixels", MAX_IMAGE_PIXELS))
+    if sizes is not None:
+        sizes.append(im.size)
+    h, w = target_size(im.width, im.height, t)
+    if t.backend == "hf":  # transformers calls torchvision's v2 kernels on uint8 tensors
+        import torchvision.transforms.v2.functional as F2
+
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        x = F2.resize(x, [h, w], interpolation=_mode(t.interpolation), antialias=True)
+        x = _crop_or_pad(x, t.size, t.fill, floor=True)
+        return np.ascontiguousarray(x.numpy())
+    im = F.resize(im, [h, w], interpolation=_mode(t.interpolation))
+    im = _crop_or_pad(im, t.size, t.fill, floor=False)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _crop_or_pad(img, size: int, fill: int, floor: bool):
+    """Center crop to size x size, padding first where the image is smaller (open_clip's
+    ``center_crop_or_pad``); the offset rounded (torchvision) or rounded down (transformers)."""
+    import torchvision.transforms.functional as F
+
+    _, height, width = F.get_dimensions(img)
+    if size > width or size > height:
+        pad = [max(size - width, 0) // 2, max(size - height, 0) // 2,
+               (max(size - width, 0) + 1) // 2, (max(size - height, 0) + 1) // 2]  # fmt: skip
+        img = F.pad(img, pad, fill=fill)
+        _, height, width = F.get_dimensions(img)
+    if floor:
+        top, left = int((height - size) / 2.0), int((width - size) / 2.0)
+    else:
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return F.crop(img, top, left, size, size)

@@ -44,6 +44,8 @@ class EvalConfig:
     target: str | None = None
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     model: str | None = None
+    weights: str | None = None  # the weights file of --model open_clip:ARCH
+    precision: str = "fp32"  # the model's inference: bf16 on the CPU casts it to bfloat16
     templates: str | None = None
     table: str | None = None  # zeroshot / linear-probe: the table to classify
     train: list[str] | None = None
@@ -215,7 +217,7 @@ def _task_model(cfg: EvalConfig, task: str, device: str):
             if task == "zeroshot"
             else "a classifier checkpoint",
         )
-    return load_model(cfg.model, device)
+    return load_model(cfg.model, device, weights=cfg.weights)
 
 
 def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory, details=None):
@@ -246,7 +248,7 @@ def _zeroshot(cfg: EvalConfig, features, model, device: str, details=None):
     metrics, info = evaluate_zeroshot(
         features,
         table,
-        QueryEncoder(model, device),
+        QueryEncoder(model, device, precision=cfg.precision),
         templates=templates,
         batch_size=cfg.batch_size,
         details=details,

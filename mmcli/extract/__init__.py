@@ -19,6 +19,7 @@ earlier extract output without ``overwrite`` (:mod:`~mmcli.extract.output`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 from mmcli.errors import BadInput
 from mmcli.extract.loader import EndOfShard, Loader
-from mmcli.extract.model import note_random_weights, run_id, setup_model, specs
+from mmcli.extract.model import note_random_weights, run_id, setup_model, specs, text_tokenizers
 from mmcli.extract.output import (
     FEATURES_KIND,
     OUT_NAME,
@@ -83,7 +84,8 @@ def extract(
     ``preprocess``, only mmcli's own files; it wins over ``resume``). ``seed`` fixes the
     random init of encoders without weights (so every torchrun rank, and a resumed run,
     builds the same model).
-    ``channels_last`` (None = yes): run the image encoder and its input in channels_last.
+    ``channels_last``: run the image encoder and its input in channels_last (None: the layout
+    measured faster for that encoder and precision, ``Encoder.prefers_channels_last``).
     Returns a summary (rows per modality, rows/s, shards written and skipped, ...).
     """
     from mmcli import runtime
@@ -127,14 +129,19 @@ def _extract(
     folder_out = not single_output(out)
     if folder_out:
         check_folder(Path(out), len(outputs), resume, overwrite)
-    precision = runtime.check_precision(precision, dev)
+    precision = runtime.inference_precision(precision, dev)  # bf16 on the CPU: a bf16 model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        given = model is not None and not isinstance(model, (str, os.PathLike))
         model, modalities = setup_model(model, encoders, weights, tensors)
+    if given and runtime.cpu_cast(precision, dev) and not runtime.is_cast(model, precision):
+        model = copy.deepcopy(model)  # cast a copy, not the caller's model
     for m in modalities:
         model.check_input(tensors, m)
-    if channels_last is None:  # faster for the CNNs on CUDA and, measured here, on the CPU too
-        channels_last = True
+    if channels_last is None:  # the layout measured faster for this encoder and precision
+        channels_last = "image" in modalities and model.encoders["image"].prefers_channels_last(
+            precision
+        )
 
     started = time.perf_counter()
     with runtime.distributed(dev) as dist:
@@ -146,7 +153,7 @@ def _extract(
 
         if dist.is_main:
             note_random_weights(model, modalities)
-        model.to(dev).eval()
+        model = runtime.cast_for_inference(model.to(dev).eval(), precision, dev)
         if channels_last and "image" in modalities:
             model.encoders["image"].to(memory_format=torch.channels_last)
         shard_specs = specs(model, modalities, tensors, dtype, normalize, seed)
@@ -154,14 +161,18 @@ def _extract(
         run = _Run(tensors, outputs, shard_specs, rid, modalities, model, dev, dtype, precision)
         run.source = source
         cl_tables = {"image"} if channels_last and "image" in modalities else set()
-        loader = Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables)
-        rows = run.compute(loader, todo, normalize, progress)
-        counts = runtime.all_reduce_sum([len(todo), len(skipped), *rows.values()], dev)
+        tokenize = text_tokenizers(model, modalities)  # pretrained text: its own tokenizer
+        loader = Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables, tokenize)
+        rows, truncated = run.compute(loader, todo, normalize, progress, tokenize)
+        counts = runtime.all_reduce_sum(
+            [len(todo), len(skipped), *rows.values(), *truncated.values()], dev
+        )
         if lock is not None:  # every rank is done writing: free OUT before any rank reads it
             lock.release()
         runtime.barrier()
         seconds = time.perf_counter() - started
         rows = {m: int(c) for m, c in zip(modalities, counts[2:])}
+        truncated = {m: int(c) for m, c in zip(truncated, counts[2 + len(modalities) :])}
         computed = sum(rows.values())
         return {
             "out": str(out),
@@ -179,6 +190,8 @@ def _extract(
             "dtype": dtype,
             "world_size": dist.world_size,
             "rank": dist.rank,
+            "truncated": truncated,  # captions cut at a pretrained tokenizer's context length
+            "context_length": {m: model.encoders[m].context_length for m in truncated},
         }
 
 
@@ -193,7 +206,8 @@ class _Run:
         self.dtype_name = dtype
         self.source: dict | None = None
 
-    def compute(self, loader: Loader, todo, normalize: bool, progress) -> dict[str, int]:
+    def compute(self, loader: Loader, todo, normalize: bool, progress, tokenize=()):
+        """(rows per table, captions cut by a pretrained tokenizer per table)."""
         import torch
 
         from mmcli import runtime
@@ -201,6 +215,7 @@ class _Run:
         model, tensors = self.model, self.tensors
         out_dtype = getattr(torch, self.dtype_name)
         rows = dict.fromkeys(self.modalities, 0)
+        truncated = dict.fromkeys(tokenize, 0)
         total = sum(tensors.shards[i].rows(m) for i in todo for m in self.modalities)
         feats: dict[str, Any] = {}
         with progress("extract", total=total, unit="rows") as bar, torch.inference_mode():
@@ -219,7 +234,9 @@ class _Run:
                         z = model.encode(msg.table, x, normalize=normalize)  # (B, D)
                     feats[msg.table][msg.start : msg.start + z.shape[0]] = z
                     rows[msg.table] += z.shape[0]
+                    if msg.table in truncated:  # captions cut by a pretrained tokenizer
+                        truncated[msg.table] += msg.data.truncated
                     bar.update(z.shape[0])
             finally:
                 loader.close()
-        return rows
+        return rows, truncated

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mmcli.data.captions import caption_rows
 from mmcli.formats.tensorfile import TensorSet
 from mmcli.runtime import Prefetch
 
@@ -43,11 +44,14 @@ class Loader:
         device,
         prefetch: int,
         channels_last=(),
+        tokenize=None,
     ):
         self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
         self.batch_size = batch_size
         self.pin = device.type == "cuda"
         self.channels_last = set(channels_last)
+        #: table -> a pretrained encoder's tokenize(captions): those tables are read as strings
+        self.tokenize: dict[str, Any] = dict(tokenize or {})
         self.feed = Prefetch(self._batches, depth=prefetch, name="mmcli-extract-loader")
 
     def _copy(self, data, table: str):
@@ -55,6 +59,8 @@ class Loader:
         channels_last (torch's copy: measured faster here than numpy's strided one)."""
         import torch
 
+        if table in self.tokenize:  # caption strings -> the model's own tokens
+            return self.tokenize[table](data)
         if table in self.channels_last and data.dim() == 4:
             out = data.contiguous(memory_format=torch.channels_last)
             if out.data_ptr() == data.data_ptr():  # already channels_last: still copy
@@ -67,8 +73,9 @@ class Loader:
         for i in self.shards:
             sf = self.tensors.shards[i]
             for table in self.tables:
-                data = sf.tensor(table)  # memory-mapped (rows, ...)
-                for start in range(0, data.shape[0], self.batch_size):
+                # memory-mapped (rows, ...), or the captions as given for a pretrained tokenizer
+                data = caption_rows(sf, table) if table in self.tokenize else sf.tensor(table)
+                for start in range(0, len(data), self.batch_size):
                     yield Batch(
                         i, table, start, self._copy(data[start : start + self.batch_size], table)
                     )

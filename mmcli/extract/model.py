@@ -18,19 +18,20 @@ INPUT_KEYS = ("image_size", "tokenizer", "context_length", "lowercase", "sample_
 
 def setup_model(model, encoders, weights, tensors: TensorSet):
     """(MultimodalModel, modalities to extract) from the arguments."""
-    from mmcli.models import MultimodalModel, build_model
+    from mmcli.models import MultimodalModel, build_model, load_model
+    from mmcli.models.pretrained import is_library_spec, one_weights
     from mmcli.models.weights import weights_per_modality
 
     if model is not None and encoders:
         raise BadInput("pass either --model or --encoder, not both")
-    if model is not None and weights:
+    if model is not None and weights and not is_library_spec(model):
         raise BadInput(
             "--weights applies to --encoder backbones; a --model checkpoint has its weights",
             hint="drop --weights",
         )
     if model is not None:
-        if not isinstance(model, MultimodalModel):
-            model = MultimodalModel.from_checkpoint(model)
+        if not isinstance(model, MultimodalModel):  # a checkpoint, open_clip:ARCH or hf:DIR
+            model = load_model(model, weights=one_weights(weights))
         modalities = [m for m in model.modalities if m in tensors.tables]
         if not modalities:
             raise BadInput(
@@ -56,6 +57,11 @@ def setup_model(model, encoders, weights, tensors: TensorSet):
     weights = weights_per_modality(weights, list(encoders))
     model = build_model(encoders, weights=weights, inputs=tensors.specs)
     return model, list(model.modalities)
+
+
+def text_tokenizers(model, modalities) -> dict:
+    """``tokenize(captions)`` of each encoder with its own tokenizer (pretrained text towers)."""
+    return {m: model.encoders[m].tokenize for m in modalities if model.encoders[m].takes_text}
 
 
 def note_random_weights(model, modalities) -> None:
@@ -125,4 +131,6 @@ def specs(
             "model": model.checkpoint,
             "input": tensors.spec(m),
         }
+        if hasattr(model.encoders[m], "tokenizer_spec"):  # a pretrained model's own tokenizer
+            specs[m]["tokenizer"] = model.encoders[m].tokenizer_spec()
     return specs

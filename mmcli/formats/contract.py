@@ -10,6 +10,8 @@ column                     contract
 ``item.id.offsets``        int64 ``[items + 1]``
 ``item.label``             int64 ``[items]``
 ``<m>.item``               int64 ``[rows of <m>]``; every table has one
+``<m>.<c>.bytes``          uint8 ``[bytes]``: a string column of table ``<m>`` (``text.raw``)
+``<m>.<c>.offsets``        int64 ``[rows of <m> + 1]``; decoded like the item ids
 ``<m>`` of a feature file  floating (float16 / bfloat16 / float32 / float64) ``[rows, D]``
 ``image`` after preprocess uint8 ``[rows, 3, H, W]``
 ``text`` after preprocess  int32 / int64 ``[rows, length]``
@@ -41,7 +43,10 @@ from mmcli.formats.layout import (
     META_SOURCE,
     META_TABLES,
     RESERVED,
+    STRING_BYTES,
+    STRING_OFFSETS,
     TOKENIZER_VOCAB,
+    string_column,
 )
 from mmcli.formats.safetensors_io import DTYPES, FLOAT_CODES, TensorInfo
 
@@ -169,7 +174,31 @@ def check_columns(tensors: dict[str, TensorInfo], kind: str, where: str) -> None
                     f"column {name} has no {name[: -len(ITEM_SUFFIX)]} table", where=where
                 )
             continue
+        column = string_column(name)
+        if column is not None:
+            _check_strings(column, tensors, where)
+            continue
         _check_table(name, info, tensors, kind, where)
+
+
+def _check_strings(column: str, tensors: dict[str, TensorInfo], where: str) -> None:
+    """A string column ``<table>.<col>``: bytes and offsets together, one string per row."""
+    names = (column + STRING_BYTES, column + STRING_OFFSETS)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        have = names[0] if missing[0] == names[1] else names[1]
+        raise BadInput(f"column {have} without {missing[0]}", where=where)
+    table = column.split(".", 1)[0]
+    if table not in tensors:
+        raise BadInput(f"string column {column} has no {table} table", where=where)
+    data, offsets = tensors[names[0]], tensors[names[1]]
+    if data.dtype != "U8" or len(data.shape) != 1:
+        raise _column_error(names[0], data, "uint8 [bytes]", where)
+    rows = tensors[table].shape[0] if tensors[table].shape else 0
+    if offsets.dtype != "I64" or offsets.shape != (rows + 1,):
+        raise _column_error(
+            names[1], offsets, f"int64 [{rows + 1}] (one per {table} row, plus one)", where
+        )
 
 
 def _check_table(

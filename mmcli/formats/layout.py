@@ -18,6 +18,10 @@ ID_OFFSETS = "item.id.offsets"
 LABELS = "item.label"
 ITEM_SUFFIX = ".item"
 RESERVED = (ID_BYTES, ID_OFFSETS, LABELS)
+#: a string column ``<table>.<col>`` (``text.raw``: the captions as given, one per row of
+#: the table) is stored like the item ids, as ``<table>.<col>.bytes`` + ``.offsets``
+STRING_BYTES = ".bytes"
+STRING_OFFSETS = ".offsets"
 
 META_FORMAT = "mmcli.format"
 META_KIND = "mmcli.kind"
@@ -38,6 +42,16 @@ TOKENIZER_VOCAB = {"bytes": 259}
 def table_order(name: str) -> tuple[int, str]:
     """Sort key: the modalities in their usual order, then other tables by name."""
     return (TABLE_ORDER.index(name) if name in TABLE_ORDER else len(TABLE_ORDER), name)
+
+
+def string_column(name: str) -> str | None:
+    """``<table>.<col>`` when ``name`` is one half of a string column, else None."""
+    if name in RESERVED:
+        return None
+    for suffix in (STRING_BYTES, STRING_OFFSETS):
+        if name.endswith(suffix) and "." in name[: -len(suffix)]:
+            return name[: -len(suffix)]
+    return None
 
 
 def shard_name(name: str, index: int, count: int) -> str:

@@ -25,7 +25,10 @@ from mmcli.formats.layout import (
     ITEM_SUFFIX,
     LABELS,
     RESERVED,
+    STRING_BYTES,
+    STRING_OFFSETS,
     decode_ids,
+    string_column,
     table_order,
 )
 from mmcli.formats.safetensors_io import DTYPES, TensorInfo, parse_header, read_header
@@ -78,8 +81,30 @@ class ShardFile:
 
     @property
     def tables(self) -> list[str]:
-        names = [n for n in self.tensors if n not in RESERVED and not n.endswith(ITEM_SUFFIX)]
+        names = [
+            n
+            for n in self.tensors
+            if n not in RESERVED and not n.endswith(ITEM_SUFFIX) and string_column(n) is None
+        ]
         return sorted(names, key=table_order)
+
+    def has_strings(self, name: str) -> bool:
+        return name + STRING_OFFSETS in self.tensors
+
+    def strings(self, name: str) -> list[str]:
+        """A string column (``text.raw``: one caption per text row) written with the shard
+        (checked like the ids: offsets in order and in bounds, UTF-8)."""
+        if not self.has_strings(name):
+            raise BadInput(f"no string column {name!r}", where=self.path)
+        data = self._read(name + STRING_BYTES).tobytes()
+        try:
+            return decode_ids(data, self._read(name + STRING_OFFSETS).tolist())
+        except ValueError as e:
+            raise BadInput(
+                f"corrupt string column {name} ({e})",
+                where=self.path,
+                hint="the file is corrupt; recreate it",
+            ) from None
 
     @property
     def num_items(self) -> int:

@@ -10,7 +10,11 @@ tensor                        dtype / shape        meaning
 ``item.id.bytes``             uint8 ``[bytes]``    item ids, UTF-8, concatenated
 ``item.id.offsets``           int64 ``[k+1]``      start of each id in ``item.id.bytes``
 ``item.label``                int64 ``[k]``        index into the label names, -1 = no label
+``<m>.<col>.bytes/offsets``   uint8 / int64        a string column per row of ``m`` (``text.raw``:
+                                                   the captions as given), like the ids
 ============================  ===================  ==========================================
+
+Table names hold no dot; every dotted name is a column.
 
 and string metadata: ``mmcli.format`` (version), ``mmcli.kind`` (``tensors`` /
 ``features``), ``mmcli.tables`` (JSON: the spec of each table), ``mmcli.labels`` (JSON list
@@ -121,6 +125,9 @@ class Shard:
     tables: dict[str, Any] = field(default_factory=dict)
     items: dict[str, Any] = field(default_factory=dict)
     labels: Any | None = None
+    #: string columns beside the tables (``text.raw``: the captions as given, one per text
+    #: row), stored as ``<name>.bytes`` + ``<name>.offsets`` like the item ids
+    strings: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _is_torch(x: Any) -> bool:
@@ -153,6 +160,10 @@ def serialize_shard(
     for name, data in shard.tables.items():
         tensors[name] = data
         tensors[name + ITEM_SUFFIX] = shard.items[name]
+    for name, values in shard.strings.items():
+        if "." not in name or name.split(".", 1)[0] not in shard.tables:
+            raise ValueError(f"string column {name!r} must be named <table>.<column>")
+        tensors[name + ".bytes"], tensors[name + ".offsets"] = encode_ids(values)
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_KIND: kind,

@@ -41,7 +41,7 @@ class TinyAudio(AudioEncoder):
         self.out_dim = self.token_dim = config.dim
 
     def forward_tokens(self, x):
-        mel = self.logmel(self.prepare(x))[:, 0]  # (B, n_mels, T)
+        mel = self.logmel(self.prepare(x))[:, 0].to(self.compute_dtype)  # (B, n_mels, T)
         tokens = torch.tanh(self.proj(self.norm(mel).transpose(1, 2)))  # (B, T, dim)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return tokens.mean(1), tokens, mask
@@ -108,7 +108,7 @@ class MelCNN(AudioEncoder):
         self.out_dim = c.dim
 
     def forward_tokens(self, x):
-        mel = self.bn0(self.logmel(self.prepare(x)))  # (B, 1, n_mels, T)
+        mel = self.bn0(self.logmel(self.prepare(x)).to(self.compute_dtype))  # (B, 1, n_mels, T)
         fmap = self.blocks(mel)  # (B, C, n_mels / 2**depth, T / 2**depth)
         tokens = fmap.mean(2).transpose(1, 2)  # (B, T', C): one token per time step
         pooled = tokens.mean(1) + tokens.amax(1)  # (B, C)

@@ -39,6 +39,9 @@ class Encoder(nn.Module):
 
     modality: str = ""
     name: str = ""
+    #: True for encoders with their own tokenizer: they take caption strings (or the
+    #: batch their ``tokenize(texts)`` makes), not byte-token ids
+    takes_text: bool = False
 
     def __init__(self, config: Any):
         super().__init__()
@@ -48,6 +51,18 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[0]
+
+    def prefers_channels_last(self, precision: str = "fp32") -> bool:
+        """Whether ``extract`` runs this (image) encoder and its input in channels_last at
+        ``precision``: the faster layout measured on the CPU (benchmarks/bench_pretrained.py
+        --layouts); encoders where NCHW measured faster override it."""
+        return True
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the weights (bfloat16 for bf16 inference on the CPU, else float32)."""
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -60,6 +75,7 @@ class ImageEncoder(Encoder):
     """Image encoders: uint8 -> float -> (x - mean) / std, done on the model's device."""
 
     modality = "image"
+    fp32_buffers = ("mean", "std")  # kept float32 when the model is cast (runtime)
 
     def __init__(self, config: Any, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(config)
@@ -70,12 +86,14 @@ class ImageEncoder(Encoder):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{self.name}: expected images [B, 3, H, W], got {list(x.shape)}")
-        dtype = self.mean.dtype
+        dtype, compute = self.mean.dtype, self.compute_dtype  # fp32; the weights' dtype
         if x.dtype == torch.uint8:
             # one fused pass: (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std
             scale = 1.0 / (255.0 * self.std)
-            return torch.addcmul(-self.mean / self.std, x.to(dtype), scale)
-        return (x.to(dtype) - self.mean) / self.std
+            out = torch.addcmul(-self.mean / self.std, x.to(dtype), scale)
+        else:
+            out = (x.to(dtype) - self.mean) / self.std
+        return out if compute == dtype else out.to(compute)  # bf16 weights: cast once
 
 
 def grid_tokens(fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +156,8 @@ class LogMel(nn.Module):
     FFT window are zero-padded, so any length works. The window and filterbank are
     derived from the config, so they are buffers but not part of the state dict.
     """
+
+    fp32_buffers = ("fb", "window")  # the spectrum is computed in fp32, whatever the model's dtype
 
     def __init__(self, sample_rate: int, n_mels: int, n_fft: int, hop_length: int):
         super().__init__()

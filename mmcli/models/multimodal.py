@@ -98,7 +98,9 @@ class MultimodalModel(nn.Module):
 
             self.captioner = build_captioner(config.captioner, self.encoders)
         #: where each encoder's weights came from ({"path", "sha256"} or None = random init)
-        self.weights: dict[str, dict[str, Any] | None] = dict.fromkeys(self.encoders)
+        self.weights: dict[str, dict[str, Any] | None] = {
+            m: getattr(e, "weights_source", None) for m, e in self.encoders.items()
+        }  # library adapters may bring their own (a transformers folder, a named tag)
         #: {"path", "sha256"} of the checkpoint this model was loaded from
         self.checkpoint: dict[str, Any] | None = None
         self.checkpoint_meta: dict[str, Any] = {}
@@ -111,7 +113,8 @@ class MultimodalModel(nn.Module):
     @property
     def space(self) -> str:
         """``joint`` when the model projects to a shared space, else ``backbone``."""
-        return "joint" if len(self.heads) else "backbone"
+        joint = len(self.heads) or self.config.extra.get("space") == "joint"  # pretrained CLIPs
+        return "joint" if joint else "backbone"
 
     def encoder(self, modality: str) -> Encoder:
         if modality not in self.encoders:
@@ -128,7 +131,9 @@ class MultimodalModel(nn.Module):
         """Raw rows on the model's device -> [B, D]: encoder, head, L2 normalise."""
         z = self.encoder(modality)(x)  # (B, out_dim)
         if modality in self.heads:
-            z = self.heads[modality](z)  # (B, D)
+            head = self.heads[modality]
+            w = next(head.parameters(), None)  # bf16 inference: features of a passthrough are fp32
+            z = head(z if w is None else z.to(w.dtype))  # (B, D)
         return F.normalize(z.float(), dim=-1) if normalize else z
 
     def encode_tokens(self, modality: str, x: torch.Tensor):
@@ -249,6 +254,8 @@ class MultimodalModel(nn.Module):
             "text": len(shape) == 2 and "int" in kind,
             "audio": len(shape) in (2, 3) and "float" in kind,
         }.get(m, True)
+        if ok and hasattr(enc, "check_spec"):  # e.g. a fixed image size
+            enc.check_spec(tensors.spec(m), where)
         if not ok:
             expect = {
                 "image": "uint8 [rows, 3, H, W]",

@@ -31,6 +31,7 @@ it, never the reverse.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -158,6 +159,11 @@ def parse_encoder_spec(spec: str, modality: str | None = None) -> tuple[str, dic
     modality, bare, cls = resolve(name, modality)
     fields = config_fields(cls)
     overrides: dict[str, Any] = {}
+    positional = getattr(cls, "spec_field", None)  # library adapters: "open_clip:ViT-B-32"
+    if positional:
+        value, rest = _split_positional(rest)
+        if value:
+            overrides[positional] = value
     for part in rest.split(","):
         part = part.strip()
         if not part:
@@ -175,6 +181,15 @@ def parse_encoder_spec(spec: str, modality: str | None = None) -> tuple[str, dic
             )
         overrides[key] = _coerce(value, fields[key], key, f"{modality}/{bare}")
     return name, overrides
+
+
+def _split_positional(rest: str) -> tuple[str, str]:
+    """``"ViT-B-32,pretrained=openai"`` -> ``("ViT-B-32", "pretrained=openai")``: the value
+    runs up to the first comma that starts a ``key=`` option (so paths may hold commas)."""
+    m = re.search(r",\s*[A-Za-z_]\w*\s*=", rest)
+    if m is None:
+        return rest.strip(), ""
+    return rest[: m.start()].strip(), rest[m.start() + 1 :]
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -45,6 +45,9 @@ def load_weights(module: nn.Module, source: str | os.PathLike) -> dict[str, Any]
     for ``imagenet``), recorded in the specs of what is computed with them.
     """
     label = _label(module)
+    own = getattr(module, "load_pretrained", None)
+    if own is not None:  # library adapters read their library's own files and tags
+        return own(source)
     if str(source).lower() == IMAGENET:
         state, info = _imagenet_state_dict(module)
         where = f"{IMAGENET} weights for {label}"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mmcli.data.audio import AudioTransform
-from mmcli.data.image import ImageTransform
+from mmcli.data.image import ImageTransform, image_options_of, image_transform_of
 from mmcli.data.limits import MAX_IMAGE_PIXELS, check_max_pixels, check_value
 from mmcli.data.text import ByteTokenizer
 from mmcli.errors import BadInput
@@ -42,6 +42,12 @@ class PreprocessConfig:
     max_skip: str = "50%"  # more items skipped than this (N or P%) stops with exit 2
     modalities: list[str] | None = None  # None = every modality the items have
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (0 = no limit)
+    #: a pretrained model's image transform (``--like``), see mmcli.data.image.ImageTransform
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    resize_size: int | None = None
+    image_backend: str = "mmcli"
+    fill: int = 0
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -83,9 +89,13 @@ class PreprocessConfig:
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer(self.context_length, self.lowercase)
 
+    def image_transform(self) -> ImageTransform:
+        """The image transform (with the pixel limit, which is not part of its spec)."""
+        return replace(image_transform_of(self), max_pixels=self.max_image_pixels)
+
     def specs(self) -> dict[str, dict[str, Any]]:
         return {
-            "image": ImageTransform(self.image_size).spec(),
+            "image": self.image_transform().spec(),
             "text": self.tokenizer().spec(),
             "audio": AudioTransform(self.sample_rate, self.audio_seconds).spec(),
         }
@@ -95,4 +105,4 @@ class PreprocessConfig:
         d = asdict(self)
         for k in ("workers", "on_error", "max_skip"):
             d.pop(k)
-        return d
+        return image_options_of(self, d)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
-from mmcli.data.image import ImageDecodeError, ImageTransform, load_image
+from mmcli.data.image import ImageDecodeError
 from mmcli.formats.manifest import Item
 from mmcli.preprocess.config import CHUNK, PreprocessConfig
 
@@ -37,8 +37,7 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
     (field, reason) | None, upsampled: the image's shorter side was below S)] in item order).
     """
-    chunk_id, files, image_size, sample_rate, seconds, max_pixels = task
-    image_tf = ImageTransform(image_size, max_pixels)
+    chunk_id, files, image_tf, sample_rate, seconds = task
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
     for image_path, audio_path in files:
@@ -47,7 +46,7 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
         try:
             if image_path is not None:
                 try:
-                    image = load_image(image_path, image_tf.size, image_tf.max_pixels, sizes=sizes)
+                    image = image_tf(image_path, sizes=sizes)
                 except ImageDecodeError as e:
                     error = ("image", str(e))
             if error is None and audio_path is not None:
@@ -121,6 +120,7 @@ def _tasks(
     pending: list[ShardPlan], config: PreprocessConfig, modalities: list[str]
 ) -> tuple[list[tuple], dict[int, ShardPlan]]:
     want_image, want_audio = "image" in modalities, "audio" in modalities
+    image_tf = config.image_transform()  # mmcli's, or a pretrained model's (--like)
     tasks = []
     owner: dict[int, ShardPlan] = {}
     for plan in pending:
@@ -133,10 +133,7 @@ def _tasks(
                 for it in plan.items[start : start + CHUNK]
             ]
             cid = len(tasks)
-            tasks.append(
-                (cid, files, config.image_size, config.sample_rate, config.audio_seconds,
-                 config.max_image_pixels)
-            )  # fmt: skip
+            tasks.append((cid, files, image_tf, config.sample_rate, config.audio_seconds))
             owner[cid] = plan
             plan.chunks += 1
     return tasks, owner

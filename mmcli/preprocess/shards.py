@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from mmcli.data.captions import RAW_TEXT
 from mmcli.data.importers import ImportOptions, import_items
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import MODALITY_FIELDS, Item, item_to_json
@@ -141,6 +142,7 @@ class ShardWriter:
         for m in self.modalities:
             if m == "text":
                 shard.tables[m], truncated = self.tokenizer.encode_batch(rows[m])
+                shard.strings[RAW_TEXT] = rows[m]  # the captions as given (pretrained tokenizers)
             else:
                 shard.tables[m] = np.stack(rows[m]) if rows[m] else empty[m]()
             shard.items[m] = np.asarray(row_items[m], dtype=np.int64)

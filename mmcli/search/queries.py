@@ -89,9 +89,16 @@ def parse_query_line(line: str, where: str) -> Query:
 class QueryEncoder:
     """Encodes raw text / image / audio queries with a :class:`MultimodalModel`."""
 
-    def __init__(self, model: Any, device: Any = "cpu"):
-        self.model = model
+    def __init__(self, model: Any, device: Any = "cpu", precision: str = "fp32"):
+        """``precision`` bf16 on the CPU casts ``model`` to bfloat16 (in place); on CUDA
+        bf16 / fp16 autocast."""
+        from mmcli import runtime
+
         self.device = device
+        dev = runtime.resolve_device(str(device))
+        self.precision = runtime.inference_precision(precision, dev)
+        self.model = runtime.cast_for_inference(model, self.precision, dev)
+        self._autocast = lambda: runtime.autocast(dev, self.precision)
         self._transforms: dict[str, Any] = {}
 
     def _spec(self, modality: str) -> dict[str, Any]:
@@ -129,6 +136,10 @@ class QueryEncoder:
 
     def inputs(self, modality: str, values: list[str]):
         """The model's input rows for raw values (captions or file paths)."""
+        encoders = dict(getattr(self.model, "encoders", {}))
+        encoder = encoders.get(modality)
+        if getattr(encoder, "takes_text", False):  # a pretrained model's own tokenizer
+            return encoder.tokenize(list(values))
         t = self.transform(modality)
         if modality == "text":
             tokens, _ = t.encode_batch(values)
@@ -152,13 +163,17 @@ class QueryEncoder:
         with torch.inference_mode():
             for b0 in range(0, len(values), batch_size):
                 x = self.inputs(modality, values[b0 : b0 + batch_size]).to(self.device)
-                out.append(self.model.encode(modality, x, normalize=True).float().cpu())
+                with self._autocast():
+                    out.append(self.model.encode(modality, x, normalize=True).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
 
-def load_model(path: str, device: Any = "cpu") -> MultimodalModel:
-    """A :class:`MultimodalModel` from a checkpoint."""
-    return MultimodalModel.from_checkpoint(path, device=device)
+def load_model(path: str, device: Any = "cpu", weights: str | None = None) -> MultimodalModel:
+    """A :class:`MultimodalModel` from a checkpoint, ``open_clip:ARCH`` or ``hf:DIR``
+    (:func:`mmcli.models.load_model`)."""
+    from mmcli.models.pretrained import load_model as load
+
+    return load(path, weights=weights, device=device)
 
 
 # --------------------------------------------------------------------- query batches

@@ -51,6 +51,8 @@ class RetrieveConfig:
     ef_search: int | None = None
     rebuild: bool = False
     model: str | None = None
+    weights: str | None = None  # the weights file of --model open_clip:ARCH
+    precision: str = "fp32"  # query encoding: bf16 on the CPU casts the model to bfloat16
     device: str = "cpu"
     batch_size: int = 256
     with_fields: bool = True
@@ -125,11 +127,13 @@ class Retriever:
         if self._encoder is None:
             if not self.cfg.model:
                 raise BadInput(
-                    "text, image and audio queries need --model CKPT",
+                    "text, image and audio queries need --model (a checkpoint, open_clip:ARCH or hf:DIR)",
                     hint="the checkpoint the index features were extracted with; or query by --id / --queries FEATURES",
                 )
             self._encoder = QueryEncoder(
-                load_model(self.cfg.model, self.cfg.device), self.cfg.device
+                load_model(self.cfg.model, self.cfg.device, weights=self.cfg.weights),
+                self.cfg.device,
+                precision=self.cfg.precision,
             )
         return self._encoder
 

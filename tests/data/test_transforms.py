@@ -135,3 +135,51 @@ def test_the_file_contract_knows_every_tokenizer_and_its_vocabulary():
     from mmcli.formats.layout import TOKENIZER_VOCAB
 
     assert {name: cls.vocab_size for name, cls in TOKENIZERS.items()} == TOKENIZER_VOCAB
+
+
+def test_like_settings_and_explicit_flags():
+    from mmcli.data.image import ImageTransform, image_transform_from_spec, preprocess_image_options
+
+    assert ImageTransform(224).spec() == {  # unchanged: earlier runs resume
+        "image_size": 224,
+        "resize": "shorter-side bicubic antialiased",
+        "crop": "center",
+        "layout": "NCHW uint8 RGB",
+    }
+    assert preprocess_image_options(None) == {"image_size": 224}
+    same = preprocess_image_options(None, image_size=64, interpolation="bicubic")
+    assert same == {"image_size": 64, "interpolation": "bicubic"}  # still mmcli's own resize
+    squash = preprocess_image_options(None, resize_mode="squash")
+    assert squash["image_backend"] == "torchvision-pil"  # mmcli's one-pass resize only crops
+    timm = {"image_size": 224, "resize_size": 235, "resize_mode": "shortest",
+            "interpolation": "bicubic", "backend": "torchvision-pil"}  # fmt: skip
+    o = preprocess_image_options(timm, image_size=112, interpolation="bilinear")
+    assert o["image_size"] == 112 and o["resize_size"] == 117  # the model's crop fraction kept
+    assert o["interpolation"] == "bilinear" and o["image_backend"] == "torchvision-pil"
+    t = ImageTransform(112, resize_size=117, interpolation="bilinear", backend="torchvision-pil")
+    assert image_transform_from_spec(t.spec()) == t
+
+
+def test_like_transforms_resize_as_torchvision_does(tmp_path):
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from mmcli.data.image import ImageTransform
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(path)
+    for mode, ref in [
+        ("shortest", T.Compose([T.Resize(40, T.InterpolationMode.BICUBIC), T.CenterCrop(32)])),
+        ("squash", T.Resize((32, 32), T.InterpolationMode.BICUBIC)),
+    ]:
+        t = ImageTransform(32, resize_mode=mode, resize_size=40 if mode == "shortest" else None,
+                           backend="torchvision-pil")  # fmt: skip
+        want = torch.from_numpy(
+            np.asarray(ref(Image.open(path).convert("RGB"))).transpose(2, 0, 1).copy()
+        )
+        assert torch.equal(torch.from_numpy(t(path)), want)
+    longest = ImageTransform(32, resize_mode="longest", fill=7, backend="torchvision-pil")(path)
+    assert longest.shape == (3, 32, 32) and (longest[:, 0] == 7).all()  # padded rows

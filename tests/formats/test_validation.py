@@ -225,3 +225,56 @@ def test_non_regular_files_are_refused_before_opening(base, tmp_path):
         fifo(folder / "b.safetensors")
         with pytest.raises(BadInput, match="b.safetensors: the file is a named pipe"):
             FeatureSet.open(folder)
+
+
+def _string_shard(tmp_path):
+    """A tensor shard with a text table and its captions as given (``text.raw``)."""
+    import numpy as np
+
+    from mmcli.formats.tensorfile import Shard, write_shard
+
+    captions = ["a dog", "ein Hund läuft", "猫"]
+    shard = Shard(ids=["a", "b"])
+    shard.tables["text"] = np.zeros((3, 4), dtype=np.int64)
+    shard.items["text"] = np.asarray([0, 1, 1], dtype=np.int64)
+    shard.strings["text.raw"] = captions
+    path = tmp_path / "s.safetensors"
+    write_shard(path, shard, kind="tensors", specs={"text": {"tokenizer": "bytes"}})
+    return path, captions
+
+
+def test_string_columns_follow_the_contract(tmp_path):
+    """text.raw.bytes uint8 / text.raw.offsets int64 [rows + 1]: read like the item ids
+    (offsets in order and in bounds, UTF-8); they are columns, never tables."""
+    path, captions = _string_shard(tmp_path)
+    sf = ShardFile(path)
+    assert sf.tables == ["text"] and sf.has_strings("text.raw")
+    assert sf.strings("text.raw") == captions
+    short = rewrite(
+        path,
+        tmp_path / "short.safetensors",
+        lambda h: h["text.raw.offsets"].update(
+            shape=[3],
+            data_offsets=[
+                h["text.raw.offsets"]["data_offsets"][0],
+                h["text.raw.offsets"]["data_offsets"][0] + 24,
+            ],
+        ),
+    )
+    with pytest.raises(BadInput, match=r"text.raw.offsets is int64 \[3\].* int64 \[4\]"):
+        ShardFile(short)
+    alone = rewrite(path, tmp_path / "alone.safetensors", lambda h: h.pop("text.raw.bytes"))
+    with pytest.raises(BadInput, match="text.raw.offsets without text.raw.bytes"):
+        ShardFile(alone)
+    as_f32 = rewrite(path, tmp_path / "f.safetensors", _shift("text.raw.offsets", "F64"))
+    with pytest.raises(BadInput, match="text.raw.offsets is float64"):
+        ShardFile(as_f32)
+    past = rewrite_column(path, tmp_path / "p.safetensors", "text.raw.offsets", _set(3, 999))
+    with pytest.raises(BadInput, match="corrupt string column text.raw"):
+        ShardFile(past).strings("text.raw")
+    back = rewrite_column(path, tmp_path / "b.safetensors", "text.raw.offsets", _set(2, 3))
+    with pytest.raises(BadInput, match="corrupt string column text.raw .*go back at item 1"):
+        ShardFile(back).strings("text.raw")
+    not_utf8 = rewrite_column(path, tmp_path / "u.safetensors", "text.raw.bytes", _set(0, 0xFF))
+    with pytest.raises(BadInput, match="corrupt string column text.raw .*not valid UTF-8"):
+        ShardFile(not_utf8).strings("text.raw")

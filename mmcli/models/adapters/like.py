@@ -1,0 +1,36 @@
+"""``preprocess --like SPEC``: a pretrained model's image transform settings, by spec.
+
+like("open_clip:ViT-B-32")     # {"image_size": 224, "resize_mode": "shortest", ...}
+like("hf:path/to/clip"); like("timm:resnet50")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmcli.errors import BadInput
+
+
+def like(spec: str) -> dict[str, Any]:
+    """The image settings of ``open_clip:ARCH[,pretrained=TAG]``, ``hf:DIR`` or ``timm:NAME``."""
+    from mmcli.models.pretrained import split_spec
+    from mmcli.models.registry import parse_encoder_spec
+
+    lib, rest = split_spec(spec)
+    if lib is None or not rest:
+        raise BadInput(
+            f"--like {spec}: expected open_clip:ARCH, hf:DIR or timm:NAME",
+            hint="e.g. --like open_clip:ViT-B-32",
+        )
+    _, options = parse_encoder_spec(f"{lib}:{rest}", modality="image")
+    if lib == "open_clip":
+        from mmcli.models.adapters.open_clip import open_clip_transform
+
+        return open_clip_transform(options["arch"], options.get("pretrained"))
+    if lib == "hf":
+        from mmcli.models.adapters.hf import hf_transform
+
+        return hf_transform(options["path"])
+    from mmcli.models.adapters.timm import timm_transform
+
+    return timm_transform(options["arch"])

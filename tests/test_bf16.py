@@ -1,0 +1,105 @@
+"""``--precision bf16`` on the CPU: the model runs in bfloat16 (its weights cast, not
+autocast) in extract, retrieve's query encoding and eval, for built-in encoders and
+library adapters alike; the features keep a per-row cosine >= 0.999 to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmcli.formats.tensorfile import TensorSet
+
+
+def _cos(a, b) -> float:
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).min())
+
+
+@pytest.mark.parametrize(
+    "encoders",
+    [
+        {
+            "image": "convnet:width=8",
+            "text": "transformer:width=64,depth=2",
+            "audio": "melcnn:width=8,depth=2",
+        },
+        {"image": "resnet18", "text": "bow"},
+    ],
+)
+def test_extract_bf16_on_the_cpu_keeps_the_features(toy_tensors, tmp_path, encoders):
+    from mmcli.extract import extract
+
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        s = extract(toy_tensors, tmp_path / precision, encoders=encoders, device="cpu", precision=precision,
+                    dtype="float32")  # fmt: skip
+        assert s["precision"] == precision
+        outs[precision] = TensorSet(tmp_path / precision)
+    for m in encoders:
+        assert _cos(outs["fp32"].table(m)[0], outs["bf16"].table(m)[0]) >= 0.999
+
+
+def test_bf16_casts_the_model_and_keeps_the_normalisation_in_fp32():
+    from mmcli import runtime
+    from mmcli.models import build_model
+
+    model = build_model({"image": "tiny", "audio": "tiny"})
+    runtime.cast_for_inference(model, "bf16", torch.device("cpu"))
+    assert model.encoders["image"].conv1.weight.dtype == torch.bfloat16  # not autocast
+    assert model.encoders["image"].mean.dtype == torch.float32
+    assert model.encoders["audio"].logmel.fb.dtype == torch.float32
+    same = build_model({"image": "tiny"})
+    assert runtime.cast_for_inference(same, "fp32", torch.device("cpu")) is same
+    assert same.encoders["image"].conv1.weight.dtype == torch.float32
+
+
+def test_a_fusion_model_and_a_callers_model_object(toy_tensors, tmp_path):
+    from mmcli.extract import extract
+    from mmcli.models import ModelConfig, MultimodalModel, build_model
+
+    base = build_model({"image": "tiny", "text": "tiny"})
+    heads = {
+        m: {"kind": "linear", "in_dim": 16, "out_dim": 8, "hidden": None} for m in ("image", "text")
+    }
+    config = ModelConfig(encoders=base.config.encoders, heads=heads, embed_dim=8,
+                         fusion={"kind": "attention", "width": 16, "depth": 1, "heads": 2})  # fmt: skip
+    torch.manual_seed(0)
+    model = MultimodalModel(config).eval()
+    for precision in ("fp32", "bf16"):
+        extract(
+            toy_tensors,
+            tmp_path / precision,
+            model,
+            device="cpu",
+            precision=precision,
+            dtype="float32",
+        )
+    assert model.encoders["image"].conv1.weight.dtype == torch.float32  # a copy was cast
+    a, b = TensorSet(tmp_path / "fp32"), TensorSet(tmp_path / "bf16")
+    for table in ("image", "text", "fused"):
+        assert _cos(a.table(table)[0], b.table(table)[0]) >= 0.999
+
+
+def test_query_encoding_and_pretrained_adapters_in_bf16(tmp_path):
+    pm = pytest.importorskip("pretrained_models")
+    pytest.importorskip("open_clip")
+    pytest.importorskip("transformers")
+    from mmcli.models import load_model
+    from mmcli.search.queries import QueryEncoder
+
+    cfg, weights = pm.open_clip_model(tmp_path / "oc")
+    photos = [str(p) for p in pm.photos(tmp_path / "photos", n=4)]
+    captions = ["a photo of a dog", "two cats on a sofa", "a red square"]
+    specs = [(f"open_clip:{cfg}", str(weights)), (f"hf:{pm.hf_clip(tmp_path / 'clip')}", None)]
+    for spec, w in specs:
+        fp32 = QueryEncoder(load_model(spec, weights=w), "cpu")
+        bf16 = QueryEncoder(load_model(spec, weights=w), "cpu", precision="bf16")
+        assert next(bf16.model.parameters()).dtype == torch.bfloat16
+        assert _cos(fp32.encode("text", captions), bf16.encode("text", captions)) >= 0.999
+        assert _cos(fp32.encode("image", photos), bf16.encode("image", photos)) >= 0.999
+
+
+def test_eval_and_retrieve_take_precision(cli, toy_tensors, tmp_path):
+    for command in ("eval", "retrieve"):
+        result = cli(command, "--help")
+        assert "--precision" in result.stdout and "bfloat16" in result.stdout
