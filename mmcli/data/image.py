@@ -68,7 +68,29 @@ def load_image(
     also for a path that is not a regular file (never opened) and for an image of more
     than ``max_pixels`` pixels (refused before decoding; 0 = no limit). ``sizes``, when
     given, receives the decoded image's (width, height) before resizing."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
+
+    with decoded(path, max_pixels) as im:
+        if im.format == "JPEG":
+            w, h = im.size
+            scale = size / min(w, h)
+            im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        im = ImageOps.exif_transpose(im)
+        im = to_rgb(im)
+        if sizes is not None:
+            sizes.append(im.size)
+        box = center_box(im.width, im.height, size)
+        im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+        arr = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+@contextlib.contextmanager
+def decoded(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The opened PIL image of ``path`` (a regular file, at most ``max_pixels`` pixels, 0 = no
+    limit), with every decoding failure inside the block raised as ImageDecodeError: the
+    checks :func:`load_image` and :func:`open_rgb` share."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         f = open_file(path, "file")
@@ -77,24 +99,13 @@ def load_image(
     try:
         with f, _pixel_limit(Image, max_pixels), Image.open(f) as im:
             _check_pixels(im.size, max_pixels)
-            if im.format == "JPEG":
-                w, h = im.size
-                scale = size / min(w, h)
-                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            im = ImageOps.exif_transpose(im)
-            im = to_rgb(im)
-            if sizes is not None:
-                sizes.append(im.size)
-            box = center_box(im.width, im.height, size)
-            im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-            arr = np.asarray(im, dtype=np.uint8)
+            yield im
     except UnidentifiedImageError:
         raise ImageDecodeError("cannot decode image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode image ({e})") from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -284,24 +295,11 @@ def _mode(name: str):
 
 def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS):
     """The decoded RGB image (EXIF orientation applied), no resampling; the same checks as
-    :func:`load_image` (a regular file, at most ``max_pixels`` pixels, 0 = no limit)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    :func:`load_image` (see :func:`decoded`)."""
+    from PIL import ImageOps
 
-    try:
-        f = open_file(path, "file")
-    except NotAFile as e:
-        raise ImageDecodeError(e.reason) from None
-    try:
-        with f, _pixel_limit(Image, max_pixels), Image.open(f) as im:
-            _check_pixels(im.size, max_pixels)
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im).copy()
-    except UnidentifiedImageError:
-        raise ImageDecodeError("cannot decode image (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"cannot decode image ({e})") from None
+    with decoded(path, max_pixels) as im:
+        return to_rgb(ImageOps.exif_transpose(im)).copy()
 
 
 def target_size(width: int, height: int, t: Any) -> tuple[int, int]:
