@@ -43,7 +43,12 @@ def distill(
         ),
     ],
     teacher: Annotated[
-        str, typer.Option("--teacher", help="The teacher: any mmcli model checkpoint.")
+        str,
+        typer.Option(
+            "--teacher",
+            help="The teacher: an mmcli model checkpoint, or a whole pretrained CLIP / SigLIP: "
+            "open_clip:ARCH (with --weights FILE) or hf:DIR (a save_pretrained folder).",
+        ),
     ],
     out: Annotated[
         str,
@@ -51,6 +56,14 @@ def distill(
             "--out", "-o", help="Run folder: the student checkpoint, report.json, metrics, state."
         ),
     ],
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="The weights file of --teacher open_clip:ARCH (safetensors, or .bin/.pt/.pth).",
+        ),
+    ] = None,
     student: Annotated[
         list[str] | None,
         typer.Option(
@@ -163,7 +176,8 @@ def distill(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Distil a teacher checkpoint into a smaller student, or one modality into another.
+    """Distil a teacher (a checkpoint, or a pretrained CLIP) into a smaller student, or one
+    modality into another.
 
     Writes OUT/model.safetensors (the student, best on validation: an ordinary checkpoint
     for extract --model, eval and retrieve), OUT/report.json (teacher vs student:
@@ -177,6 +191,8 @@ def distill(
         mmcli distill out/tensors --teacher runs/teacher/model.safetensors -o runs/small --student image=convnet:width=8 --loss similarity=1,feature=0.5 --cache-teacher
 
         mmcli distill out/tensors --teacher runs/teacher/model.safetensors -o runs/audio --from image --to audio --student audio=melcnn:width=16
+
+        mmcli distill out/tensors --teacher open_clip:ViT-B-32 --weights clip.safetensors -o runs/tiny --student image=convnet --student text=transformer --cache-teacher
     """
     with command(quiet=quiet, debug=debug) as ctx:
         import json
@@ -188,6 +204,7 @@ def distill(
 
         cfg = DistillConfig(
             teacher=teacher,
+            teacher_weights=weights,
             student=list(student or []),
             losses=parse_losses(loss),
             temperature=temperature,
@@ -222,7 +239,9 @@ def distill(
         )
         from mmcli.train.state import refuse_inputs
 
-        refuse_inputs(out, [*data, *(val or []), teacher, *cfg.student])  # OUT is never an input
+        refuse_inputs(
+            out, [*data, *(val or []), teacher, *([weights] if weights else []), *cfg.student]
+        )  # OUT is never an input
         report = run(
             list(data),
             out,
@@ -236,23 +255,29 @@ def distill(
             progress=ctx.progress,
         )
         if dist_info().is_main:
-            if "cross_modal" in report:
-                cm = report["cross_modal"]
-                line = (
-                    f"new {cm['to']} encoder + head: {report['student']['trained_parameters']:,} "
-                    f"params, in the teacher's {cm['from']} space"
-                )
-            else:
-                speed = report["speedup"].get("all") or next(iter(report["speedup"].values()), 0)
-                line = (
-                    f"student {report['student']['parameters']:,} params "
-                    f"({report['parameter_ratio']:.0%} of the teacher's), encodes {speed:.1f}x "
-                    "as fast"
-                )
-            head_line = report.get("headline")
-            if head_line:
-                line += f"; {head_line['meaning']}: student {head_line['student']:.3f}"
-                if head_line.get("teacher") is not None:
-                    line += f", teacher {head_line['teacher']:.3f}"
+            line = _summary_line(report)
             ctx.info(f"{line}; model: {out}/model.safetensors, report: {out}/report.json")
             typer.echo(json.dumps(report, default=float))
+
+
+def _summary_line(report: dict) -> str:
+    """The one line on stderr: the student's size and speed, and the headline metric."""
+    if "cross_modal" in report:
+        cm = report["cross_modal"]
+        line = (
+            f"new {cm['to']} encoder + head: {report['student']['trained_parameters']:,} "
+            f"params, in the teacher's {cm['from']} space"
+        )
+    else:
+        speed = report["speedup"].get("all") or next(iter(report["speedup"].values()), 0)
+        line = (
+            f"student {report['student']['parameters']:,} params "
+            f"({report['parameter_ratio']:.0%} of the teacher's), encodes {speed:.1f}x "
+            "as fast"
+        )
+    head_line = report.get("headline")
+    if head_line:
+        line += f"; {head_line['meaning']}: student {head_line['student']:.3f}"
+        if head_line.get("teacher") is not None:
+            line += f", teacher {head_line['teacher']:.3f}"
+    return line

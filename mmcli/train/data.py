@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmcli.data.captions import caption_rows
 from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import locate_manifest, read_manifest
@@ -44,6 +45,22 @@ class _Table:
             self.starts = np.array([0, len(self.arrays[0])], dtype=np.int64)
         self.row_shape = tuple(self.arrays[0].shape[1:])
         self.dtype = self.arrays[0].dtype
+        self._shards = list(ts.shards)
+        self._strings: list[str] | None = None
+
+    def strings(self, rows: np.ndarray) -> list[str]:
+        """The captions as given of ``rows`` (global indices; -1 = absent: ""): what a
+        pretrained text tower's own tokenizer reads (``text.raw``, loaded on first use)."""
+        if self._strings is None:
+            self._strings = [c for s in self._shards for c in caption_rows(s, self.name)]
+        return [self._strings[r] if r >= 0 else "" for r in np.asarray(rows).tolist()]
+
+    def model_input(self, encoder, rows: np.ndarray, fetched=None):
+        """What ``encoder`` takes for ``rows``: the rows themselves (``fetched``, else read
+        here), or for an encoder with its own tokenizer its tokens of the full captions."""
+        if getattr(encoder, "takes_text", False):
+            return encoder.tokenize(self.strings(rows))
+        return self.fetch(np.asarray(rows)) if fetched is None else fetched
 
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         """Rows (global indices) -> a new tensor [len(rows), ...] in the given order."""

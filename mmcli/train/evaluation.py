@@ -47,7 +47,11 @@ def embed_rows(
     flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     out, toks = [], []
     for start in range(0, len(flat), batch_size):
-        x = ds.tables[modality].fetch(flat[start : start + batch_size]).to(device)
+        # a pretrained text tower (its own tokenizer): the full captions, not the byte tokens
+        x = ds.tables[modality].model_input(
+            model.encoders[modality], flat[start : start + batch_size]
+        )
+        x = x.to(device)
         if tokens:
             pooled, tok, mask = model.encoders[modality].forward_tokens(x)
             toks.append((tok, mask))

@@ -31,7 +31,8 @@ class StudentSpec:
 
 @dataclass
 class DistillConfig:
-    teacher: str
+    teacher: str  # an mmcli checkpoint, open_clip:ARCH or hf:DIR (a whole pretrained model)
+    teacher_weights: str | None = None  # --weights: the weights file of open_clip:ARCH
     student: list[str] = field(default_factory=list)  # --student values, parsed by parse_student
     losses: dict[str, float] | None = (
         None  # None: DEFAULT_LOSSES (CROSS_DEFAULT_LOSSES with --from)

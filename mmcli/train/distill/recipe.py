@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
+
+import torch
 
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open
-from mmcli.formats.manifest import file_sha256
 from mmcli.formats.runs import REPORT_FILE
 from mmcli.runtime import barrier
 from mmcli.train.distill.config import CACHE_DIR, DistillConfig
@@ -19,7 +19,12 @@ from mmcli.train.distill.data import setup_data
 from mmcli.train.distill.report import final_report
 from mmcli.train.distill.students import Student, setup_student
 from mmcli.train.distill.task import DistillTask
-from mmcli.train.distill.teacher import CachedTeacherSampler, build_teacher_cache, load_teacher
+from mmcli.train.distill.teacher import (
+    CachedTeacherSampler,
+    build_teacher_cache,
+    load_teacher,
+    teacher_sha256,
+)
 from mmcli.train.recipe import Recipe, parameter_counts
 from mmcli.train.state import BEST_FILE, RUN_FILE
 
@@ -31,12 +36,10 @@ class DistillRecipe(Recipe):
     cfg: DistillConfig
 
     def __init__(self, sources, run_dir, cfg: DistillConfig, loop, **options: Any):
-        if not Path(cfg.teacher).is_file():
-            raise BadInput(
-                "teacher checkpoint not found", where=cfg.teacher, hint="check --teacher"
-            )
+        # loaded (on the CPU) before anything is written: a bad --teacher is one line
+        self._teacher = load_teacher(cfg.teacher, torch.device("cpu"), cfg.teacher_weights)
         super().__init__(sources, run_dir, cfg, loop, **options)
-        self.teacher_sha256 = file_sha256(cfg.teacher)
+        self.teacher_sha256 = teacher_sha256(cfg.teacher, self._teacher)
         self.train_args = {**self.train_args, "teacher_sha256": self.teacher_sha256}
         self.student: Student | None = None
 
@@ -54,7 +57,7 @@ class DistillRecipe(Recipe):
         cfg = self.cfg
         if self.resume:
             self._check_teacher_unchanged(run)
-        teacher = load_teacher(cfg.teacher, dev)
+        teacher = self._teacher.to(dev)
         data = setup_data(self.sources, self.val_sources, cfg, teacher)
         self.student = setup_student(data, cfg, teacher)
         sampler = self.sampler(data, dist)  # validates the batch size before anything is written

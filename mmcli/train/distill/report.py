@@ -51,22 +51,28 @@ def encode_throughput(
     Per model: ``{modality: rows/s, "all": rows / total seconds}``."""
     out: dict[str, dict[str, float]] = {}
     times: dict[str, list[float]] = {n: [] for n in models}
-    batches: dict[str, list[torch.Tensor]] = {}
-    for m in modalities.values():
-        if m in batches:
-            continue
-        rows = np.concatenate([ds.rows_of[m][i] for i in items])[:max_rows]
-        batches[m] = [
-            ds.tables[m].fetch(rows[s : s + batch_size]).to(device)
-            for s in range(0, len(rows), batch_size)
-        ]
+    batches: dict[str, list] = {}  # per model: the same rows, as its encoder takes them
+    read: dict[tuple, list] = {}
+    for name, model in models.items():
+        m = modalities[name]
+        enc = model.encoders[m]
+        key = (m, id(enc) if enc.takes_text else None)
+        if key not in read:
+            rows = np.concatenate([ds.rows_of[m][i] for i in items])[:max_rows]
+            # read (a pretrained text tower's captions tokenized) beforehand, as preprocess
+            # tokenizes the byte tokens beforehand
+            read[key] = [
+                ds.tables[m].model_input(enc, rows[s : s + batch_size]).to(device)
+                for s in range(0, len(rows), batch_size)
+            ]
+        batches[name] = read[key]
     for name, model in models.items():  # warm up
-        model.eval().encode(modalities[name], batches[modalities[name]][0])
+        model.eval().encode(modalities[name], batches[name][0])
     for _ in range(repeats):
         for name, model in models.items():
             m = modalities[name]
             start = time.perf_counter()
-            for x in batches[m]:
+            for x in batches[name]:
                 with autocast(device, precision):
                     model.encode(m, x)
             if device.type == "cuda":
@@ -74,7 +80,7 @@ def encode_throughput(
             times[name].append(time.perf_counter() - start)
     for name in models:
         m = modalities[name]
-        n = sum(len(x) for x in batches[m])
+        n = sum(len(x) for x in batches[name])
         out[name] = {"modality": m, "rows": n, "rows_per_s": n / statistics.median(times[name])}
     return out
 

@@ -30,7 +30,23 @@ from mmcli.train.task import head_spec, token_counts
 log = logging.getLogger("mmcli")
 
 
-def derive_encoder(modality: str, enc: dict[str, Any], width: float, depth: float) -> dict:
+def _pretrained(teacher: MultimodalModel) -> dict | None:
+    """The record of a pretrained teacher (``open_clip:ARCH``, ``hf:DIR``), else None."""
+    return teacher.config.extra.get("pretrained")
+
+
+def _input_spec(teacher: MultimodalModel, m: str, ds: Dataset, trained: bool) -> dict:
+    """The student's input spec of ``m``: the teacher's (a checkpoint teacher's is the
+    data's), but the data's for a new encoder of a pretrained teacher (mmcli's byte
+    tokens, not the teacher's own tokenizer)."""
+    if trained and _pretrained(teacher):
+        return ds.spec(m)
+    return teacher.config.inputs.get(m) or ds.spec(m)
+
+
+def derive_encoder(
+    modality: str, enc: dict[str, Any], width: float, depth: float, pretrained=None
+) -> dict:
     """A narrower / shallower copy of an encoder spec ``{"name", "config"}``: integer
     ``width`` and ``dim`` options times ``width`` (a transformer's width stays a multiple of
     its heads), ``depth`` times ``depth`` (at least 1). Parameter-free encoders (features)
@@ -40,8 +56,13 @@ def derive_encoder(modality: str, enc: dict[str, Any], width: float, depth: floa
         return {"name": name, "config": config}
     scalable = [k for k in ("width", "dim", "depth") if isinstance(config.get(k), int)]
     if not scalable:
+        what = (
+            f"student from the pretrained {modality}/{name} tower"
+            if pretrained
+            else f"{modality}/{name}"
+        )
         raise BadInput(
-            f"cannot derive a smaller {modality}/{name}: it has no width or depth option",
+            f"cannot derive a smaller {what}: it has no width or depth option",
             hint=f"name the student's encoder, e.g. --student {modality}="
             + {"image": "convnet:width=16", "text": "transformer:width=64,depth=1"}.get(
                 modality, f"{train_encoder(modality)}:width=16"
@@ -81,8 +102,16 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
     spec = parse_student(cfg.student)
     if cfg.cross:
         return _cross_student(data, cfg, teacher, spec)
+    pretrained = _pretrained(teacher)
     if not (spec.checkpoint or spec.derive or spec.encoders):
-        spec.derive = DEFAULT_DERIVE
+        if pretrained:  # nothing to derive from: mmcli's own default encoders
+            spec.encoders = {m: train_encoder(m) for m in data.modalities}
+            log.info(
+                "distill: a pretrained teacher: the student is mmcli's default encoders (%s)",
+                ", ".join(f"{m}={e}" for m, e in spec.encoders.items()),
+            )
+        else:
+            spec.derive = DEFAULT_DERIVE
     if spec.checkpoint:
         return _checkpoint_student(data, cfg, teacher, spec.checkpoint)
     ds = data.dataset
@@ -92,18 +121,7 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
             f"--student {unused[0]}=...: the distilled modalities are {', '.join(data.modalities)}",
             hint="add a pair with it (--pairs), or drop that --student",
         )
-    encoders, heads, trained, frozen = {}, {}, [], []
-    for m in data.modalities:
-        if m in spec.encoders:
-            encoders[m] = _named_encoder(m, spec.encoders[m], ds)
-        elif spec.derive is not None:
-            encoders[m] = derive_encoder(m, teacher.config.encoders[m], *spec.derive)
-        else:
-            encoders[m] = copy.deepcopy(teacher.config.encoders[m])
-            heads[m] = copy.deepcopy(teacher.config.heads.get(m) or {"kind": "identity"})
-            frozen.append(m)
-            continue
-        trained.append(m)
+    encoders, heads, trained, frozen = _student_encoders(data, teacher, spec, pretrained)
     if not trained:
         raise BadInput(
             "the student is the teacher: name smaller encoders or derive them",
@@ -121,7 +139,7 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
         heads=heads,
         embed_dim=teacher.config.embed_dim,
         fusion=fusion,
-        inputs={m: teacher.config.inputs.get(m) or ds.spec(m) for m in data.modalities},
+        inputs={m: _input_spec(teacher, m, ds, m in trained) for m in data.modalities},
         logit_scale=math.log(teacher_scale(teacher)),
         classifier=classifier,
         extra=_extra(teacher, cfg),
@@ -149,6 +167,30 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
             "encoders": {m: encoders[m]["name"] for m in data.modalities},
         },
     )
+
+
+def _student_encoders(data: DistillData, teacher: MultimodalModel, spec: StudentSpec, pretrained):
+    """(encoders, heads of the frozen copies, trained modalities, frozen modalities)."""
+    encoders, heads, trained, frozen = {}, {}, [], []
+    for m in data.modalities:
+        if m in spec.encoders:
+            encoders[m] = _named_encoder(m, spec.encoders[m], data.dataset)
+        elif spec.derive is not None:
+            encoders[m] = derive_encoder(m, teacher.config.encoders[m], *spec.derive, pretrained)
+        elif pretrained:
+            raise BadInput(
+                f"--student names no {m} encoder: a pretrained teacher's {m} tower cannot be "
+                "kept frozen in the student",
+                hint=f"name one for every modality, e.g. --student {m}="
+                + {"image": "convnet", "text": "transformer"}.get(m, train_encoder(m)),
+            )
+        else:
+            encoders[m] = copy.deepcopy(teacher.config.encoders[m])
+            heads[m] = copy.deepcopy(teacher.config.heads.get(m) or {"kind": "identity"})
+            frozen.append(m)
+            continue
+        trained.append(m)
+    return encoders, heads, trained, frozen
 
 
 def _no_projector(m: str, teacher_dim: int, student_dim: int):
@@ -183,11 +225,13 @@ def _student_classifier(cfg: DistillConfig, teacher: MultimodalModel, ds: Datase
 
 
 def _extra(teacher: MultimodalModel, cfg: DistillConfig) -> dict[str, Any]:
-    extra = {
-        k: v for k, v in teacher.config.extra.items() if k not in ("encoder_weights", "distill")
-    }
+    drop = ("encoder_weights", "distill", "pretrained")  # the student is no pretrained model
+    extra = {k: v for k, v in teacher.config.extra.items() if k not in drop}
+    teacher_record = dict(teacher.checkpoint or {})
+    if _pretrained(teacher):
+        teacher_record["pretrained"] = _pretrained(teacher)
     extra["distill"] = {
-        "teacher": teacher.checkpoint,
+        "teacher": teacher_record,
         "losses": cfg.losses,
         "temperature": cfg.temperature,
         **({"from": cfg.from_modality, "to": cfg.to_modality} if cfg.cross else {}),

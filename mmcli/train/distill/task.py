@@ -101,7 +101,11 @@ class DistillTask(JointTask):
                 if key in batch.data:
                     raw[m] = batch.data[key].float()
                     continue
-                pooled, tm = self.pooled_rows(t, batch, m, batch.data[m], tokens=self.need_tokens)
+                x = batch.data[m]
+                if t.encoders[m].takes_text:  # a pretrained text tower: its own tokenizer
+                    table = self.data.dataset.tables[m]
+                    x = table.model_input(t.encoders[m], batch.rows[m].numpy()).to(x.device)
+                pooled, tm = self.pooled_rows(t, batch, m, x, tokens=self.need_tokens)
                 if tm is not None:
                     toks[m] = tm
                 raw[m] = (t.heads[m](pooled) if m in t.heads else pooled).float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ import torch
 
 from mmcli.errors import BadInput
 from mmcli.extract import extract
+from mmcli.formats.manifest import file_sha256
 from mmcli.models.multimodal import ModelConfig, MultimodalModel
+from mmcli.models.pretrained import is_library_spec, load_model
 from mmcli.progress import null_progress
 from mmcli.train.data import Dataset, load_dataset
 from mmcli.train.sampler import Batch, BatchSampler
@@ -20,10 +23,43 @@ from mmcli.train.sampler import Batch, BatchSampler
 log = logging.getLogger("mmcli")
 
 
-def load_teacher(path: str, device: torch.device) -> MultimodalModel:
-    teacher = MultimodalModel.from_checkpoint(path, device=device)
+def load_teacher(spec: str, device: torch.device, weights: str | None = None) -> MultimodalModel:
+    """The frozen teacher: an mmcli checkpoint, or a whole pretrained CLIP / SigLIP
+    (``open_clip:ARCH`` with ``weights``, ``hf:DIR``) through
+    :func:`mmcli.models.pretrained.load_model`, as ``--model`` loads it everywhere."""
+    if not is_library_spec(spec):
+        if weights:
+            raise BadInput(
+                "--weights is the weights file of --teacher open_clip:ARCH; a teacher checkpoint "
+                "has its weights",
+                where=spec,
+                hint="drop --weights",
+            )
+        if not Path(spec).is_file():
+            raise BadInput(
+                "teacher checkpoint not found",
+                where=spec,
+                hint="check --teacher (an mmcli checkpoint, open_clip:ARCH --weights FILE or hf:DIR)",
+            )
+    teacher = load_model(spec, weights=weights, device=device)
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def teacher_sha256(spec: str, teacher: MultimodalModel) -> str:
+    """What identifies the teacher for ``--resume``: a checkpoint's file hash; for a
+    pretrained model the hash of its weights file when it has one, else of its weights
+    themselves (an ``hf:DIR`` folder, a random init)."""
+    if not is_library_spec(spec):
+        return file_sha256(spec)
+    known = (teacher.checkpoint or {}).get("sha256")
+    if known:
+        return known
+    h = hashlib.sha256()
+    for name, value in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def teacher_scale(teacher: MultimodalModel) -> float:
@@ -89,7 +125,8 @@ def build_teacher_cache(
     """The teacher's outputs (projected, not normalized, float32) for every row of ``sources``,
     written once by :func:`mmcli.extract.extract` into ``folder`` (kept between resumes), and
     checked to line up row for row with the training dataset."""
-    sub = submodel(teacher, modalities)
+    # the whole teacher when every modality is cached (a pretrained model is not rebuilt)
+    sub = teacher if set(modalities) == set(teacher.modalities) else submodel(teacher, modalities)
     try:
         summary = extract(
             sources,
