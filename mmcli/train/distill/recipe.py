@@ -13,6 +13,7 @@ import torch
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import atomic_open
 from mmcli.formats.runs import REPORT_FILE
+from mmcli.models.pretrained import is_library_spec
 from mmcli.runtime import barrier
 from mmcli.train.distill.config import CACHE_DIR, DistillConfig
 from mmcli.train.distill.data import setup_data
@@ -22,6 +23,7 @@ from mmcli.train.distill.task import DistillTask
 from mmcli.train.distill.teacher import (
     CachedTeacherSampler,
     build_teacher_cache,
+    check_teacher_file,
     load_teacher,
     teacher_sha256,
 )
@@ -36,8 +38,13 @@ class DistillRecipe(Recipe):
     cfg: DistillConfig
 
     def __init__(self, sources, run_dir, cfg: DistillConfig, loop, **options: Any):
-        # loaded (on the CPU) before anything is written: a bad --teacher is one line
-        self._teacher = load_teacher(cfg.teacher, torch.device("cpu"), cfg.teacher_weights)
+        # checked before anything is written: a bad --teacher is one line. A pretrained
+        # teacher is loaded here (on the CPU) to hash its weights; a checkpoint by setup()
+        self._teacher = None
+        if is_library_spec(cfg.teacher):
+            self._teacher = load_teacher(cfg.teacher, torch.device("cpu"), cfg.teacher_weights)
+        else:
+            check_teacher_file(cfg.teacher, cfg.teacher_weights)
         super().__init__(sources, run_dir, cfg, loop, **options)
         self.teacher_sha256 = teacher_sha256(cfg.teacher, self._teacher)
         self.train_args = {**self.train_args, "teacher_sha256": self.teacher_sha256}
@@ -48,7 +55,7 @@ class DistillRecipe(Recipe):
         was = old.get("args", {}).get("teacher_sha256")
         if was and was != self.teacher_sha256:
             raise BadInput(
-                "the teacher checkpoint changed since this run started",
+                "the teacher changed since this run started (its sha256 differs)",
                 where=self.cfg.teacher,
                 hint="resume with the same teacher, or start a new run",
             )
@@ -57,7 +64,10 @@ class DistillRecipe(Recipe):
         cfg = self.cfg
         if self.resume:
             self._check_teacher_unchanged(run)
-        teacher = self._teacher.to(dev)
+        if self._teacher is not None:
+            teacher = self._teacher.to(dev)
+        else:
+            teacher = load_teacher(cfg.teacher, dev)
         data = setup_data(self.sources, self.val_sources, cfg, teacher)
         self.student = setup_student(data, cfg, teacher)
         sampler = self.sampler(data, dist)  # validates the batch size before anything is written

@@ -28,25 +28,30 @@ def load_teacher(spec: str, device: torch.device, weights: str | None = None) ->
     (``open_clip:ARCH`` with ``weights``, ``hf:DIR``) through
     :func:`mmcli.models.pretrained.load_model`, as ``--model`` loads it everywhere."""
     if not is_library_spec(spec):
-        if weights:
-            raise BadInput(
-                "--weights is the weights file of --teacher open_clip:ARCH; a teacher checkpoint "
-                "has its weights",
-                where=spec,
-                hint="drop --weights",
-            )
-        if not Path(spec).is_file():
-            raise BadInput(
-                "teacher checkpoint not found",
-                where=spec,
-                hint="check --teacher (an mmcli checkpoint, open_clip:ARCH --weights FILE or hf:DIR)",
-            )
+        check_teacher_file(spec, weights)
     teacher = load_model(spec, weights=weights, device=device)
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
-def teacher_sha256(spec: str, teacher: MultimodalModel) -> str:
+def check_teacher_file(spec: str, weights: str | None) -> None:
+    """A teacher checkpoint: it exists, and takes no --weights."""
+    if weights:
+        raise BadInput(
+            "--weights is the weights file of --teacher open_clip:ARCH; a teacher checkpoint "
+            "has its weights",
+            where=spec,
+            hint="drop --weights",
+        )
+    if not Path(spec).is_file():
+        raise BadInput(
+            "teacher checkpoint not found",
+            where=spec,
+            hint="check --teacher (an mmcli checkpoint, open_clip:ARCH --weights FILE or hf:DIR)",
+        )
+
+
+def teacher_sha256(spec: str, teacher: MultimodalModel | None) -> str:
     """What identifies the teacher for ``--resume``: a checkpoint's file hash; for a
     pretrained model the hash of its weights file when it has one, else of its weights
     themselves (an ``hf:DIR`` folder, a random init)."""
@@ -126,7 +131,8 @@ def build_teacher_cache(
     written once by :func:`mmcli.extract.extract` into ``folder`` (kept between resumes), and
     checked to line up row for row with the training dataset."""
     # the whole teacher when every modality is cached (a pretrained model is not rebuilt)
-    sub = teacher if set(modalities) == set(teacher.modalities) else submodel(teacher, modalities)
+    whole = teacher.config.extra.get("pretrained") and set(modalities) == set(teacher.modalities)
+    sub = teacher if whole else submodel(teacher, modalities)
     try:
         summary = extract(
             sources,

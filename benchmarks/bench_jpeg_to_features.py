@@ -1,0 +1,171 @@
+"""From JPEG files to CLIP image features: ``mmcli preprocess --like`` + ``mmcli extract
+--model`` against a clip-retrieval-style loop, the same files and model, in one run.
+
+    python benchmarks/bench_jpeg_to_features.py [--images 1000] [--batch-size 64] [--keep]
+
+1. ``--images`` photo-like JPEGs (512x384, gradients, shapes and noise; quality 90) are
+   written into a temporary folder (deleted afterwards unless ``--keep``);
+2. mmcli: ``mmcli preprocess PHOTOS -o T --like open_clip:ViT-B-32`` then ``mmcli extract T
+   -o F --model open_clip:ViT-B-32`` (random init: the real model's cost, nothing
+   downloaded), two real command lines, timed from start to end (process start-up, model
+   construction and writing the features included);
+3. the loop clip-retrieval runs: PIL ``Image.open`` + open_clip's own preprocess transform
+   in a ``torch.utils.data.DataLoader`` with 2 workers, then ``model.encode_image`` batch by
+   batch, the features saved with ``numpy.save``; timed in one process from model
+   construction to the saved file.
+
+Both at fp32, the same batch size, the same torch thread count; the order of the two
+alternates over ``--repeats`` (median). Goal (issue 11): mmcli >= 1.0x the loop. Prints
+one JSON object on stdout (images/s of each and the ratio); progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "ViT-B-32"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_photos(folder: Path, n: int, seed: int = 0) -> None:
+    """Photo-like 512x384 JPEGs: a sky-to-ground gradient, a few filled shapes, noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = 512, 384
+    yy = np.linspace(0, 1, h)[:, None, None]
+    for i in range(n):
+        top, bottom = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+        arr = (top * (1 - yy) + bottom * yy) * np.ones((1, w, 1))
+        img = Image.fromarray(arr.astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 6))):
+            x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+            x1, y1 = x0 + int(rng.integers(30, 200)), y0 + int(rng.integers(30, 160))
+            fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+        img = img.filter(ImageFilter.GaussianBlur(1.2))
+        noisy = np.asarray(img, np.float32) + rng.normal(0, 8, (h, w, 3))
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
+            folder / f"photo_{i:05d}.jpg", quality=90
+        )
+
+
+def run_mmcli(photos: Path, work: Path, batch: int) -> float:
+    shutil.rmtree(work, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmds = [
+        ["preprocess", str(photos), "-o", str(work / "t"), "--like", f"open_clip:{ARCH}"],
+        ["extract", str(work / "t"), "-o", str(work / "f"), "--model", f"open_clip:{ARCH}",
+         "--batch-size", str(batch), "--device", "cpu"],
+    ]  # fmt: skip
+    start = time.perf_counter()
+    for args in cmds:
+        log("$ mmcli " + " ".join(args))
+        r = subprocess.run(
+            [sys.executable, "-m", "mmcli", *args], capture_output=True, text=True, env=env
+        )
+        if r.returncode:
+            sys.stderr.write(r.stderr)
+            raise SystemExit(f"mmcli {args[0]} failed ({r.returncode})")
+    return time.perf_counter() - start
+
+
+LOOP = r"""
+import sys, time, numpy as np, torch, open_clip
+from pathlib import Path
+from PIL import Image
+photos, out, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+start = time.perf_counter()
+model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+model.eval()
+files = sorted(photos.glob("*.jpg"))
+
+class Files(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(files)
+    def __getitem__(self, i):
+        return preprocess(Image.open(files[i]))
+
+loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=2)
+feats = []
+with torch.no_grad():
+    for x in loader:
+        feats.append(model.encode_image(x).numpy())
+np.save(out, np.concatenate(feats))
+print(time.perf_counter() - start)
+"""
+
+
+def run_loop(photos: Path, work: Path, batch: int) -> float:
+    """clip-retrieval's loop in a process of its own (as a user runs it)."""
+    work.mkdir(parents=True, exist_ok=True)
+    log("$ python -c <PIL + open_clip preprocess, DataLoader(num_workers=2), encode_image>")
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", LOOP, str(photos), str(work / "feats.npy"), str(batch)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode:
+        sys.stderr.write(r.stderr)
+        raise SystemExit("the open_clip loop failed")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_jpeg_"))
+    try:
+        log(f"writing {args.images} JPEGs into {tmp / 'photos'} ...")
+        t0 = time.perf_counter()
+        write_photos(tmp / "photos", args.images)
+        log(f"  {time.perf_counter() - t0:.1f} s")
+        times: dict[str, list[float]] = {"mmcli": [], "loop": []}
+        for r in range(args.repeats):
+            order = ["mmcli", "loop"] if r % 2 == 0 else ["loop", "mmcli"]
+            for name in order:
+                if name == "mmcli":
+                    times[name].append(run_mmcli(tmp / "photos", tmp / "mmcli", args.batch_size))
+                else:
+                    times[name].append(run_loop(tmp / "photos", tmp / "loop", args.batch_size))
+                log(f"  {name}: {times[name][-1]:.1f} s")
+        a = np.load(tmp / "loop" / "feats.npy")
+        rate = {k: args.images / statistics.median(v) for k, v in times.items()}
+        out = {
+            "images": args.images,
+            "image_size": "512x384 JPEG",
+            "model": f"open_clip:{ARCH} (random init), fp32, batch {args.batch_size}",
+            "cpus": os.cpu_count(),
+            "mmcli_preprocess_extract_images_per_s": round(rate["mmcli"], 2),
+            "open_clip_dataloader_loop_images_per_s": round(rate["loop"], 2),
+            "ratio_mmcli_vs_loop": round(rate["mmcli"] / rate["loop"], 2),
+            "seconds": {k: [round(x, 1) for x in v] for k, v in times.items()},
+            "loop_features": list(a.shape),
+        }
+        print(json.dumps(out, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
