@@ -5,7 +5,7 @@
 
 1. ``--images`` photo-like JPEGs (512x384, gradients, shapes and noise; quality 90) are
    written into a temporary folder (deleted afterwards unless ``--keep``);
-2. mmcli: ``mmcli preprocess PHOTOS -o T --like open_clip:ViT-B-32`` then ``mmcli extract T
+2. mmcli: ``mmcli preprocess manifest.jsonl -o T --like open_clip:ViT-B-32`` then ``mmcli extract T
    -o F --model open_clip:ViT-B-32`` (random init: the real model's cost, nothing
    downloaded), two real command lines, timed from start to end (process start-up, model
    construction and writing the features included);
@@ -65,13 +65,18 @@ def write_photos(folder: Path, n: int, seed: int = 0) -> None:
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
             folder / f"photo_{i:05d}.jpg", quality=90
         )
+    with open(folder.parent / "manifest.jsonl", "w") as f:  # what preprocess reads
+        for i in range(n):
+            f.write(
+                json.dumps({"id": f"photo_{i:05d}", "image": f"photos/photo_{i:05d}.jpg"}) + "\n"
+            )
 
 
 def run_mmcli(photos: Path, work: Path, batch: int) -> float:
     shutil.rmtree(work, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmds = [
-        ["preprocess", str(photos), "-o", str(work / "t"), "--like", f"open_clip:{ARCH}"],
+        ["preprocess", str(photos.parent / "manifest.jsonl"), "-o", str(work / "t"), "--like", f"open_clip:{ARCH}"],
         ["extract", str(work / "t"), "-o", str(work / "f"), "--model", f"open_clip:{ARCH}",
          "--batch-size", str(batch), "--device", "cpu"],
     ]  # fmt: skip

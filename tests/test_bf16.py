@@ -103,3 +103,23 @@ def test_eval_and_retrieve_take_precision(cli, toy_tensors, tmp_path):
     for command in ("eval", "retrieve"):
         result = cli(command, "--help")
         assert "--precision" in result.stdout and "bfloat16" in result.stdout
+
+
+def test_training_bf16_on_the_cpu_falls_back_to_fp32_and_says_why(caplog):
+    """fuse-train / distill --precision bf16 on the CPU: autocast with fp32 master weights
+    measured slower than fp32 there (benchmarks/bench_train_bf16.py), so training runs fp32
+    and the note says so; inference keeps its bf16 cast."""
+    import logging
+
+    import torch
+
+    from mmcli.runtime import check_precision, inference_precision
+
+    with caplog.at_level(logging.INFO, logger="mmcli"):
+        assert check_precision("bf16", torch.device("cpu")) == "fp32"
+    assert "running fp32 on cpu (bf16 autocast measured slower than fp32 there)" in caplog.text
+    assert inference_precision("bf16", torch.device("cpu")) == "bf16"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmcli"):
+        assert inference_precision("fp16", torch.device("cpu")) == "fp32"
+    assert "measured slower" not in caplog.text
