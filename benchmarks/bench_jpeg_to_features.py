@@ -83,12 +83,14 @@ def run_mmcli(photos: Path, work: Path, batch: int) -> float:
     start = time.perf_counter()
     for args in cmds:
         log("$ mmcli " + " ".join(args))
+        t0 = time.perf_counter()
         r = subprocess.run(
             [sys.executable, "-m", "mmcli", *args], capture_output=True, text=True, env=env
         )
         if r.returncode:
             sys.stderr.write(r.stderr)
             raise SystemExit(f"mmcli {args[0]} failed ({r.returncode})")
+        log(f"  {args[0]}: {time.perf_counter() - t0:.1f} s")  # preprocess / extract apart
     return time.perf_counter() - start
 
 
