@@ -99,6 +99,15 @@ class TimmImage(ImageEncoder):
         self.out_dim = int(model.num_features)
         self.token_dim = int(getattr(model, "num_features", self.out_dim))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """timm's own switch (``set_grad_checkpointing``), where the architecture has one."""
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AttributeError, AssertionError, NotImplementedError):
+            return False
+        self.grad_checkpointing = enable
+        return True
+
     def forward(self, x):
         return self.model(self.prepare(x))  # (B, num_features)
 
