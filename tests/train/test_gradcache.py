@@ -174,3 +174,46 @@ def test_fuse_train_with_accum_steps_end_to_end(toy_tensors, tmp_path):
     steps = [x for x in lines if "loss" in x]
     assert summary["steps"] == len(steps) >= 2
     assert all(x["contrastive"] > 0 and x["loss"] == pytest.approx(x["contrastive"]) for x in steps)
+
+
+def test_distill_losses_over_the_whole_batch(toy_tensors, tmp_path):
+    """distill's similarity, contrastive and relational losses compare rows: cached, with
+    feature (per row) computed over the whole batch alongside."""
+    from mmcli.train.distill import (
+        DistillConfig,
+        DistillTask,
+        load_teacher,
+        setup_student,
+    )
+    from mmcli.train.distill import setup_data as distill_data
+
+    teacher_cfg = FuseConfig(pairs=[("image", "text")], encoders=dict(TINY), embed_dim=16)
+    fuse_train(
+        [str(toy_tensors)],
+        str(tmp_path / "teacher"),
+        teacher_cfg,
+        LoopConfig(epochs=1, max_steps=2, lr=1e-3),
+        batch_size=8,
+    )
+    losses = {"similarity": 1.0, "contrastive": 1.0, "feature": 1.0, "relational": 0.5}
+    cfg = DistillConfig(
+        teacher=str(tmp_path / "teacher" / "last.safetensors"),
+        student=["derive:0.5"],
+        losses=losses,
+        captions_per_item=2,
+    )
+    cpu = torch.device("cpu")
+    teacher = load_teacher(cfg.teacher, cpu)
+    data = distill_data([str(toy_tensors)], None, cfg, teacher)
+    torch.manual_seed(0)
+    task = DistillTask(setup_student(data, cfg, teacher), teacher, cfg, data).train()
+    sampler = BatchSampler(
+        data.dataset, data.train, B, seed=0, captions_per_item=2, modalities=data.modalities
+    )
+    batches = [sampler.make_batch(0, s) for s in range(N)]
+    assert uses_cache(task, N)
+    want, loss = _full(task, batches)
+    got, logs = _cached(task, batches)
+    assert _rel(got, want) <= 1e-5
+    assert logs["loss"] == pytest.approx(loss, rel=1e-6)
+    assert set(losses) <= set(logs)

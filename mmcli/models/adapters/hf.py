@@ -182,10 +182,15 @@ def hf_grad_checkpointing(self_, enable: bool) -> bool:
     model = self_.hf
     if not getattr(model, "supports_gradient_checkpointing", False):
         return False
-    if enable:
+    new = hasattr(model, "activation_checkpointing_enable")  # the name since transformers 5
+    if enable and new:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif enable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_disable()
+        getattr(
+            model, "activation_checkpointing_disable" if new else "gradient_checkpointing_disable"
+        )()
     self_.grad_checkpointing = enable
     return True
 

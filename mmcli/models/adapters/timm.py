@@ -19,6 +19,7 @@ from mmcli.models.adapters.common import (
     check_image_size,
     load_strict,
     offline,
+    ones_mask,
     quiet_library,
     read_library_weights,
     require,
@@ -118,7 +119,7 @@ class TimmImage(ImageEncoder):
             tokens, mask = grid_tokens(feats)
         else:  # ViT tokens (B, T, C)
             tokens = feats
-            mask = feats.newones_mask(feats.shape[:2], dtype=bool)
+            mask = ones_mask(feats)
         return pooled, tokens, mask
 
     def check_spec(self, spec: dict[str, Any], where: str) -> None:
