@@ -6,13 +6,13 @@ import typer
 
 from mmcli.cli.common import (
     AccumSteps,
-    GradCheckpointing,
     BatchSize,
     BestMetric,
     Debug,
     Device,
     EarlyStop,
     Epochs,
+    GradCheckpointing,
     GradClip,
     LearningRate,
     LogEvery,
