@@ -217,3 +217,79 @@ def test_distill_losses_over_the_whole_batch(toy_tensors, tmp_path):
     assert _rel(got, want) <= 1e-5
     assert logs["loss"] == pytest.approx(loss, rel=1e-6)
     assert set(losses) <= set(logs)
+
+
+def _common(toy_tensors):
+    return [
+        "fuse-train",
+        str(toy_tensors),
+        "--pairs",
+        "image-text",
+        "--encoder",
+        "image=tiny",
+        "--encoder",
+        "text=transformer:width=16,depth=1,heads=2",
+        "--embed-dim",
+        "16",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--lr",
+        "5e-3",
+        "--log-every",
+        "1",
+        "--accum-steps",
+        "2",
+        "--val-split",
+        "none",
+    ]
+
+
+def test_the_cli_flags(cli, toy_tensors, tmp_path):
+    r = cli(
+        *_common(toy_tensors), "-o", tmp_path / "r", "--batch-size", "8", "--grad-checkpointing"
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "the image encoder (tiny) has no blocks to checkpoint" in r.stderr
+    assert "the text encoder checkpoints its blocks" in r.stderr
+    assert json.loads(r.stdout)["steps"] == 3
+
+
+def test_ddp_two_processes_equal_one_with_the_cache(toy_tensors, tmp_path):
+    """torchrun 2 processes x batch 6 x --accum-steps 2 == 1 process x batch 12 x 2: the
+    cached loss sees the rows of both ranks and of both micro-batches (gloo on the CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from mmcli.models import MultimodalModel
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "mmcli", *_common(toy_tensors), "-q", "-o", str(tmp_path / "one")]
+        + ["--batch-size", "12"],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr.decode()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*torchrun, "--master_port", "29531", "-m", "mmcli", *_common(toy_tensors), "-q"]
+        + ["-o", str(tmp_path / "two"), "--batch-size", "6"],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr.decode()
+    a = MultimodalModel.from_checkpoint(tmp_path / "one" / "last.safetensors").state_dict()
+    b = MultimodalModel.from_checkpoint(tmp_path / "two" / "last.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+    assert losses("one") == pytest.approx(losses("two"), rel=1e-4)
