@@ -29,6 +29,7 @@ task runs outside DDP's wrapper for these steps).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from mmcli.models.checkpointing import kept_running_stats
 from mmcli.runtime import autocast
 from mmcli.train.sampler import Batch, cat_blocks, split_blocks
+
+log = logging.getLogger("mmcli")
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -75,6 +78,12 @@ class GradCache:
         self.task, self.n, self.scaler = task, n, scaler
         self.device, self.precision, self.dist = device, precision, dist
         self.pending: list[Batch] = []
+        log.info(
+            "--accum-steps %d: gradient cache (the losses with in-batch negatives see the rows "
+            "of all %d micro-batches)",
+            n,
+            n,
+        )
 
     def add(self, batch: Batch, last_micro: bool, accum: dict[str, float]) -> None:
         """Keep ``batch``; at the step's last micro-batch run the whole backward."""
