@@ -139,3 +139,24 @@ def test_init_refuses_what_it_does_not_train(data, cli, tmp_path):
     assert r.exit_code == 2 and "with --init, --weights is the weights FILE" in r.stderr
     r = cli(*base, "--weights", data["weights"], "--fusion", "attention")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--fusion attention" in r.stderr
+
+
+def test_lit_from_a_transformers_clip_folder(data, cli, tmp_path):
+    """--init hf:DIR: its tokenizer's ids and attention mask feed the text tower; the locked
+    vision tower ends as it began (the checkpoint rebuilds with DIR's config and tokenizer)."""
+    pytest.importorskip("transformers")
+    from mmcli.models import MultimodalModel, load_model
+
+    folder = pm.hf_clip(tmp_path / "clip")
+    r = cli("preprocess", data["root"] / "manifest.jsonl", "-o", tmp_path / "t", "--like",
+            f"hf:{folder}", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    r = cli("fuse-train", tmp_path / "t", "-o", tmp_path / "run", "--init", f"hf:{folder}",
+            "--freeze", "image", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    start = load_model(f"hf:{folder}").state_dict()
+    end = MultimodalModel.from_checkpoint(tmp_path / "run" / "last.safetensors").state_dict()
+    image = [k for k in end if k.startswith("encoders.image.")]
+    text = [k for k in end if k.startswith("encoders.text.")]
+    assert image and all(torch.equal(end[k], start[k]) for k in image)
+    assert sum(not torch.equal(end[k], start[k]) for k in text) > len(text) // 2
