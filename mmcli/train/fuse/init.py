@@ -46,6 +46,10 @@ def init_model(data: Data, cfg: FuseConfig) -> MultimodalModel:
 
     check_init_config(cfg)
     model = load_model(cfg.init, weights=cfg.init_weights)
+    if cfg.pairs is None:  # every pair of the data the model encodes (not the others)
+        _keep_pairs(
+            data, [p for p in data.pairs if p[0] in model.encoders and p[1] in model.encoders]
+        )
     missing = [m for m in data.modalities if m not in model.encoders]
     if missing:
         raise BadInput(
@@ -81,3 +85,11 @@ def _pretrained_config(model: MultimodalModel) -> None:
     model.config.encoders = encoders
     # what it was fine-tuned from (the adapter and library version: extra["pretrained"])
     model.config.extra = {**(model.config.extra or {}), "init": dict(model.checkpoint or {})}
+
+
+def _keep_pairs(data: Data, pairs: list) -> None:
+    if not pairs or pairs == data.pairs:
+        return
+    data.pairs = pairs
+    data.eval_pairs = [p for p in data.eval_pairs if p in pairs] or list(pairs)
+    data.modalities = [m for m in data.modalities if any(m in p for p in pairs)]
