@@ -44,7 +44,7 @@ CACHE_DIRS = ("frozen", "frozen-val")
 
 def cached_modalities(model: MultimodalModel, data: Data, cfg: FuseConfig) -> list[str]:
     """The frozen encoders whose outputs are computed once (see the module doc)."""
-    if data.dataset.kind != "tensors":
+    if data.dataset.kind != "tensors" or not cfg.cache_frozen:
         return []
     fusion = model.config.fusion or {}
     attending = (
