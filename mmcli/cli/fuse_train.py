@@ -71,7 +71,8 @@ def fuse_train(
     encoder: Annotated[
         list[str] | None,
         typer.Option(
-            help="End to end: encoder per modality, e.g. image=convnet:width=32 (repeatable).",
+            help="End to end: encoder per modality, e.g. image=convnet:width=32 (repeatable) "
+            "\\[default: small ones that learn in minutes on a CPU, docs/fuse-train.md].",
             rich_help_panel=_MODEL,
         ),
     ] = None,
