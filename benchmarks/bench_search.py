@@ -1,7 +1,7 @@
 """Exact `retrieve` search against faiss.IndexFlatIP, and the faiss backend's recall.
 
     python benchmarks/bench_search.py [--rows 500000] [--dim 512] [--queries 256] [-k 10]
-                                      [--repeats 5] [--no-hnsw] [--keep DIR]
+                                      [--repeats 5] [--no-hnsw] [--no-ivfpq] [--keep DIR]
 
 Generates N random L2-normalised float32 vectors and Q queries (seeded; --clusters C
 draws them around C centres, closer to real embeddings than uniform noise, on which
@@ -281,6 +281,7 @@ def main() -> None:
         help="draw vectors around this many centres (0: uniform random, the hardest case for ANN)",
     )
     ap.add_argument("--no-hnsw", action="store_true", help="skip the faiss HNSW build (slow)")
+    ap.add_argument("--no-ivfpq", action="store_true", help="skip the faiss IVF-PQ build (slow)")
     ap.add_argument(
         "--keep", help="folder for the generated data (default: a temp folder, removed)"
     )
@@ -326,7 +327,7 @@ def main() -> None:
         ):
             r = run_child(["mmcli", str(folder), dtype, scoring, *common])
             results[f"mmcli-{dtype}-{r['scoring']}"] = r
-        kinds = ["ivf", "ivfpq"] + ([] if args.no_hnsw else ["hnsw"])
+        kinds = ["ivf"] + ([] if args.no_ivfpq else ["ivfpq"]) + ([] if args.no_hnsw else ["hnsw"])
         for kind in kinds:
             results[f"faiss-{kind}"] = run_child(["faiss", str(folder), kind, *common])
         refs = {d: reference(folder, d, args.k)[0] for d in ("float32", "float16", "bfloat16")}
