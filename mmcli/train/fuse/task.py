@@ -20,9 +20,14 @@ class FuseTask(JointTask):
     """The loss of a batch: contrastive / sigmoid over each pair, classification and
     image-text matching through the fusion module."""
 
-    def __init__(self, model: MultimodalModel, cfg: FuseConfig, data: Data, *, seed: int = 0):
+    def __init__(
+        self, model: MultimodalModel, cfg: FuseConfig, data: Data, *, seed: int = 0, saved=None
+    ):
         super().__init__(data, cfg.eval_batch_size)
         self.model = model
+        # the whole model the checkpoints hold (``model`` may be a view of it that reads
+        # cached frozen-tower outputs: mmcli.train.fuse.frozen); not a submodule
+        self.__dict__["saved"] = saved if saved is not None else model
         self.cfg = cfg
         self.pairs = data.pairs
         self.modalities = data.modalities
@@ -48,7 +53,7 @@ class FuseTask(JointTask):
                 toks[m] = tm
             if m == self.caption_from:
                 src = (pooled[: len(batch)], *(tm if cap_tokens else (None, None)))
-            emb[m] = F.normalize(model.heads[m](pooled).float(), dim=-1)
+            emb[m] = F.normalize(_head(model, m, pooled).float(), dim=-1)
         if "text_neg" in batch.data:
             text = model.encoders["text"]
             if need_tokens and "text" in toks:
@@ -56,7 +61,7 @@ class FuseTask(JointTask):
                 toks["text_neg"] = (tok, mask & batch.present["text_neg"][:, None])
             else:
                 pooled = text(batch.data["text_neg"])
-            emb["text_neg"] = F.normalize(model.heads["text"](pooled).float(), dim=-1)
+            emb["text_neg"] = F.normalize(_head(model, "text", pooled).float(), dim=-1)
         return emb, toks, src
 
     def _rows(self, batch: Batch, emb: dict[str, torch.Tensor], m: str):
@@ -72,10 +77,26 @@ class FuseTask(JointTask):
             items = torch.cat([items, items.new_full((len(neg),), -1)])
         return e, items
 
+    def save_model(self, path, **meta) -> None:
+        self.saved.to_checkpoint(path, **meta)
+
     # -- the loss -----------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.joint_forward(batch)
+
+    @property
+    def coupled(self) -> bool:
+        """contrastive, sigmoid and match (in-batch negatives) couple the batch's rows."""
+        return bool(set(self.cfg.objectives) & {"contrastive", "sigmoid", "match"})
+
+    def represent(self, batch: Batch, cached=None):
+        """(embeddings, tokens, caption source) of :meth:`_encode`."""
+        return self._encode(batch)
+
+    def batch_loss(self, batch: Batch, reps):
+        """contrastive / sigmoid over each pair, and match with in-batch negatives."""
         model, w = self.model, self.cfg.objectives
-        emb, toks, src = self._encode(batch)
+        emb, toks, _ = reps
         losses: dict[str, torch.Tensor] = {}
         if "contrastive" in w or "sigmoid" in w:
             scale = model.logit_scale.exp()
@@ -89,21 +110,23 @@ class FuseTask(JointTask):
                     parts.append(obj.sigmoid_loss(ea, eb, ia, ib, scale, model.logit_bias))
             name = "contrastive" if "contrastive" in w else "sigmoid"
             losses[name] = torch.stack(parts).mean()
-        b = len(batch)
-        first = {m: e[:b] for m, e in emb.items()}
+        if "match" in w:
+            first = {m: e[: len(batch)] for m, e in emb.items()}
+            losses["match"] = self._match_loss(batch, first, toks)
+        return _weighted(losses, w)
+
+    def row_loss(self, batch: Batch, reps):
+        """classify (the fused embedding's label) and caption: means over rows."""
+        model, w = self.model, self.cfg.objectives
+        emb, toks, src = reps
+        losses: dict[str, torch.Tensor] = {}
         if "classify" in w:
+            first = {m: e[: len(batch)] for m, e in emb.items()}
             fused, _ = model.fuse_parts(toks, first, batch.present)
             losses["classify"] = obj.classify_loss(model.classifier(fused), batch.labels)
-        if "match" in w:
-            losses["match"] = self._match_loss(batch, first, toks)
         if "caption" in w:
             losses["caption"] = caption_term(model, batch, src, self.cfg.label_smoothing)
-        total = sum(w[k] * v for k, v in losses.items())
-        logs = {"loss": float(total.detach())}
-        logs.update({k: float(v.detach()) for k, v in losses.items()})
-        if model.logit_scale is not None:
-            logs["logit_scale"] = float(model.logit_scale.detach().exp())
-        return total, logs
+        return _weighted(losses, w)
 
     # -- validation with a caption decoder --------------------------------------------
     def metric_names(self) -> list[str] | None:
@@ -177,3 +200,16 @@ class FuseTask(JointTask):
         }
         e = {m.removesuffix("_neg"): emb[m][r] for m, r in rows.items()}
         return t, e
+
+
+def _weighted(losses: dict[str, torch.Tensor], w: dict[str, float]):
+    """(the weighted sum of ``losses`` or None, their values by name)."""
+    if not losses:
+        return None, {}
+    total = sum(w[k] * v for k, v in losses.items())
+    return total, {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _head(model: MultimodalModel, m: str, pooled: torch.Tensor) -> torch.Tensor:
+    """The projection head of ``m`` (a pretrained CLIP's towers end in the joint space)."""
+    return model.heads[m](pooled) if m in model.heads else pooled
