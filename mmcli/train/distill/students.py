@@ -105,7 +105,8 @@ def setup_student(data: DistillData, cfg: DistillConfig, teacher: MultimodalMode
     pretrained = _pretrained(teacher)
     if not (spec.checkpoint or spec.derive or spec.encoders):
         if pretrained:  # nothing to derive from: mmcli's own default encoders
-            spec.encoders = {m: train_encoder(m) for m in data.modalities}
+            tables = data.dataset.tables
+            spec.encoders = {m: train_encoder(m, tables[m].row_shape) for m in data.modalities}
             log.info(
                 "distill: a pretrained teacher: the student is mmcli's default encoders (%s)",
                 ", ".join(f"{m}={e}" for m, e in spec.encoders.items()),
