@@ -7,7 +7,8 @@ The training step of ``fuse-train`` on raw rows: both encoders and heads forward
 symmetric contrastive loss, backward, AdamW step, on synthetic uint8 images and byte-token
 captions (the same batch for both precisions). Models:
 
-* ``small``: the default encoders (``convnet`` on 64 px, ``transformer`` over 77 byte tokens);
+* ``small``: ``convnet`` on 64 px and ``transformer`` over 77 byte tokens (the registry
+  defaults when measured);
 * ``mid``: ``resnet18`` on 128 px and ``transformer:width=256,depth=4``.
 
 Median steps/s of ``--repeats`` interleaved runs of ``--steps`` steps (after a warm-up
@@ -34,7 +35,11 @@ from mmcli.models.multimodal import ModelConfig, MultimodalModel  # noqa: E402
 from mmcli.models.registry import config_to_dict, make_config, parse_encoder_spec  # noqa: E402
 
 MODELS = {
-    "small": ({"image": "convnet", "text": "transformer"}, 64),
+    # the registry defaults when measured (docs/fuse-train.md)
+    "small": (
+        {"image": "convnet:width=32,depth=4,dim=256", "text": "transformer:width=256,depth=4"},
+        64,
+    ),
     "mid": ({"image": "resnet18", "text": "transformer:width=256,depth=4"}, 128),
 }
 
