@@ -146,7 +146,14 @@ def create_clip(config: _OpenClipConfig):
         _check_tag(oc, name, config.pretrained)
     try:
         with quiet_library():
-            model = oc.create_model(name, pretrained=config.pretrained, weights_only=True)
+            # on the device being built on: the meta device when a checkpoint is checked
+            # before its weights are read (open_clip moves the model to ``device``)
+            model = oc.create_model(
+                name,
+                pretrained=config.pretrained,
+                weights_only=True,
+                device=torch.get_default_device(),
+            )
     except RuntimeError as e:
         if not config.pretrained:
             raise

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mmcli.errors import BadInput
 from mmcli.models.adapters.common import (
     check_image_size,
@@ -109,7 +111,7 @@ class TimmImage(ImageEncoder):
             tokens, mask = grid_tokens(feats)
         else:  # ViT tokens (B, T, C)
             tokens = feats
-            mask = feats.newones_mask(feats.shape[:2], dtype=bool)
+            mask = feats.new_ones(feats.shape[:2], dtype=torch.bool)
         return pooled, tokens, mask
 
     def check_spec(self, spec: dict[str, Any], where: str) -> None:
