@@ -9,6 +9,7 @@ from mmcli.models.multimodal import MultimodalModel
 from mmcli.train import objectives as obj
 from mmcli.train.fuse.caption import METRICS as CAPTION_METRICS
 from mmcli.train.fuse.caption import caption_metrics, caption_term
+from mmcli.train.fuse.caption_text import CaptionIds
 from mmcli.train.fuse.config import FuseConfig
 from mmcli.train.parallel import gather, gather_with_grad
 from mmcli.train.sampler import Batch
@@ -31,6 +32,21 @@ class FuseTask(JointTask):
         self.caption_from = model.captioner.config.source if model.captioner else None
         self.caption_only = set(cfg.objectives) == {"caption"}
         self.encoded = [self.caption_from] if self.caption_only else self.modalities
+        self.caption_text = self._caption_ids(data.dataset)
+        val = data.val_dataset
+        same = val is None or val is data.dataset
+        self.val_caption_text = self.caption_text if same else self._caption_ids(val)
+
+    def _caption_ids(self, ds) -> CaptionIds | None:
+        """The captions in the decoder's vocabulary (None: the text table's byte ids)."""
+        if self.model.captioner is None:
+            return None
+        from mmcli.models.tokenizers import tokenizer_from_spec
+
+        spec = self.model.captioner.config.tokenizer
+        if spec.get("tokenizer", "bytes") == "bytes":
+            return None
+        return CaptionIds(ds, tokenizer_from_spec(spec))
 
     # -- helpers ------------------------------------------------------------------
     def _encode(self, batch: Batch):
@@ -97,7 +113,9 @@ class FuseTask(JointTask):
         if "match" in w:
             losses["match"] = self._match_loss(batch, first, toks)
         if "caption" in w:
-            losses["caption"] = caption_term(model, batch, src, self.cfg.label_smoothing)
+            losses["caption"] = caption_term(
+                model, batch, src, self.cfg.label_smoothing, self.caption_text
+            )
         total = sum(w[k] * v for k, v in losses.items())
         logs = {"loss": float(total.detach())}
         logs.update({k: float(v.detach()) for k, v in losses.items()})
@@ -117,7 +135,13 @@ class FuseTask(JointTask):
         if self.caption_from and self.data.validates:
             data = self.data
             metrics.update(
-                caption_metrics(self.model, data.val_dataset, data.val, self.eval_batch_size)
+                caption_metrics(
+                    self.model,
+                    data.val_dataset,
+                    data.val,
+                    self.eval_batch_size,
+                    self.val_caption_text,
+                )
             )
         return metrics
 
