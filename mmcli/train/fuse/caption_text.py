@@ -27,7 +27,7 @@ log = logging.getLogger("mmcli")
 
 def default_tokenizer(model: Any) -> str:
     """``bytes``, or the pretrained text tower's tokenizer (``open_clip:ARCH``, ``hf:DIR``)."""
-    text = model.encoders.get("text")
+    text = model.encoders["text"] if "text" in model.encoders else None
     if text is not None and getattr(text, "takes_text", False):
         return str(text.tokenizer_spec()["tokenizer"])
     return "bytes"
