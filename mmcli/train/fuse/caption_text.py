@@ -27,8 +27,10 @@ log = logging.getLogger("mmcli")
 
 def default_tokenizer(model: Any) -> str:
     """``bytes``, or the pretrained text tower's tokenizer (``open_clip:ARCH``, ``hf:DIR``)."""
-    text = model.encoders["text"] if "text" in model.encoders else None
-    if text is not None and getattr(text, "takes_text", False):
+    if "text" not in model.encoders:  # an nn.ModuleDict: no .get
+        return "bytes"
+    text = model.encoders["text"]
+    if getattr(text, "takes_text", False):
         return str(text.tokenizer_spec()["tokenizer"])
     return "bytes"
 
