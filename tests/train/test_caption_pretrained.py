@@ -176,5 +176,6 @@ def test_a_bad_caption_tokenizer_is_one_line_exit_2(cli, items, tmp_path, spec, 
         "--caption-tokenizer", spec, "--max-steps", "1", "--batch-size", "4", "--val-split", "none",
     )  # fmt: skip
     assert r.exit_code == 2
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
