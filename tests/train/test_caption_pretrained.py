@@ -179,3 +179,26 @@ def test_a_bad_caption_tokenizer_is_one_line_exit_2(cli, items, tmp_path, spec, 
     errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_coca_with_a_pretrained_tokenizer_validates_in_its_vocabulary(items, tmp_path):
+    """The contrastive loss reads the text table's byte ids, the decoder open_clip's BPE ids;
+    validation scores the captions in the decoder's vocabulary."""
+    from mmcli.train.fuse import FuseConfig, fuse_train
+    from mmcli.train.loop import LoopConfig
+
+    cfg = FuseConfig(
+        pairs=[("image", "text")],
+        objectives={"contrastive": 1.0, "caption": 1.0},
+        encoders={"image": "tiny:width=8,dim=32", "text": "tiny"},
+        embed_dim=16,
+        caption_decoder="attention:width=32,depth=1,heads=2",
+        caption_tokenizer="open_clip:ViT-B-32",
+        val_split="train",
+    )
+    loop = LoopConfig(epochs=2, lr=1e-2)
+    summary = fuse_train([str(items["tensors"])], str(tmp_path / "run"), cfg, loop, batch_size=4,
+                         device="cpu", overwrite=True)  # fmt: skip
+    best = summary["final_metrics"]
+    assert 0 < best["caption/loss"] < 12 and 0 <= best["caption/token_acc"] <= 1
+    assert "image-text/mean_recall@1" in best
