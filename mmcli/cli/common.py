@@ -99,7 +99,21 @@ GradClip = Annotated[
     float, typer.Option(help="Clip the gradient norm (0 = off).", rich_help_panel=_OPT)
 ]
 AccumSteps = Annotated[
-    int, typer.Option(min=1, help="Gradient accumulation steps.", rich_help_panel=_OPT)
+    int,
+    typer.Option(
+        min=1,
+        help="Micro-batches per optimizer step; losses with in-batch negatives (contrastive, "
+        "sigmoid, match) get the exact gradient of one N x batch-size batch (gradient cache).",
+        rich_help_panel=_OPT,
+    ),
+]
+GradCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--grad-checkpointing",
+        help="Recompute the trained encoders' blocks in backward: less memory, more compute.",
+        rich_help_panel=_OPT,
+    ),
 ]
 TrainSplit = Annotated[str, typer.Option(help="Manifest split to train on.", rich_help_panel=_RUN)]
 ValSplit = Annotated[

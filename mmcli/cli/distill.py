@@ -12,6 +12,7 @@ from mmcli.cli.common import (
     Device,
     EarlyStop,
     Epochs,
+    GradCheckpointing,
     GradClip,
     LearningRate,
     LogEvery,
@@ -140,6 +141,7 @@ def distill(
     warmup: Warmup = 0.05,
     grad_clip: GradClip = 1.0,
     accum_steps: AccumSteps = 1,
+    grad_checkpointing: GradCheckpointing = False,
     train_split: TrainSplit = "train",
     val_split: ValSplit = None,
     test_split: Annotated[
@@ -213,6 +215,7 @@ def distill(
             warmup=warmup,
             grad_clip=grad_clip,
             accum_steps=accum_steps,
+            grad_checkpointing=grad_checkpointing,
             precision=precision,
             log_every=log_every,
             save_every=save_every,

@@ -7,7 +7,17 @@ import typer
 from mmcli.cli.common import Debug, OnError, Overwrite, Quiet, Resume, Workers, command
 from mmcli.data.limits import MAX_IMAGE_PIXELS
 
-Format = Literal["auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder"]
+Format = Literal[
+    "auto",
+    "jsonl",
+    "imagefolder",
+    "karpathy",
+    "coco",
+    "csv",
+    "audiofolder",
+    "webdataset",
+    "parquet",
+]
 _LAYOUT = "Dataset layout"
 _PROC = "Processing"
 

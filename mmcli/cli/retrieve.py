@@ -103,7 +103,7 @@ def retrieve(
     faiss_index: Annotated[
         str,
         typer.Option(
-            help="faiss: ivf, hnsw or a faiss factory string (IVF4096,SQ8).",
+            help="faiss: ivf, hnsw, ivfpq (compressed) or a faiss factory string (IVF4096,SQ8).",
             rich_help_panel="Search",
         ),
     ] = "ivf",

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from mmcli.data.importers import ImportOptions, import_items, manifest_in_folder
+from mmcli.formats.archive import member_exists
 from mmcli.modalities import MODALITIES
 
 #: suffixes `info` reads as raw inputs (folders are told apart by their content)
@@ -44,7 +45,7 @@ def survey(path: str, fmt: str = "auto", opts: ImportOptions | None = None) -> d
             p = item.path(m)
             if p is not None:
                 present[m] += 1
-                missing[m] += not p.exists()
+                missing[m] += not (p.exists() or member_exists(p))
     out: dict[str, Any] = {
         "kind": "raw",
         "path": path,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mmcli.errors import BadInput
+from mmcli.formats.archive import open_member, split_member
 
 try:
     import fcntl
@@ -88,8 +89,14 @@ def open_file(path: str | os.PathLike, what: str = "file", *, stdin_ok: bool = F
 
     Checked before opening (a FIFO is never opened) and again on the open descriptor,
     which is opened non-blocking so that even a path replaced by a FIFO in between
-    returns at once.
+    returns at once. A member of a tar archive (``data/00000.tar#key.jpg``, see
+    :mod:`mmcli.formats.archive`) opens as an in-memory file of its bytes.
     """
+    if split_member(path) is not None:
+        try:
+            return open_member(path)
+        except BadInput as e:
+            raise NotAFile(e.message, e.where or path) from None
     check_file(path, what, stdin_ok=stdin_ok)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:

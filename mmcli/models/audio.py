@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mmcli.models.base import AudioEncoder, LogMel
+from mmcli.models.checkpointing import run_blocks
 from mmcli.models.registry import register
 
 # --------------------------------------------------------------------------- tiny
@@ -107,9 +108,15 @@ class MelCNN(AudioEncoder):
         self.token_dim = cin
         self.out_dim = c.dim
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.grad_checkpointing = enable  # each conv stage
+        return True
+
     def forward_tokens(self, x):
         mel = self.bn0(self.logmel(self.prepare(x)).to(self.compute_dtype))  # (B, 1, n_mels, T)
-        fmap = self.blocks(mel)  # (B, C, n_mels / 2**depth, T / 2**depth)
+        fmap = run_blocks(
+            self.blocks, mel, self.grad_checkpointing
+        )  # (B, C, n_mels / 2**depth, T / 2**depth)
         tokens = fmap.mean(2).transpose(1, 2)  # (B, T', C): one token per time step
         pooled = tokens.mean(1) + tokens.amax(1)  # (B, C)
         pooled = self.fc(self.dropout(pooled))  # (B, dim)

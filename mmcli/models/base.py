@@ -48,6 +48,13 @@ class Encoder(nn.Module):
         self.config = config
         self.out_dim: int = 0
         self.token_dim: int = 0
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """Checkpoint the encoder's blocks in training (``--grad-checkpointing``): less
+        memory, one more forward pass of each block in backward. Returns False when the
+        encoder has no blocks to checkpoint (it then runs as before)."""
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[0]

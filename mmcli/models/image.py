@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcli.models.base import ImageEncoder, grid_tokens
+from mmcli.models.checkpointing import run_blocks
 from mmcli.models.registry import register
 
 # --------------------------------------------------------------------------- tiny
@@ -119,14 +120,21 @@ class ConvNet(ImageEncoder):
             return fmap.mean((2, 3))  # (B, C)
         return F.adaptive_avg_pool2d(fmap, g).flatten(1)  # (B, C * g * g)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.grad_checkpointing = enable  # each conv stage (with its pool)
+        return True
+
+    def _features(self, x):
+        return run_blocks(self.features, self.prepare(x), self.grad_checkpointing)
+
     def forward_tokens(self, x):
-        fmap = self.features(self.prepare(x))  # (B, C, h, w)
+        fmap = self._features(x)  # (B, C, h, w)
         tokens, mask = grid_tokens(fmap)  # (B, hw, C)
         pooled = self.fc(self.dropout(self._pool(fmap)))  # (B, dim)
         return pooled, tokens, mask
 
     def forward(self, x):
-        fmap = self.features(self.prepare(x))  # (B, C, h, w)
+        fmap = self._features(x)  # (B, C, h, w)
         return self.fc(self.dropout(self._pool(fmap)))  # (B, dim)
 
 
@@ -148,9 +156,14 @@ class ResNetEncoder(ImageEncoder):
             self.add_module(child, getattr(net, child))
         self.out_dim = self.token_dim = net.fc.in_features
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.grad_checkpointing = enable  # layer1 .. layer4
+        return True
+
     def feature_map(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.prepare(x)))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, h, w)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return run_blocks(stages, x, self.grad_checkpointing)  # (B, C, h, w)
 
     def forward_tokens(self, x):
         tokens, mask = grid_tokens(self.feature_map(x))
@@ -244,6 +257,10 @@ class ViTB16(ImageEncoder):
         grid_pos = grid_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, d)
         return torch.cat([cls_pos, grid_pos], 1)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.grad_checkpointing = enable  # each encoder block
+        return True
+
     def forward_tokens(self, x):
         x = self.prepare(x)
         b, _, hh, ww = x.shape
@@ -255,7 +272,7 @@ class ViTB16(ImageEncoder):
         x = torch.cat([self.class_token.expand(b, -1, -1), x], 1)  # (B, 1 + hw, D)
         enc = self.encoder
         x = enc.dropout(x + self._pos_embedding(h, w))
-        x = enc.ln(enc.layers(x))
+        x = enc.ln(run_blocks(enc.layers, x, self.grad_checkpointing))
         tokens = x[:, 1:]
         mask = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=x.device)
         return x[:, 0], tokens, mask

@@ -13,6 +13,7 @@ from torch import nn
 
 from mmcli.errors import BadInput
 from mmcli.models.base import TextEncoder, eos_positions, masked_mean
+from mmcli.models.checkpointing import run_blocks
 from mmcli.models.registry import register
 
 # --------------------------------------------------------------------------- tiny
@@ -128,6 +129,10 @@ class Transformer(TextEncoder):
         self.ln = nn.LayerNorm(c.width)
         self.out_dim = self.token_dim = c.width
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.grad_checkpointing = enable  # each transformer layer
+        return True
+
     def forward_tokens(self, x):
         ids, mask = self.prepare(x)
         b, length = ids.shape
@@ -140,7 +145,12 @@ class Transformer(TextEncoder):
         h = self.embed(ids) + self.pos[:length]  # (B, L, width)
         pad = ~mask
         pad[:, 0] = False  # a row of only padding would attend to nothing (NaN)
-        h = self.ln(self.blocks(h, src_key_padding_mask=pad))  # (B, L, width)
+        if self.grad_checkpointing:
+            layers = self.blocks.layers
+            h = run_blocks(layers, h, True, src_key_padding_mask=pad)
+        else:
+            h = self.blocks(h, src_key_padding_mask=pad)
+        h = self.ln(h)  # (B, L, width)
         if self.config.pool == "eos":
             pooled = h[torch.arange(b, device=h.device), eos_positions(ids, mask)]
         else:

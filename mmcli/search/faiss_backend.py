@@ -10,8 +10,15 @@ shard. When the features change (or the recipe does), the next use rebuilds it.
 
 ``kind`` is ``ivf`` (an inverted file: ``IVF<nlist>,Flat``, trained by k-means on a
 sample; ``nprobe`` lists searched per query), ``hnsw`` (a graph: ``HNSW32``,
-``ef_search`` candidates explored) or any FAISS index-factory string (``IVF4096,SQ8``,
-``HNSW32,Flat``...). Inner product is the metric.
+``ef_search`` candidates explored), ``ivfpq`` (compressed, for indices that do not fit
+in memory even as float16: ``OPQ<m>,IVF<nlist>,PQ<m>``, m = dim / 8 bytes a vector, so
+512 dims take 64 bytes + 8 for the id instead of 1,024 in float16) or any FAISS
+index-factory string (``IVF4096,SQ8``, ``HNSW32,Flat``...). Inner product is the metric.
+
+A newly built index checks itself: 256 stored rows (seeded) as queries, its top 10
+(through the exact re-scoring, as ``retrieve`` returns them, each query's own row left
+out) against exact search. The recall@10 and the index's bytes per vector are logged and
+kept in the JSON beside it (``check``).
 
 FAISS only proposes candidates: ``candidates`` x k of them per query are re-scored
 exactly from the stored vectors (the exact backend's scores and tie rule), so the
@@ -41,7 +48,7 @@ from mmcli.search.exact import ExactIndex, SearchResult
 
 log = logging.getLogger("mmcli")
 
-KINDS = ("ivf", "hnsw")
+KINDS = ("ivf", "hnsw", "ivfpq")
 META_VERSION = 1
 
 
@@ -62,21 +69,36 @@ class FaissParams:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
-    candidates: int = 2  # k x candidates rows re-scored exactly per query
+    candidates: int | None = None  # k x candidates re-scored exactly per query (2; ivfpq 10)
     train_size: int | None = None  # ivf k-means sample (default: 50 x nlist)
     seed: int = 0
 
-    def factory(self, rows: int) -> str:
+    def factory(self, rows: int, dim: int) -> str:
         if self.kind == "ivf":
             return f"IVF{self.nlist_for(rows)},Flat"
         if self.kind == "hnsw":
             return f"HNSW{self.hnsw_m}"
+        if self.kind == "ivfpq":
+            m = pq_bytes(dim)
+            return f"OPQ{m},IVF{self.nlist_for(rows)},PQ{m}"
         return self.kind
+
+    def rescored(self) -> int:
+        """Candidates re-scored exactly per hit: more for codes that lose precision."""
+        if self.candidates is not None:
+            return int(self.candidates)
+        return 10 if self.kind == "ivfpq" or ",PQ" in self.kind else 2
 
     def nlist_for(self, rows: int) -> int:
         if self.nlist:
             return int(self.nlist)
         return int(max(1, min(65536, 2 ** round(math.log2(max(math.sqrt(max(rows, 1)), 1))))))
+
+
+def pq_bytes(dim: int) -> int:
+    """Sub-quantizers (one byte each) for ``dim``: dim / 8, or the largest divisor of dim
+    below it."""
+    return next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
 
 
 def _slug(text: str) -> str:
@@ -102,6 +124,7 @@ class FaissIndex:
         self.params = params
         self.path = path
         self.built = built  # True when this call built it (False: loaded from disk)
+        self.check: dict[str, Any] | None = None  # the build's recall / size check
 
     @classmethod
     def open(
@@ -122,7 +145,7 @@ class FaissIndex:
         if "-" in paths:
             raise BadInput("--backend faiss needs feature files on disk (not stdin)")
         folder = Path(index_dir) if index_dir else Path(paths[0]).parent
-        factory = params.factory(exact.size)
+        factory = params.factory(exact.size, exact.dim)
         kind = params.kind if params.kind in KINDS else _slug(factory)
         path = folder / f"faiss-{kind}-{table}.index"
         meta = {
@@ -143,27 +166,57 @@ class FaissIndex:
                 saved = json.loads(meta_path.read_text())
             except (OSError, json.JSONDecodeError):
                 saved = None
+            check = saved.pop("check", None) if isinstance(saved, dict) else None
             if saved == meta:
                 index = faiss.read_index(str(path))
                 log.info("faiss: using %s (%s, %d rows)", path, factory, exact.size)
                 index = cls(index, exact, params, path, built=False)
+                index.check = check
                 index._configure()
                 return index
             log.info(
                 "faiss: the features or the recipe changed since %s was built; rebuilding", path
             )
         index = _build(faiss, exact, factory, params, progress)
+        out = cls(index, exact, params, path, built=True)
+        out._configure()
         try:
             with atomic_path(path) as tmp:
                 faiss.write_index(index, str(tmp))
+            out.check = meta["check"] = out.self_check(path.stat().st_size)
             atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
             log.info("faiss: built %s (%s, %d rows)", path, factory, exact.size)
         except OSError as e:
             log.warning("faiss: cannot save the index to %s (%s); it is rebuilt next time", path, e)
-            path = None
-        out = cls(index, exact, params, path, built=True)
-        out._configure()
+            out.path = None
+            out.check = out.self_check(None)
         return out
+
+    def self_check(self, size: int | None, queries: int = 256, k: int = 10) -> dict[str, Any]:
+        """Recall@k against exact search on stored rows as queries (their own row left
+        out), and the index's size per vector (see the module docstring)."""
+        n = self.exact.size
+        rows = np.sort(np.random.default_rng(0).choice(n, size=min(queries, n), replace=False))
+        q = torch.from_numpy(_gather(self.exact, rows))
+        kk = min(k + 1, n)
+        truth = self.exact.search(q, kk).indices.numpy()
+        found = self.search(q, kk).indices.numpy()
+        hits = [
+            len((set(t) - {r}) & (set(f) - {r})) / max(1, len(set(t) - {r}))
+            for r, t, f in zip(rows, truth.tolist(), found.tolist())
+        ]
+        check = {
+            "queries": len(rows),
+            f"recall@{k}": round(float(np.mean(hits)), 4),
+            "bytes_per_vector": round(size / n, 1) if size else None,
+            "float16_bytes_per_vector": 2 * self.exact.dim,
+        }
+        log.info(
+            "faiss: recall@%d %.3f against exact search on %d stored rows; %s bytes per vector "
+            "(float16 storage: %d)",
+            k, check[f"recall@{k}"], len(rows), check["bytes_per_vector"], 2 * self.exact.dim,
+        )  # fmt: skip
+        return check
 
     def _configure(self) -> None:
         faiss = import_faiss()
@@ -190,7 +243,7 @@ class FaissIndex:
         b = q.shape[0]
         mask = self.exact.row_mask  # rows that may be hits (a split), or None
         spread = 1 if mask is None else -(-self.exact.size // max(self.exact.searchable, 1))
-        kk = min(max(k, k * self.params.candidates) * spread, self.exact.size)
+        kk = min(max(k, k * self.params.rescored()) * spread, self.exact.size)
         hnsw = _hnsw(import_faiss(), self.index)
         if hnsw is not None and hnsw.hnsw.efSearch < kk:
             hnsw.hnsw.efSearch = kk

@@ -34,6 +34,7 @@ from mmcli.runtime import (
     autocast,
     dist_info,
 )
+from mmcli.train.gradcache import GradCache, uses_cache
 from mmcli.train.monitor import Monitor
 from mmcli.train.sampler import Batch, BatchSampler
 from mmcli.train.schedule import decay_groups, lr_at
@@ -60,7 +61,8 @@ class LoopConfig:
     warmup: float = 0.05  # a fraction of all steps (< 1) or a number of steps
     min_lr: float = 0.0  # as a fraction of lr at the end of the cosine
     grad_clip: float | None = 1.0
-    accum_steps: int = 1
+    accum_steps: int = 1  # coupled losses: the gradient cache (mmcli.train.gradcache)
+    grad_checkpointing: bool = False
     precision: str = "fp32"
     log_every: int = 10
     save_every: int | None = None  # optimizer steps (checkpoints are also written every epoch)
@@ -88,6 +90,7 @@ class Task(Protocol):
     def metric_names(self) -> list[str] | None: ...  # None: the task does not validate
     def evaluate(self) -> dict[str, float]: ...
     def after_step(self) -> None: ...  # after each optimizer step (e.g. clamp a temperature)
+    def set_grad_checkpointing(self) -> None: ...  # --grad-checkpointing
     def save_model(self, path: Any, **meta: Any) -> None: ...
 
 
@@ -143,6 +146,11 @@ class _Fit:
         # micro-batches per epoch that end in an optimizer step
         self.usable = (sampler.steps_per_epoch() // cfg.accum_steps) * cfg.accum_steps
         self.module: nn.Module = task  # DDP-wrapped under torchrun, once the state is restored
+        self.cache = None
+        if uses_cache(task, cfg.accum_steps):  # the task's losses couple the batch's rows
+            self.cache = GradCache(
+                task, cfg.accum_steps, self.scaler, device, cfg.precision, self.dist
+            )
 
     # -- state --------------------------------------------------------------------
     def restore(self) -> None:
@@ -298,6 +306,8 @@ class _Fit:
 
     def _backward(self, batch: Batch, last_micro: bool, accum: dict[str, float]) -> None:
         """Forward and backward of one micro-batch; its logs added into ``accum``."""
+        if self.cache is not None:
+            return self.cache.add(batch, last_micro, accum)
         n = self.cfg.accum_steps
         sync = (
             contextlib.nullcontext()
@@ -370,6 +380,8 @@ def fit(
     to ``run``. Returns the run's summary (steps, throughput, data wait, metrics)."""
     task.to(device)
     _plan(sampler, cfg)
+    if cfg.grad_checkpointing:
+        task.set_grad_checkpointing()
     groups = _check_task(task, cfg)
     run.create()
     state = _Fit(

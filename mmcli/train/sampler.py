@@ -65,6 +65,43 @@ class Batch:
     def __len__(self) -> int:
         return len(self.items)
 
+    @classmethod
+    def cat(cls, batches: Sequence[Batch]) -> Batch:
+        """One batch of all the items of ``batches``, in order, blocks kept (block k holds the
+        k-th row of every item); the key is the first batch's. What the gradient cache of
+        ``--accum-steps`` computes its loss over."""
+        sizes = [len(b) for b in batches]
+        first = batches[0]
+
+        def joined(get):
+            return cat_blocks([get(b) for b in batches], sizes)
+
+        return cls(
+            items=joined(lambda b: b.items),
+            labels=joined(lambda b: b.labels),
+            data={m: joined(lambda b, m=m: b.data[m]) for m in first.data},
+            present={m: joined(lambda b, m=m: b.present[m]) for m in first.present},
+            key=first.key,
+            rows={m: joined(lambda b, m=m: b.rows[m]) for m in first.rows},
+        )
+
+
+def cat_blocks(parts: Sequence[torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+    """Concatenate tensors of K blocks of ``sizes[i]`` rows each into K blocks of
+    ``sum(sizes)`` rows (block k of the result: block k of every part, in order)."""
+    k = parts[0].shape[0] // sizes[0]
+    rest = parts[0].shape[1:]
+    blocks = [p.reshape(k, n, *rest) for p, n in zip(parts, sizes, strict=True)]
+    return torch.cat(blocks, dim=1).reshape(k * sum(sizes), *rest)
+
+
+def split_blocks(x: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """The inverse of :func:`cat_blocks`."""
+    total = sum(sizes)
+    k = x.shape[0] // total
+    parts = x.reshape(k, total, *x.shape[1:]).split(list(sizes), dim=1)
+    return [p.reshape(k * n, *x.shape[1:]) for p, n in zip(parts, sizes, strict=True)]
+
 
 def _generator(*keys: int) -> torch.Generator:
     g = torch.Generator()

@@ -19,6 +19,7 @@ best metric. Subclasses set ``self.data`` (a :class:`~mmcli.train.splits.Data`),
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -35,6 +36,8 @@ from mmcli.train.sampler import Batch
 from mmcli.train.schedule import decay_groups
 from mmcli.train.splits import Data
 
+log = logging.getLogger("mmcli")
+
 #: the learned temperature is clamped at 1/100 (CLIP)
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -43,6 +46,10 @@ class JointTask(nn.Module):
     """The shared half of fuse-train's and distill's tasks (see the module doc)."""
 
     model: MultimodalModel
+    #: whether the loss couples rows across the batch (in-batch negatives): then a task
+    #: splits ``forward`` into ``represent`` / ``batch_loss`` / ``row_loss`` and
+    #: ``--accum-steps`` uses the gradient cache (``mmcli.train.gradcache``)
+    coupled = False
 
     def __init__(self, data: Data, eval_batch_size: int = 256):
         super().__init__()
@@ -72,7 +79,54 @@ class JointTask(nn.Module):
         b = len(batch)
         return pooled, (tok[:b], mask[:b] & batch.present[m][:, None])
 
+    # -- the loss in parts (the gradient cache) -----------------------------------------
+    def represent(self, batch: Batch, cached: Any = None) -> Any:
+        """What the encoders make of ``batch``: tensors of rows (K blocks of B), in any
+        nesting of dicts and tuples. ``cached``: this batch's first-pass result (no graph),
+        given when it is encoded again, for parts that carry no gradient (a teacher's)."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: Batch, reps: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The weighted sum of the losses that couple rows, over all of ``batch``, and their
+        values by name."""
+        raise NotImplementedError
+
+    def row_loss(self, batch: Batch, reps: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The weighted sum of the per-row losses (means over rows), and their values."""
+        return None, {}
+
+    def joint_forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """``forward`` from the parts: the two losses of one batch, added."""
+        reps = self.represent(batch)
+        parts = [self.batch_loss(batch, reps), self.row_loss(batch, reps)]
+        total = sum(loss for loss, _ in parts if loss is not None)
+        logs = {"loss": float(total.detach())}
+        for _, part in parts:
+            logs.update(part)
+        return total, {**logs, **self.state_logs()}
+
+    def state_logs(self) -> dict[str, float]:
+        """Logged with each step's losses: the learned temperature."""
+        p = self.model.logit_scale
+        return {} if p is None else {"logit_scale": float(p.detach().exp())}
+
     # -- loop hooks -----------------------------------------------------------------
+    def set_grad_checkpointing(self) -> None:
+        """``--grad-checkpointing``: every trained encoder that supports it checkpoints its
+        blocks; one line for each that does not."""
+        for m, enc in self.model.encoders.items():
+            if not any(p.requires_grad for p in enc.parameters()):
+                continue
+            if enc.set_grad_checkpointing(True):
+                log.info("--grad-checkpointing: the %s encoder checkpoints its blocks", m)
+            else:
+                log.warning(
+                    "--grad-checkpointing: the %s encoder (%s) has no blocks to checkpoint; "
+                    "it runs as before",
+                    m,
+                    enc.name,
+                )
+
     def after_step(self) -> None:
         """Keep a learned temperature in range (CLIP's clamp at 100)."""
         p = self.model.logit_scale

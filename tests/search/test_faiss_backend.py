@@ -95,3 +95,34 @@ def test_more_lists_than_rows_names_an_option_that_exists(tmp_path):
     with pytest.raises(BadInput, match="fewer than the 64 IVF lists") as e:
         FaissIndex.open(fs, "image", FaissParams(kind="IVF64,Flat"))
     assert "--faiss-index" in str(e.value) and "--nlist" not in str(e.value)
+
+
+def test_ivfpq_compresses_and_reports_its_recall_and_size(tmp_path):
+    """--faiss-index ivfpq: OPQ + IVF + PQ codes of dim/8 bytes; the build checks itself
+    against exact search and keeps the figures beside the index."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 64, generator=g) * 2
+    x = centres[torch.randint(40, (4000,), generator=g)] + torch.randn(4000, 64, generator=g)
+    x = torch.nn.functional.normalize(x, dim=1).numpy()
+    write_features(
+        tmp_path / "f.safetensors", [str(i) for i in range(4000)], {"image": (x, np.arange(4000))}
+    )
+    fs = FeatureSet.open(tmp_path / "f.safetensors")
+    params = FaissParams(kind="ivfpq", nlist=16, nprobe=16)
+    assert params.factory(4000, 64) == "OPQ8,IVF16,PQ8"
+    index = FaissIndex.open(fs, "image", params)
+    check = index.check
+    assert check["queries"] == 256 and check["float16_bytes_per_vector"] == 128
+    # 8 bytes of codes + 8 of id a vector, plus the OPQ matrix and centroids, amortised
+    assert check["bytes_per_vector"] < 64
+    # the figure is what a search gives: recompute it independently
+    rows = np.sort(np.random.default_rng(0).choice(4000, size=256, replace=False))
+    q = torch.from_numpy(x[rows])
+    truth = ExactIndex.from_features(fs, "image").search(q, 11).indices.numpy()
+    found = index.search(q, 11).indices.numpy()
+    mine = np.mean(
+        [len((set(t) - {r}) & (set(f) - {r})) / 10 for r, t, f in zip(rows, truth, found)]
+    )
+    assert check["recall@10"] == round(float(mine), 4) and mine > 0.5
+    again = FaissIndex.open(fs, "image", params)
+    assert not again.built and again.check == check

@@ -14,6 +14,11 @@ coco           COCO captions JSON: ``images[]`` (``id``, ``file_name``) and ``an
 csv            CSV/TSV with a header; columns chosen with ``--image-col`` etc. Rows with the
                same id (or the same image when there is no id column) are one item with
                several captions.
+webdataset     tar shards (``00000.tar``, a folder of them, ``data/{00000..00099}.tar``) of
+               ``KEY.jpg`` + ``KEY.txt`` (+ ``.json``, ``.cls``): img2dataset's and
+               CLIP_benchmark's layouts
+parquet        a table of paths + captions (+ labels, splits), or img2dataset's parquet with
+               the encoded images in a bytes column (``jpg``)
 =============  ===========================================================================
 """
 
@@ -34,7 +39,9 @@ from mmcli.data.importers.layout import (
     log,
     manifest_in_folder,
 )
+from mmcli.data.importers.parquet import parquet_items
 from mmcli.data.importers.table import csv_items
+from mmcli.data.importers.webdataset import webdataset_items
 from mmcli.errors import BadInput
 from mmcli.formats.atomic import is_stdio
 from mmcli.formats.manifest import Item, read_manifest
@@ -73,6 +80,10 @@ def import_items(
         items = karpathy_items(path, opts)
     elif fmt == "coco":
         items = coco_items(path, opts)
+    elif fmt == "webdataset":
+        items = webdataset_items(path, opts)
+    elif fmt == "parquet":
+        items = parquet_items(path, opts)
     else:
         items = csv_items(path, opts)
     return fmt, items

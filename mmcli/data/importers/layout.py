@@ -17,7 +17,10 @@ from mmcli.formats.userfiles import open_file, open_text
 
 log = logging.getLogger("mmcli")
 
-FORMATS = ("auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder")
+FORMATS = (
+    "auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder", "webdataset",
+    "parquet",
+)  # fmt: skip
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -77,11 +80,17 @@ def detect_format(path: str) -> str:
     if is_stdio(path):
         return "jsonl"
     p = Path(path)
+    if "{" in path and path.rstrip("/").lower().endswith(".tar"):
+        return "webdataset"  # a brace pattern of shards
     if not p.exists():
         raise BadInput("input not found", where=path, hint="check the path")
     if p.is_dir():
         return _detect_folder(p)
     suffix = p.suffix.lower()
+    if suffix == ".tar":
+        return "webdataset"
+    if suffix == ".parquet":
+        return "parquet"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix in (".csv", ".tsv"):
@@ -96,7 +105,7 @@ def detect_format(path: str) -> str:
     raise BadInput(
         "cannot tell the input format",
         where=path,
-        hint="pass --format jsonl|imagefolder|karpathy|coco|csv|audiofolder",
+        hint="pass --format jsonl|imagefolder|karpathy|coco|csv|audiofolder|webdataset|parquet",
     )
 
 
@@ -145,13 +154,19 @@ def folder_files(root: Path) -> Iterator[Path]:
 
 
 def _detect_folder(root: Path) -> str:
-    n_img = n_audio = 0
+    n_img = n_audio = n_tar = n_parquet = 0
     for i, f in enumerate(folder_files(root)):
         ext = f.suffix.lower()
         n_img += ext in IMAGE_EXTS
         n_audio += ext in AUDIO_EXTS
+        n_tar += ext == ".tar"
+        n_parquet += ext == ".parquet"
         if i > 2000:
             break
+    if n_tar and n_img == 0 and n_audio == 0:
+        return "webdataset"  # img2dataset's output folder: tars (+ parquet, _stats.json)
+    if n_parquet and n_img == 0 and n_audio == 0:
+        return "parquet"
     if n_img == 0 and n_audio == 0:
         raise BadInput(
             "folder holds no images or audio files",

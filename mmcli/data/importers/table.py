@@ -18,7 +18,7 @@ from mmcli.modalities import MODALITIES
 
 #: the columns each field is read from when no ``--*-col`` option names one, by preference
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "id": ("id",),
+    "id": ("id", "key"),
     "image": ("image", "filepath", "image_path", "file", "filename"),
     "text": ("text", "caption", "title", "sentence"),
     "audio": ("audio", "audio_path", "wav"),
@@ -34,12 +34,12 @@ def csv_items(path: str, opts: ImportOptions) -> Iterator[Item]:
         header = reader.fieldnames or []
         if not header:
             raise BadInput("CSV file is empty (no header row)", where=path)
-        cols = _columns(header, opts, path)
+        cols = find_columns(header, opts, path)
         log.info(
             "CSV columns: %s",
             ", ".join(f"{k}={v}" for k, v in cols.items() if v),
         )
-        yield from _items(reader, header, cols, opts, base, name).values()
+        yield from rows_to_items(reader, header, cols, opts, base, name).values()
     except UnicodeDecodeError as e:
         raise BadInput(
             f"not valid UTF-8 ({e.reason})", where=path, hint="save the CSV as UTF-8"
@@ -79,7 +79,7 @@ def _delimiter(stream, name: str, given: str | None) -> str:
         return ","
 
 
-def _columns(header: list[str], opts: ImportOptions, path: str) -> dict[str, str | None]:
+def find_columns(header: list[str], opts: ImportOptions, path: str) -> dict[str, str | None]:
     """The column of each field: the one its option names, else the first default present."""
     cols: dict[str, str | None] = {}
     for key, defaults in DEFAULT_COLUMNS.items():
@@ -99,11 +99,13 @@ def _columns(header: list[str], opts: ImportOptions, path: str) -> dict[str, str
     return cols
 
 
-def _items(reader, header, cols, opts: ImportOptions, base: Path, name: str) -> dict[str, Item]:
+def rows_to_items(
+    reader, header, cols, opts: ImportOptions, base: Path, name: str, start: int = 2
+) -> dict[str, Item]:
     """Items by key, in first-seen order; the rows of one key add their captions."""
     items: dict[str, Item] = {}
     key_col = cols["id"] or cols["image"] or cols["audio"]
-    for lineno, row in enumerate(reader, start=2):
+    for lineno, row in enumerate(reader, start=start):
         key = (row.get(key_col) or "").strip() if key_col else str(lineno - 1)
         if not key:
             reason = f"empty {key_col!r} value"

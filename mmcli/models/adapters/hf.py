@@ -186,6 +186,25 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def hf_grad_checkpointing(self_, enable: bool) -> bool:
+    """transformers' own switch (``gradient_checkpointing_enable``, non-reentrant) where the
+    model supports it."""
+    model = self_.hf
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    new = hasattr(model, "activation_checkpointing_enable")  # the name since transformers 5
+    if enable and new:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        getattr(
+            model, "activation_checkpointing_disable" if new else "gradient_checkpointing_disable"
+        )()
+    self_.grad_checkpointing = enable
+    return True
+
+
 def weights_file(self_, source) -> dict[str, Any]:
     """``--weights FILE`` for an hf tower: a state dict with the library's own key names."""
     from mmcli.models.adapters.common import load_strict, read_library_weights
@@ -206,6 +225,7 @@ def weights_file(self_, source) -> dict[str, Any]:
 
 class HfText(TextEncoder):
     name = LIB
+    set_grad_checkpointing = hf_grad_checkpointing
     takes_text = True
 
     def __init__(self, config: HfTextConfig, model=None):
@@ -277,6 +297,7 @@ def _model_limit(model, tokenizer) -> int:
 
 class HfImage(ImageEncoder):
     name = LIB
+    set_grad_checkpointing = hf_grad_checkpointing
 
     def __init__(self, config: HfImageConfig, model=None):
         folder = local_folder(config.path)
@@ -322,6 +343,7 @@ def _hub_processor(path: str) -> dict[str, Any]:
 
 class HfAudio(AudioEncoder):
     name = LIB
+    set_grad_checkpointing = hf_grad_checkpointing
 
     def __init__(self, config: HfAudioConfig, model=None):
         super().__init__(config)

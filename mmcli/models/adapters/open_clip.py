@@ -224,6 +224,15 @@ class OpenClipImage(ImageEncoder):
         self._tokens = hasattr(clip.visual, "output_tokens") and transformer is not None
         self.token_dim = int(transformer.width) if self._tokens else self.out_dim
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """open_clip's own switch: its ViT towers checkpoint each residual block; a timm trunk
+        its own blocks; the ModifiedResNet (RN50 ...) towers have none."""
+        if hasattr(self.visual, "transformer") or hasattr(self.visual, "trunk"):
+            self.visual.set_grad_checkpointing(enable)
+            self.grad_checkpointing = enable
+            return True
+        return False
+
     def forward(self, x):
         return self.visual(self.prepare(x))  # (B, embed_dim)
 
@@ -291,6 +300,19 @@ class OpenClipText(TextEncoder):
 
     def tokenizer_spec(self) -> dict[str, Any]:
         return {"tokenizer": f"open_clip:{self.config.arch}", "context_length": self.context_length}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """open_clip's text transformer checkpoints each residual block (as
+        ``CLIP.set_grad_checkpointing`` sets it); an HF text tower its own layers."""
+        text = getattr(self.clip, "text", None)  # CustomTextCLIP
+        if text is not None and hasattr(text, "set_grad_checkpointing"):
+            text.set_grad_checkpointing(enable)
+        elif hasattr(getattr(self.clip, "transformer", None), "grad_checkpointing"):
+            self.clip.transformer.grad_checkpointing = enable
+        else:
+            return False
+        self.grad_checkpointing = enable
+        return True
 
     def forward(self, x):
         batch = as_text_batch(self, x)

@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from mmcli.errors import BadInput
 from mmcli.models.adapters.common import (
     check_image_size,
     load_strict,
     offline,
+    ones_mask,
     quiet_library,
     read_library_weights,
     require,
@@ -101,6 +100,15 @@ class TimmImage(ImageEncoder):
         self.out_dim = int(model.num_features)
         self.token_dim = int(getattr(model, "num_features", self.out_dim))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """timm's own switch (``set_grad_checkpointing``), where the architecture has one."""
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AttributeError, AssertionError, NotImplementedError):
+            return False
+        self.grad_checkpointing = enable
+        return True
+
     def forward(self, x):
         return self.model(self.prepare(x))  # (B, num_features)
 
@@ -111,7 +119,7 @@ class TimmImage(ImageEncoder):
             tokens, mask = grid_tokens(feats)
         else:  # ViT tokens (B, T, C)
             tokens = feats
-            mask = feats.new_ones(feats.shape[:2], dtype=torch.bool)
+            mask = ones_mask(feats)
         return pooled, tokens, mask
 
     def check_spec(self, spec: dict[str, Any], where: str) -> None:

@@ -135,9 +135,29 @@ class DistillTask(JointTask):
 
     # -- the loss -----------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        w = self.cfg.losses
-        t_raw, t_toks = self._teacher_outputs(batch, self.teacher_mods)
+        total, logs = self.batch_loss(batch, self.represent(batch))
+        return total, {"loss": float(total.detach()), **logs, **self.state_logs()}
+
+    @property
+    def coupled(self) -> bool:
+        """similarity, contrastive and relational compare the batch's rows with each other:
+        ``--accum-steps`` then uses the gradient cache; every loss is computed over the
+        whole N×B batch there (the per-row ones are cheap after the encoders)."""
+        return bool(set(self.cfg.losses) & {"similarity", "contrastive", "relational"})
+
+    def represent(self, batch: Batch, cached=None):
+        """(teacher outputs, teacher tokens, student outputs, student tokens); encoded again,
+        the teacher's are taken from the first pass (``cached``)."""
+        if cached is None:
+            t_raw, t_toks = self._teacher_outputs(batch, self.teacher_mods)
+        else:
+            t_raw, t_toks = cached[0], cached[1]
         s_raw, s_toks = self._student_outputs(batch, t_raw, t_toks)
+        return t_raw, t_toks, s_raw, s_toks
+
+    def batch_loss(self, batch: Batch, reps):
+        w = self.cfg.losses
+        t_raw, t_toks, s_raw, s_toks = reps
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
         self._modality_losses(batch, s_raw, t_raw, losses)
@@ -146,14 +166,11 @@ class DistillTask(JointTask):
         if set(w) & set(CLASS_LOSSES):
             self._class_losses(batch, s_raw, s_toks, t_raw, t_toks, losses)
         total = combine(losses, w)
-        logs = {
-            "loss": float(total.detach()),
-            **{k: float(v.detach()) for k, v in losses.items()},
-            **logs,
-        }
-        if self.student.logit_scale is not None and self.student.logit_scale.requires_grad:
-            logs["logit_scale"] = float(self.student.logit_scale.detach().exp())
-        return total, logs
+        return total, {**{k: float(v.detach()) for k, v in losses.items()}, **logs}
+
+    def state_logs(self) -> dict[str, float]:
+        p = self.student.logit_scale
+        return {"logit_scale": float(p.detach().exp())} if p is not None and p.requires_grad else {}
 
     def _modality_losses(self, batch: Batch, s_raw: dict, t_raw: dict, losses: dict) -> None:
         """feature and relational: each student modality against its teacher target."""

@@ -90,8 +90,21 @@ class FuseTask(JointTask):
 
     # -- the loss -----------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.joint_forward(batch)
+
+    @property
+    def coupled(self) -> bool:
+        """contrastive, sigmoid and match (in-batch negatives) couple the batch's rows."""
+        return bool(set(self.cfg.objectives) & {"contrastive", "sigmoid", "match"})
+
+    def represent(self, batch: Batch, cached=None):
+        """(embeddings, tokens, caption source) of :meth:`_encode`."""
+        return self._encode(batch)
+
+    def batch_loss(self, batch: Batch, reps):
+        """contrastive / sigmoid over each pair, and match with in-batch negatives."""
         model, w = self.model, self.cfg.objectives
-        emb, toks, src = self._encode(batch)
+        emb, toks, _ = reps
         losses: dict[str, torch.Tensor] = {}
         if "contrastive" in w or "sigmoid" in w:
             scale = model.logit_scale.exp()
@@ -105,23 +118,25 @@ class FuseTask(JointTask):
                     parts.append(obj.sigmoid_loss(ea, eb, ia, ib, scale, model.logit_bias))
             name = "contrastive" if "contrastive" in w else "sigmoid"
             losses[name] = torch.stack(parts).mean()
-        b = len(batch)
-        first = {m: e[:b] for m, e in emb.items()}
+        if "match" in w:
+            first = {m: e[: len(batch)] for m, e in emb.items()}
+            losses["match"] = self._match_loss(batch, first, toks)
+        return _weighted(losses, w)
+
+    def row_loss(self, batch: Batch, reps):
+        """classify (the fused embedding's label) and caption: means over rows."""
+        model, w = self.model, self.cfg.objectives
+        emb, toks, src = reps
+        losses: dict[str, torch.Tensor] = {}
         if "classify" in w:
+            first = {m: e[: len(batch)] for m, e in emb.items()}
             fused, _ = model.fuse_parts(toks, first, batch.present)
             losses["classify"] = obj.classify_loss(model.classifier(fused), batch.labels)
-        if "match" in w:
-            losses["match"] = self._match_loss(batch, first, toks)
         if "caption" in w:
             losses["caption"] = caption_term(
                 model, batch, src, self.cfg.label_smoothing, self.caption_text
             )
-        total = sum(w[k] * v for k, v in losses.items())
-        logs = {"loss": float(total.detach())}
-        logs.update({k: float(v.detach()) for k, v in losses.items()})
-        if model.logit_scale is not None:
-            logs["logit_scale"] = float(model.logit_scale.detach().exp())
-        return total, logs
+        return _weighted(losses, w)
 
     # -- validation with a caption decoder --------------------------------------------
     def metric_names(self) -> list[str] | None:
@@ -201,3 +216,11 @@ class FuseTask(JointTask):
         }
         e = {m.removesuffix("_neg"): emb[m][r] for m, r in rows.items()}
         return t, e
+
+
+def _weighted(losses: dict[str, torch.Tensor], w: dict[str, float]):
+    """(the weighted sum of ``losses`` or None, their values by name)."""
+    if not losses:
+        return None, {}
+    total = sum(w[k] * v for k, v in losses.items())
+    return total, {k: float(v.detach()) for k, v in losses.items()}
