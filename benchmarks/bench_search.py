@@ -1,7 +1,7 @@
 """Exact `retrieve` search against faiss.IndexFlatIP, and the faiss backend's recall.
 
     python benchmarks/bench_search.py [--rows 500000] [--dim 512] [--queries 256] [-k 10]
-                                      [--repeats 5] [--no-hnsw] [--keep DIR]
+                                      [--repeats 5] [--no-hnsw] [--no-ivfpq] [--keep DIR]
 
 Generates N random L2-normalised float32 vectors and Q queries (seeded; --clusters C
 draws them around C centres, closer to real embeddings than uniform noise, on which
@@ -10,10 +10,13 @@ as feature shards stored as float32, float16 and bfloat16. Each contender runs i
 own process (so its peak RSS is its own), is built once, searched once to warm up, then
 timed over --repeats searches of all Q queries at once (median):
 
-* faiss.IndexFlatIP: vectors added from the float32 file (read, not memory-mapped);
+* faiss.IndexFlatIP: vectors added from the float32 file (read, not memory-mapped), twice:
+  with ``import faiss`` alone, and with torch imported first (then faiss's matrix products
+  go through the BLAS torch loads, several times faster here: faiss at its best);
 * mmcli exact search (mmcli.search.exact.ExactIndex, what `retrieve` runs): memory-
   mapped shards of each storage dtype, with the float32 and the bfloat16 scoring pass;
-* mmcli --backend faiss (ivf, hnsw): build time, search time, recall@k against exact.
+* mmcli --backend faiss (ivf, ivfpq, hnsw): build time, search time, recall@k against
+  exact, and the index's own build check (recall@10 on stored rows, bytes per vector).
 
 Hits are checked against an independent reference: float64 scores of the same stored
 vectors, full sort (score desc, row asc). Agreement with faiss (float32 arithmetic on
@@ -126,7 +129,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child_faiss_flat(folder: Path, k: int, repeats: int) -> dict:
+def child_faiss_flat(folder: Path, k: int, repeats: int, torch_first: bool = False) -> dict:
+    if torch_first:  # faiss's matrix products then run through the BLAS torch loads (faster)
+        import torch
+
+        torch.zeros(4, 4) @ torch.zeros(4, 4)
     import faiss
 
     from mmcli.formats.tensorfile import TensorSet
@@ -149,7 +156,7 @@ def child_faiss_flat(folder: Path, k: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         scores, rows = index.search(q, k)
         times.append(time.perf_counter() - t0)
-    np.save(folder / "hits-faiss-flat.npy", rows)
+    np.save(folder / f"hits-faiss-flat{'-torch' if torch_first else ''}.npy", rows)
     return {
         "build_s": build,
         "times": times,
@@ -214,7 +221,8 @@ def child_faiss_backend(folder: Path, kind: str, k: int, repeats: int) -> dict:
         "times": times,
         "peak_rss": peak_rss(),
         "base_rss": base,
-        "factory": index.params.factory(index.exact.size),
+        "factory": index.params.factory(index.exact.size, index.exact.dim),
+        "check": index.check,
     }
 
 
@@ -273,6 +281,7 @@ def main() -> None:
         help="draw vectors around this many centres (0: uniform random, the hardest case for ANN)",
     )
     ap.add_argument("--no-hnsw", action="store_true", help="skip the faiss HNSW build (slow)")
+    ap.add_argument("--no-ivfpq", action="store_true", help="skip the faiss IVF-PQ build (slow)")
     ap.add_argument(
         "--keep", help="folder for the generated data (default: a temp folder, removed)"
     )
@@ -283,8 +292,8 @@ def main() -> None:
     if args.child:
         what, folder, *rest = args.child
         folder = Path(folder)
-        if what == "faiss-flat":
-            out = child_faiss_flat(folder, args.k, args.repeats)
+        if what in ("faiss-flat", "faiss-flat-torch"):
+            out = child_faiss_flat(folder, args.k, args.repeats, what.endswith("torch"))
         elif what == "mmcli":
             out = child_mmcli(folder, rest[0], rest[1], args.k, args.repeats)
         else:
@@ -305,7 +314,10 @@ def main() -> None:
             file=sys.stderr,
         )
         common = ["-k", str(args.k), "--repeats", str(args.repeats)]
-        results = {"faiss-flat": run_child(["faiss-flat", str(folder), *common])}
+        results = {
+            name: run_child([name, str(folder), *common])
+            for name in ("faiss-flat", "faiss-flat-torch")
+        }
         for dtype, scoring in (
             ("float32", "fp32"),
             ("float32", "auto"),
@@ -315,12 +327,13 @@ def main() -> None:
         ):
             r = run_child(["mmcli", str(folder), dtype, scoring, *common])
             results[f"mmcli-{dtype}-{r['scoring']}"] = r
-        kinds = ["ivf"] + ([] if args.no_hnsw else ["hnsw"])
+        kinds = ["ivf"] + ([] if args.no_ivfpq else ["ivfpq"]) + ([] if args.no_hnsw else ["hnsw"])
         for kind in kinds:
             results[f"faiss-{kind}"] = run_child(["faiss", str(folder), kind, *common])
         refs = {d: reference(folder, d, args.k)[0] for d in ("float32", "float16", "bfloat16")}
         faiss_hits = np.load(folder / "hits-faiss-flat.npy")
         base = statistics.median(results["faiss-flat"]["times"])
+        fast = statistics.median(results["faiss-flat-torch"]["times"])
         rows = []
         for name, r in results.items():
             med = statistics.median(r["times"])
@@ -336,6 +349,7 @@ def main() -> None:
                 r["recall_vs_float32_exact"] = overlap(hits, refs["float32"])
             r["median_s"] = med
             r["ratio_vs_faiss_flat"] = med / base
+            r["ratio_vs_faiss_flat_torch_first"] = med / fast
             rows.append((name, r))
         for name, r in results.items():
             if name.startswith("mmcli-float32"):
@@ -345,12 +359,13 @@ def main() -> None:
         if args.json:
             print(json.dumps(results, indent=2))
         print(
-            f"\n{'contender':<26}{'median s':>10}{'ratio':>8}{'build s':>9}{'peak RSS':>10}{'+RSS':>8}{'index':>8}"
+            f"\n{'contender':<26}{'median s':>10}{'ratio':>8}{'fast':>7}{'build s':>9}{'peak RSS':>10}{'+RSS':>8}{'index':>8}"
             f"{'same as exact':>15}{'same as f32':>13}{'same as faiss':>15}{'recall':>8}"
         )
         for name, r in rows:
             print(
-                f"{name:<26}{r['median_s']:>10.3f}{r['ratio_vs_faiss_flat']:>8.3f}{r['build_s']:>9.1f}"
+                f"{name:<26}{r['median_s']:>10.3f}{r['ratio_vs_faiss_flat']:>8.3f}"
+                f"{r['ratio_vs_faiss_flat_torch_first']:>7.3f}{r['build_s']:>9.1f}"
                 f"{r['peak_rss'] / 2**30:>9.2f}G{(r['peak_rss'] - r['base_rss']) / 2**30:>7.2f}G"
                 f"{r.get('index_bytes', 0) / 2**30:>7.2f}G"
                 f"{_pct(r.get('identical_to_exact_same_storage')):>15}{_pct(r['identical_to_exact_float32_original']):>13}"
@@ -363,7 +378,12 @@ def main() -> None:
                     f"faiss.IndexFlatIP; largest exact score gap at the first differing rank: "
                     f"{r['max_exact_gap_where_differs']:.2e}"
                 )
+        for name, r in results.items():
+            if r.get("check"):
+                print(f"{name} ({r['factory']}): its own build check: {r['check']}")
         print(
+            "\nratio: to faiss.IndexFlatIP with faiss imported alone; fast: to the same with torch"
+            " imported first (faiss's products then use torch's faster BLAS: its best configuration)."
             "\n+RSS: peak RSS growth after start-up (the index and the search); index: stored vectors."
             "\nsame as exact: hit lists identical (ids and order) to a float64 full sort of the same stored "
             "vectors; same as f32: ... of the float32 original; recall: overlap@k with exact float32."

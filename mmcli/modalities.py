@@ -31,8 +31,17 @@ BUILTIN_ENCODERS: dict[str, tuple[str, ...]] = {
 }
 
 #: ``fuse-train`` / ``distill`` end to end without ``--encoder``: small encoders that learn
-#: from scratch on a CPU
-TRAIN_ENCODERS: dict[str, str] = {"image": "convnet", "text": "transformer", "audio": "melcnn"}
+#: from scratch on a CPU in minutes (benchmarks/bench_defaults.py measures them against the
+#: registry's full-size ``convnet`` and ``transformer``). The image encoder's stem stride
+#: follows the image size: :func:`train_encoder`.
+TRAIN_ENCODERS: dict[str, str] = {
+    "image": "convnet:width=16,grid=4",
+    "text": "transformer:width=128,depth=2",
+    "audio": "melcnn",
+}
+
+#: the side of the default image encoder's stem output: its stride is image size / this
+STEM_SIDE = 32
 
 
 def order_key(modality: str) -> int:
@@ -56,6 +65,19 @@ def pairs_among(present: Iterable[str]) -> list[tuple[str, str]]:
     return [p for p in PAIR_ORDER if p[0] in have and p[1] in have]
 
 
-def train_encoder(modality: str) -> str:
-    """The default end-to-end encoder of ``modality`` (``tiny`` for one mmcli has none for)."""
-    return TRAIN_ENCODERS.get(modality, "tiny")
+def train_encoder(modality: str, row_shape: Iterable[int] | None = None) -> str:
+    """The default end-to-end encoder spec of ``modality`` (``tiny`` for one mmcli has none
+    for). For images of ``row_shape`` ``(3, H, W)`` the convnet's stem stride brings the
+    shorter side to about :data:`STEM_SIDE` pixels (64 px: stride 2, 224 px: stride 7), so
+    the cost per image hardly depends on the image size."""
+    spec = TRAIN_ENCODERS.get(modality, "tiny")
+    shape = tuple(row_shape or ())
+    if modality == "image" and len(shape) == 3:
+        stride = max(1, round(min(shape[1:]) / STEM_SIDE))
+        spec = f"{spec},stem_stride={stride}"
+    return spec
+
+
+def encoder_name(spec: str) -> str:
+    """The registry name of an encoder spec: ``convnet:width=16`` -> ``convnet``."""
+    return spec.split(":", 1)[0]

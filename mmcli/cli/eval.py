@@ -48,9 +48,17 @@ def eval_command(
         str | None,
         typer.Option(
             help="Encodes class prompts (zeroshot; a checkpoint, open_clip:ARCH or hf:DIR) or "
-            "classifies (classify)."
+            "classifies (classify); default: the model the features name, if it is there."
         ),
     ] = None,
+    allow_model_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-model-mismatch",
+            help="Use a --model other than the one the features record (a warning instead of "
+            "exit 2); also lets retrieval pair tables of two models.",
+        ),
+    ] = False,
     weights: Annotated[
         str | None,
         typer.Option("--weights", "-w", help="The weights file of --model open_clip:ARCH."),
@@ -209,6 +217,7 @@ def eval_command(
             ks=parse_ks(k),
             model=model,
             weights=weights,
+            allow_model_mismatch=allow_model_mismatch,
             precision=precision,
             templates=templates,
             table=modality,

@@ -71,21 +71,34 @@ def fuse_train(
     encoder: Annotated[
         list[str] | None,
         typer.Option(
-            help="End to end: encoder per modality, e.g. image=convnet:width=32 (repeatable).",
+            help="End to end: encoder per modality, e.g. image=convnet:width=32 (repeatable) "
+            "\\[default: small ones that learn in minutes on a CPU, docs/fuse-train.md].",
             rich_help_panel=_MODEL,
         ),
     ] = None,
     weights: Annotated[
         list[str] | None,
         typer.Option(
-            help="Initial encoder weights per modality: image=resnet18.pth or image=imagenet.",
+            help="Initial encoder weights per modality: image=resnet18.pth or image=imagenet; "
+            "with --init open_clip:ARCH, its weights FILE.",
             rich_help_panel=_MODEL,
         ),
     ] = None,
     freeze: Annotated[
         list[str] | None,
         typer.Option(
-            help="Keep this modality's encoder fixed (repeatable).", rich_help_panel=_MODEL
+            help="Keep this modality's encoder fixed (repeatable or image,audio; its outputs "
+            "are computed once). --init M --freeze image is LiT.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            help="Start from a model: an mmcli checkpoint, open_clip:ARCH (with --weights FILE) "
+            "or hf:DIR (towers, heads, logit scale).",
+            rich_help_panel=_MODEL,
         ),
     ] = None,
     embed_dim: Annotated[
@@ -194,6 +207,9 @@ def fuse_train(
 
         mmcli fuse-train out/tensors -o runs/coca --objective contrastive=1,caption=2
 
+        mmcli fuse-train out/tensors -o runs/lit --init open_clip:ViT-B-32 \\
+            --weights clip.safetensors --freeze image
+
         torchrun --nproc_per_node 2 -m mmcli fuse-train out/tensors -o runs/ddp --batch-size 64
     """
     with command(quiet=quiet, debug=debug) as ctx:
@@ -211,8 +227,10 @@ def fuse_train(
             embed_dim=embed_dim,
             head=head,
             encoders=parse_key_values(encoder, "--encoder", split_commas=False),
-            weights=parse_key_values(weights, "--weights", split_commas=False),
-            freeze=list(freeze or []),
+            weights={} if init else parse_key_values(weights, "--weights", split_commas=False),
+            freeze=[m.strip() for value in freeze or [] for m in value.split(",") if m.strip()],
+            init=init,
+            init_weights=_init_weights(weights) if init else None,
             temperature=temperature,
             captions_per_item=captions_per_item,
             hard_negatives=hard_negatives,
@@ -242,7 +260,8 @@ def fuse_train(
         )
         from mmcli.train.state import refuse_inputs
 
-        refuse_inputs(out, [*data, *(val or []), *cfg.weights.values()])  # OUT is never an input
+        inputs = [*data, *(val or []), *cfg.weights.values(), cfg.init, cfg.init_weights]
+        refuse_inputs(out, [p for p in inputs if p])  # OUT is never an input
         summary = run(
             list(data),
             out,
@@ -266,3 +285,17 @@ def fuse_train(
                 f"model: {out}/model.safetensors"
             )
             typer.echo(json.dumps(summary))
+
+
+def _init_weights(values: list[str] | None) -> str | None:
+    """``--weights FILE`` of ``--init open_clip:ARCH``: one file, no modality."""
+    from mmcli.errors import BadInput
+
+    if not values:
+        return None
+    if len(values) > 1 or "=" in values[0]:
+        raise BadInput(
+            "with --init, --weights is the weights FILE of the --init model (one, no modality)",
+            hint="--init open_clip:ARCH --weights clip.safetensors",
+        )
+    return values[0]

@@ -27,14 +27,16 @@ def retrieve(
     text: Annotated[
         Many,
         typer.Option(
-            "--text", help="A text query (repeatable). Needs --model.", rich_help_panel="Queries"
+            "--text",
+            help="A text query (repeatable). Encoded by --model.",
+            rich_help_panel="Queries",
         ),
     ] = None,
     image: Annotated[
         Many,
         typer.Option(
             "--image",
-            help="An image file query (repeatable). Needs --model.",
+            help="An image file query (repeatable). Encoded by --model.",
             rich_help_panel="Queries",
         ),
     ] = None,
@@ -42,7 +44,7 @@ def retrieve(
         Many,
         typer.Option(
             "--audio",
-            help="An audio file query (repeatable). Needs --model.",
+            help="An audio file query (repeatable). Encoded by --model.",
             rich_help_panel="Queries",
         ),
     ] = None,
@@ -76,10 +78,18 @@ def retrieve(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Encodes raw queries (the model the index was extracted with): a checkpoint, "
-            "open_clip:ARCH or hf:DIR."
+            help="Encodes raw queries: the model the index was extracted with (a checkpoint, "
+            "open_clip:ARCH or hf:DIR; default: the one the index names, if it is there)."
         ),
     ] = None,
+    allow_model_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-model-mismatch",
+            help="Encode queries with a --model other than the one the index records "
+            "(a warning instead of exit 2).",
+        ),
+    ] = False,
     weights: Annotated[
         str | None,
         typer.Option("--weights", "-w", help="The weights file of --model open_clip:ARCH."),
@@ -174,7 +184,8 @@ def retrieve(
 ) -> None:
     """Search a feature index: one JSON line per query with ranked hits.
 
-    Queries: --text/--image/--audio (encoded with --model), --id, --queries
+    Queries: --text/--image/--audio (encoded with --model: the model the
+    index was extracted with, checked by sha256), --id, --queries
     FEATURES, or JSON lines on stdin ({"text": ...}, {"image": path},
     {"audio": path}, {"id": ...}), answered as they arrive. Each output line
     is {"query": ..., "hits": [{"rank", "id", "score", "item": {manifest
@@ -221,6 +232,7 @@ def retrieve(
             rebuild=rebuild_index,
             model=model,
             weights=weights,
+            allow_model_mismatch=allow_model_mismatch,
             precision=precision,
             device=str(resolve_device(device)),
             batch_size=batch_size,

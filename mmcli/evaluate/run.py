@@ -31,7 +31,8 @@ from mmcli.evaluate.zeroshot import evaluate_zeroshot, load_templates
 from mmcli.formats.features import FeatureSet
 from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
-from mmcli.search.queries import QueryEncoder, load_model
+from mmcli.search.model_check import check_classifier, check_same_model, model_for
+from mmcli.search.queries import QueryEncoder
 
 TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify", "captioning")
 
@@ -45,6 +46,8 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     model: str | None = None
     weights: str | None = None  # the weights file of --model open_clip:ARCH
+    #: a --model other than the one the features record: a warning, not exit 2
+    allow_model_mismatch: bool = False
     precision: str = "fp32"  # the model's inference: bf16 on the CPU casts it to bfloat16
     templates: str | None = None
     table: str | None = None  # zeroshot / linear-probe: the table to classify
@@ -130,7 +133,7 @@ def run_eval(
         raise BadInput("no feature files given", hint="mmcli eval FEATURES... (or --train/--test)")
     task = _pick_task(cfg, features if features is not None else split_sets["train"])
     _check_task_inputs(cfg, task, features)
-    model = _task_model(cfg, task, device)
+    model = _task_model(cfg, task, device, features)
     query = target = None
     if task == "retrieval":
         metrics, info, query, target = _retrieval(cfg, features, device, progress, details)
@@ -148,7 +151,9 @@ def run_eval(
     return {
         "task": task,
         "dataset": dataset_name(any_set),
-        "model": model_name(cfg.model, any_set),
+        "model": model_name(
+            cfg.model or (getattr(model, "checkpoint", None) or {}).get("path"), any_set
+        ),  # fmt: skip
         "query": query,
         "target": target,
         "split": cfg.split,
@@ -206,18 +211,21 @@ def _captioning(cfg: EvalConfig, device: str, started: float) -> dict[str, Any]:
     }
 
 
-def _task_model(cfg: EvalConfig, task: str, device: str):
-    """The checkpoint zero-shot and classify need (None for the other tasks)."""
+def _task_model(cfg: EvalConfig, task: str, device: str, features):
+    """The model zero-shot and classify need (None for the other tasks): ``--model``, or the
+    one the features name; checked against the features it reads (sha256)."""
     if task not in ("zeroshot", "classify"):
         return None
-    if not cfg.model:
-        raise BadInput(
-            f"--task {task} needs --model CKPT",
-            hint="the checkpoint that encodes the class prompts"
-            if task == "zeroshot"
-            else "a classifier checkpoint",
-        )
-    return load_model(cfg.model, device, weights=cfg.weights)
+    opts = {"weights": cfg.weights, "device": device, "allow": cfg.allow_model_mismatch}
+    if task == "zeroshot":
+        table = cfg.table or probe_table(features, None)
+        return model_for(features, [table], cfg.model, purpose="--task zeroshot needs --model",
+                         **opts)  # fmt: skip
+    model = model_for(features, [probe_table(features, None)], cfg.model,
+                      purpose="--task classify needs --model (a classifier checkpoint)",
+                      check=False, **opts)  # fmt: skip
+    check_classifier(model, features, allow=cfg.allow_model_mismatch)
+    return model
 
 
 def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory, details=None):
@@ -226,6 +234,7 @@ def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory
     info: dict[str, Any] = {}
     pairs = retrieval_pairs(features.tables, cfg.query, cfg.target)
     for q, t in pairs:
+        check_same_model(features, [q, t], allow=cfg.allow_model_mismatch)
         prefix = f"{q}_{t}/" if len(pairs) > 1 else ""
         d = {} if details is not None else None
         m, i = evaluate_retrieval(

@@ -19,6 +19,7 @@ INPUT_KEYS = ("image_size", "tokenizer", "context_length", "lowercase", "sample_
 def setup_model(model, encoders, weights, tensors: TensorSet):
     """(MultimodalModel, modalities to extract) from the arguments."""
     from mmcli.models import MultimodalModel, build_model, load_model
+    from mmcli.models.backbones import with_backbones
     from mmcli.models.pretrained import is_library_spec, one_weights
     from mmcli.models.weights import weights_per_modality
 
@@ -33,6 +34,8 @@ def setup_model(model, encoders, weights, tensors: TensorSet):
         if not isinstance(model, MultimodalModel):  # a checkpoint, open_clip:ARCH or hf:DIR
             model = load_model(model, weights=one_weights(weights))
         modalities = [m for m in model.modalities if m in tensors.tables]
+        if tensors.kind == "tensors":  # trained on frozen features: the backbones rebuilt
+            model = with_backbones(model, modalities)
         if not modalities:
             raise BadInput(
                 f"the model encodes {', '.join(model.modalities)} but the input has "
@@ -114,9 +117,12 @@ def run_id(model, modalities, tensors: TensorSet, dtype: str, normalize: bool, s
 def specs(
     model, modalities, tensors: TensorSet, dtype: str, normalize: bool, seed: int
 ) -> dict[str, dict]:
+    from mmcli.models.backbones import init_record
+
     specs = {}
     for m in modalities:
         enc = model.config.encoders[m]
+        random = model.weights.get(m) is None and model.checkpoint is None
         specs[m] = {
             "encoder": enc["name"],
             "encoder_config": enc["config"],
@@ -126,11 +132,13 @@ def specs(
             "dtype": dtype,
             "weights": model.weights.get(m),
             # random init is reproducible from the seed (backbones without weights)
-            "seed": seed if model.weights.get(m) is None and model.checkpoint is None else None,
+            "seed": seed if random else None,
             "space": model.space,
             "model": model.checkpoint,
             "input": tensors.spec(m),
         }
+        if random:  # how to rebuild it (a model trained on these features encodes raw input)
+            specs[m]["init"] = init_record(model, m, seed)
         if hasattr(model.encoders[m], "tokenizer_spec"):  # a pretrained model's own tokenizer
             specs[m]["tokenizer"] = model.encoders[m].tokenizer_spec()
     return specs

@@ -82,6 +82,8 @@ def load_model(path: str | os.PathLike, cls: Any, device: str | torch.device = "
     model = materialize(lambda: cls(config), read_tensors(), device, where)
     model.weights.update(config.extra.get("encoder_weights", {}) or {})
     model.checkpoint = {"path": where, "sha256": None if is_stdio(path) else file_sha256(path)}
+    if not is_stdio(path):  # found again from another folder (retrieve / eval without --model)
+        model.checkpoint["abspath"] = os.path.abspath(path)
     model.checkpoint_meta = {"train": ckpt.train, "state": ckpt.state, "metrics": ckpt.metrics}
     return model.eval()
 

@@ -98,8 +98,20 @@ class QueryEncoder:
         dev = runtime.resolve_device(str(device))
         self.precision = runtime.inference_precision(precision, dev)
         self.model = runtime.cast_for_inference(model, self.precision, dev)
+        self._dev = dev
         self._autocast = lambda: runtime.autocast(dev, self.precision)
         self._transforms: dict[str, Any] = {}
+
+    def _raw(self, modality: str) -> None:
+        """A ``features`` encoder whose backbone the model records (trained on frozen
+        features): the backbone rebuilt and chained before it, once."""
+        from mmcli import runtime
+        from mmcli.models.backbones import chainable, with_backbones
+
+        if not hasattr(self.model, "config") or chainable(self.model, modality) is None:
+            return
+        model = with_backbones(self.model, [modality])
+        self.model = runtime.cast_for_inference(model, self.precision, self._dev)
 
     def _spec(self, modality: str) -> dict[str, Any]:
         modalities = getattr(self.model, "modalities", None) or list(self.model.config.encoders)
@@ -115,9 +127,10 @@ class QueryEncoder:
             raise BadInput(
                 f"the model's {modality} encoder takes precomputed features"
                 + (f" (of {backbone})" if backbone else "")
-                + f", not raw {modality} queries",
+                + f", not raw {modality} queries, and its features do not record how to rebuild "
+                "that backbone",
                 hint="extract the queries with that backbone and search with their features "
-                "(retrieve --queries FEATURES), or use a model trained end to end",
+                "(retrieve --queries FEATURES), or train on features written by this mmcli",
             )
         return dict((self.model.config.inputs or {}).get(modality) or {})
 
@@ -136,6 +149,7 @@ class QueryEncoder:
 
     def inputs(self, modality: str, values: list[str]):
         """The model's input rows for raw values (captions or file paths)."""
+        self._raw(modality)
         encoders = dict(getattr(self.model, "encoders", {}))
         encoder = encoders.get(modality)
         if getattr(encoder, "takes_text", False):  # a pretrained model's own tokenizer

@@ -27,7 +27,8 @@ from mmcli.modalities import MODALITIES
 from mmcli.progress import ProgressFactory, null_progress
 from mmcli.search.exact import ExactIndex, resolve_scoring
 from mmcli.search.faiss_backend import FaissIndex, FaissParams
-from mmcli.search.queries import Query, QueryEncoder, load_model
+from mmcli.search.model_check import model_for
+from mmcli.search.queries import Query, QueryEncoder
 
 log = logging.getLogger("mmcli")
 
@@ -58,6 +59,8 @@ class RetrieveConfig:
     with_fields: bool = True
     split: str | None = None  # search only the items of this manifest split
     exclude_self: bool = True  # an --id query's own item is not among its hits
+    #: encode queries with a model other than the one the index records (a warning, not exit 2)
+    allow_model_mismatch: bool = False
 
 
 def default_target(tables: list[str]) -> str:
@@ -125,16 +128,16 @@ class Retriever:
     @property
     def encoder(self) -> QueryEncoder:
         if self._encoder is None:
-            if not self.cfg.model:
-                raise BadInput(
-                    "text, image and audio queries need --model (a checkpoint, open_clip:ARCH or hf:DIR)",
-                    hint="the checkpoint the index features were extracted with; or query by --id / --queries FEATURES",
-                )
-            self._encoder = QueryEncoder(
-                load_model(self.cfg.model, self.cfg.device, weights=self.cfg.weights),
-                self.cfg.device,
-                precision=self.cfg.precision,
+            model = model_for(
+                self.features,
+                [self.target],
+                self.cfg.model,
+                weights=self.cfg.weights,
+                device=self.cfg.device,
+                allow=self.cfg.allow_model_mismatch,
+                purpose="text, image and audio queries need --model",
             )
+            self._encoder = QueryEncoder(model, self.cfg.device, precision=self.cfg.precision)
         return self._encoder
 
     def _table_rows(self, table: str) -> tuple[Any, np.ndarray]:

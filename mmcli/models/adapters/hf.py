@@ -148,17 +148,17 @@ def load_auto(path: str, what: str):
 
 
 def hf_model_object(path: str):
-    return shared_build((LIB, path), lambda: _build_model(path))
+    return shared_build((LIB, path), lambda: auto_model(path))
 
 
-def _build_model(path: str):
-    """The folder's model with its weights; on the meta device (a checkpoint checked before
-    its weights are read) the architecture only: ``from_pretrained`` refuses meta."""
-    if torch.get_default_device().type != "meta":
-        return load_auto(path, "AutoModel")
+def auto_model(path: str, what: str = "AutoModel"):
+    """``what.from_pretrained(path)``; on the meta device (a checkpoint's sizes checked before
+    it is loaded) the architecture alone, from the folder's config."""
+    if torch.empty(0).device.type != "meta":
+        return load_auto(path, what)
     tf = require("transformers", "hf: encoders")
     with quiet_library():
-        return tf.AutoModel.from_config(load_auto(path, "AutoConfig")).eval()
+        return getattr(tf, what).from_config(load_auto(path, "AutoConfig")).eval()
 
 
 def model_type(path: str) -> str:

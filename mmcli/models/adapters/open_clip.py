@@ -146,13 +146,11 @@ def create_clip(config: _OpenClipConfig):
         _check_tag(oc, name, config.pretrained)
     try:
         with quiet_library():
-            # on the device being built on: the meta device when a checkpoint is checked
-            # before its weights are read (open_clip moves the model to ``device``)
+            # on the current default device: the meta device when a checkpoint is checked
+            # before it is loaded (open_clip's own .to("cpu") would fail there)
+            device = torch.empty(0).device
             model = oc.create_model(
-                name,
-                pretrained=config.pretrained,
-                weights_only=True,
-                device=torch.get_default_device(),
+                name, pretrained=config.pretrained, weights_only=True, device=device
             )
     except RuntimeError as e:
         if not config.pretrained:

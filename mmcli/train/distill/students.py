@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmcli.errors import BadInput
-from mmcli.modalities import train_encoder
+from mmcli.modalities import encoder_name, train_encoder
 from mmcli.models.multimodal import ModelConfig, MultimodalModel, encoder_overrides_from_input
 from mmcli.models.registry import config_to_dict, make_config, parse_encoder_spec
 from mmcli.train.data import Dataset
@@ -44,7 +44,7 @@ def derive_encoder(modality: str, enc: dict[str, Any], width: float, depth: floa
             f"cannot derive a smaller {modality}/{name}: it has no width or depth option",
             hint=f"name the student's encoder, e.g. --student {modality}="
             + {"image": "convnet:width=16", "text": "transformer:width=64,depth=1"}.get(
-                modality, f"{train_encoder(modality)}:width=16"
+                modality, f"{encoder_name(train_encoder(modality))}:width=16"
             ),
         )
     for key in ("width", "dim"):
@@ -239,7 +239,7 @@ def _cross_student(data, cfg, teacher, spec: StudentSpec) -> Student:
     if spec.checkpoint or spec.derive:
         raise BadInput(
             "with --from/--to, --student names the new encoder only",
-            hint=f"for example --student {b}={train_encoder(b)}:width=16",
+            hint=f"for example --student {b}={encoder_name(train_encoder(b))}:width=16",
         )
     extra = sorted(set(spec.encoders) - {b})
     if extra:
@@ -247,7 +247,10 @@ def _cross_student(data, cfg, teacher, spec: StudentSpec) -> Student:
             f"--student {extra[0]}=...: with --to {b} only the {b} encoder is new",
             hint=f"drop it, or name --student {b}=...",
         )
-    enc = _named_encoder(b, spec.encoders.get(b, train_encoder(b)), data.dataset)
+    default = train_encoder(
+        b, data.dataset.tables[b].row_shape if b in data.dataset.tables else None
+    )
+    enc = _named_encoder(b, spec.encoders.get(b) or default, data.dataset)
     config = ModelConfig.from_dict(copy.deepcopy(teacher.config.to_dict()))
     config.encoders[b] = enc
     probe = MultimodalModel(ModelConfig(encoders={b: enc}))

@@ -28,9 +28,10 @@ class FuseConfig:
     head: str = "linear"  # linear | mlp (projection heads)
     encoders: dict[str, str] = field(default_factory=dict)  # end to end: modality -> spec
     weights: dict[str, str] = field(default_factory=dict)
-    freeze: list[str] = field(
-        default_factory=list
-    )  # end to end: modalities whose encoder stays fixed
+    freeze: list[str] = field(default_factory=list)  # modalities whose encoder stays fixed
+    init: str | None = None  # start from this model: a checkpoint, open_clip:ARCH, hf:DIR
+    init_weights: str | None = None  # the weights file of --init open_clip:ARCH
+    cache_frozen: bool = True  # a frozen tower's outputs computed once (False: every step)
     temperature: float = 0.07  # initial; learned, clamped at 1/100
     captions_per_item: int = 1
     hard_negatives: str | None = None  # manifest field with hard-negative captions (NegCLIP)

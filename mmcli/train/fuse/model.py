@@ -31,7 +31,7 @@ def setup_model(data: Data, cfg: FuseConfig) -> MultimodalModel:
                 )
             encoders[m] = f"features:dim={ds.tables[m].row_shape[0]}"
         else:
-            encoders[m] = cfg.encoders.get(m, train_encoder(m))
+            encoders[m] = cfg.encoders.get(m) or train_encoder(m, ds.tables[m].row_shape)
     unknown = sorted(set(cfg.encoders) - set(data.modalities))
     if unknown:
         raise BadInput(f"--encoder for {unknown[0]} but the training data has no {unknown[0]}")

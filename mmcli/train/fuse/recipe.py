@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mmcli.train.fuse.config import FuseConfig
+from mmcli.train.fuse.frozen import training_view
+from mmcli.train.fuse.init import init_model
 from mmcli.train.fuse.model import setup_data, setup_model
 from mmcli.train.fuse.task import FuseTask
 from mmcli.train.recipe import Recipe, parameter_counts
@@ -15,14 +17,20 @@ class FuseRecipe(Recipe):
     cfg: FuseConfig
 
     def setup(self, dev, dist, run):
-        data = setup_data(self.sources, self.val_sources, self.cfg)
-        model = setup_model(data, self.cfg)
-        sampler = self.sampler(data, dist, batch_with=self.cfg.batch_with)
-        return FuseTask(model, self.cfg, data, seed=self.loop.seed), sampler
+        cfg = self.cfg
+        data = setup_data(self.sources, self.val_sources, cfg)
+        model = init_model(data, cfg) if cfg.init else setup_model(data, cfg)
+        self.sampler(data, dist, batch_with=cfg.batch_with)  # the batch size, before any cache
+        # frozen towers computed once, pretrained tokenizers run once: a view of the model
+        view, data = training_view(model, data, cfg, run, device=dev, precision=self.loop.precision,
+                                   batch_size=cfg.eval_batch_size, resume=self.resume,
+                                   is_main=dist.is_main, progress=self.progress)  # fmt: skip
+        sampler = self.sampler(data, dist, batch_with=cfg.batch_with)
+        return FuseTask(view, cfg, data, seed=self.loop.seed, saved=model), sampler
 
     def describe(self, task: FuseTask, dev) -> str:
         data = task.data
-        n_params, n_train = parameter_counts(task.model)
+        n_params, n_train = parameter_counts(task.saved)
         return (
             f"fuse-train: {len(data.train)} train items, "
             f"{len(data.val) if data.val is not None else 0} val items, "
@@ -31,7 +39,7 @@ class FuseRecipe(Recipe):
         )
 
     def finish(self, summary, task: FuseTask, dev, dist, run) -> dict[str, Any]:
-        summary["parameters"] = parameter_counts(task.model)[0]
+        summary["parameters"] = parameter_counts(task.saved)[0]
         return summary
 
 

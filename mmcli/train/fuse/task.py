@@ -21,9 +21,14 @@ class FuseTask(JointTask):
     """The loss of a batch: contrastive / sigmoid over each pair, classification and
     image-text matching through the fusion module."""
 
-    def __init__(self, model: MultimodalModel, cfg: FuseConfig, data: Data, *, seed: int = 0):
+    def __init__(
+        self, model: MultimodalModel, cfg: FuseConfig, data: Data, *, seed: int = 0, saved=None
+    ):
         super().__init__(data, cfg.eval_batch_size)
         self.model = model
+        # the whole model the checkpoints hold (``model`` may be a view of it that reads
+        # cached frozen-tower outputs: mmcli.train.fuse.frozen); not a submodule
+        self.__dict__["saved"] = saved if saved is not None else model
         self.cfg = cfg
         self.pairs = data.pairs
         self.modalities = data.modalities
@@ -64,7 +69,7 @@ class FuseTask(JointTask):
                 toks[m] = tm
             if m == self.caption_from:
                 src = (pooled[: len(batch)], *(tm if cap_tokens else (None, None)))
-            emb[m] = F.normalize(model.heads[m](pooled).float(), dim=-1)
+            emb[m] = F.normalize(_head(model, m, pooled).float(), dim=-1)
         if "text_neg" in batch.data:
             text = model.encoders["text"]
             if need_tokens and "text" in toks:
@@ -72,7 +77,7 @@ class FuseTask(JointTask):
                 toks["text_neg"] = (tok, mask & batch.present["text_neg"][:, None])
             else:
                 pooled = text(batch.data["text_neg"])
-            emb["text_neg"] = F.normalize(model.heads["text"](pooled).float(), dim=-1)
+            emb["text_neg"] = F.normalize(_head(model, "text", pooled).float(), dim=-1)
         return emb, toks, src
 
     def _rows(self, batch: Batch, emb: dict[str, torch.Tensor], m: str):
@@ -87,6 +92,9 @@ class FuseTask(JointTask):
             e = torch.cat([e, neg])
             items = torch.cat([items, items.new_full((len(neg),), -1)])
         return e, items
+
+    def save_model(self, path, **meta) -> None:
+        self.saved.to_checkpoint(path, **meta)
 
     # -- the loss -----------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -224,3 +232,8 @@ def _weighted(losses: dict[str, torch.Tensor], w: dict[str, float]):
         return None, {}
     total = sum(w[k] * v for k, v in losses.items())
     return total, {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _head(model: MultimodalModel, m: str, pooled: torch.Tensor) -> torch.Tensor:
+    """The projection head of ``m`` (a pretrained CLIP's towers end in the joint space)."""
+    return model.heads[m](pooled) if m in model.heads else pooled
