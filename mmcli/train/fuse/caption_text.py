@@ -44,6 +44,17 @@ def resolve_tokenizer(name: str | None, model: Any):
     return caption_tokenizer(name)
 
 
+def _row_count(table: Any) -> int:
+    starts = getattr(table, "starts", None)  # a shard table, or a text tower's TokenTable
+    return int(starts[-1]) if starts is not None else int(len(table.data))
+
+
+def plain_table(ds: Dataset) -> bool:
+    """Whether the text table holds the byte ids preprocess wrote (not a pretrained text
+    tower's own tokens, :mod:`mmcli.train.fuse.tokens`)."""
+    return hasattr(ds.tables["text"], "starts")
+
+
 class CaptionIds:
     """Token ids of every row of a dataset's text table, in the decoder's vocabulary."""
 
@@ -56,7 +67,7 @@ class CaptionIds:
         if not sets:
             raise BadInput("the caption objective needs a text table of captions")
         texts = [t for shard in sets[0].shards for t in caption_rows(shard, "text")]
-        if len(texts) != int(ds.tables["text"].starts[-1]):
+        if len(texts) != _row_count(ds.tables["text"]):
             raise BadInput(
                 "the shards hold a different number of caption strings than text rows",
                 where=sets[0].paths[0],

@@ -9,7 +9,7 @@ from mmcli.models.multimodal import MultimodalModel
 from mmcli.train import objectives as obj
 from mmcli.train.fuse.caption import METRICS as CAPTION_METRICS
 from mmcli.train.fuse.caption import caption_metrics, caption_term
-from mmcli.train.fuse.caption_text import CaptionIds
+from mmcli.train.fuse.caption_text import CaptionIds, plain_table
 from mmcli.train.fuse.config import FuseConfig
 from mmcli.train.parallel import gather, gather_with_grad
 from mmcli.train.sampler import Batch
@@ -49,8 +49,8 @@ class FuseTask(JointTask):
         from mmcli.models.tokenizers import tokenizer_from_spec
 
         spec = self.model.captioner.config.tokenizer
-        if spec.get("tokenizer", "bytes") == "bytes":
-            return None
+        if spec.get("tokenizer", "bytes") == "bytes" and plain_table(ds):
+            return None  # the text table's rows are the decoder's ids
         return CaptionIds(ds, tokenizer_from_spec(spec))
 
     # -- helpers ------------------------------------------------------------------
