@@ -161,6 +161,15 @@ def fuse_train(
         float,
         typer.Option(help="--objective caption: label smoothing.", rich_help_panel=_CAPTION),
     ] = 0.1,
+    caption_tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="--objective caption: the decoder's vocabulary: bytes | open_clip:ARCH | hf:DIR "
+            "(a tokenizer folder) \\[default: the pretrained text tower's tokenizer, else bytes].",
+            rich_help_panel=_CAPTION,
+            show_default=False,
+        ),
+    ] = None,
     epochs: Epochs = 10,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 128,
@@ -231,6 +240,7 @@ def fuse_train(
             caption_decoder=caption_decoder,
             caption_from=caption_from,
             label_smoothing=label_smoothing,
+            caption_tokenizer=caption_tokenizer,
         )
         loop = loop_config(
             epochs=epochs,

@@ -149,7 +149,9 @@ def _render(s: dict) -> None:
         console.print(f"[bold]{s['path']}[/]  model checkpoint, {s['parameters']:,} parameters")
         for key in ("model", "state", "metrics", "train"):
             if s.get(key):
-                console.print(f"[bold]{key}[/]: {json.dumps(s[key], ensure_ascii=False)}")
+                # a long string (a caption decoder's embedded tokenizer) as its length
+                shown = json.dumps(_elide(s[key]), ensure_ascii=False)
+                console.print(f"[bold]{key}[/]: {shown}")
         return
     first = s["paths"][0]
     where = first if s["shards"] == 1 else f"{first} (+{s['shards'] - 1} shards)"
@@ -185,3 +187,14 @@ def _render(s: dict) -> None:
         console.print("stats: " + ", ".join(f"{k} {v:,}" for k, v in s["stats"].items()))
     for k, v in s.get("metadata", {}).items():
         console.print(f"{k}: {json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}")
+
+
+def _elide(v, most: int = 400):
+    """Strings longer than ``most`` shown as their length (``--json`` keeps them whole)."""
+    if isinstance(v, str) and len(v) > most:
+        return f"<{len(v):,} characters>"
+    if isinstance(v, dict):
+        return {k: _elide(x, most) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_elide(x, most) for x in v]
+    return v

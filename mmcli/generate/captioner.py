@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import load_manifest_index, locate_manifest
 from mmcli.formats.tensorfile import TensorSet, open_tensors, where_paths
 from mmcli.generate.search import DecodeOptions, Generated, generate
 from mmcli.models.multimodal import MultimodalModel
+from mmcli.models.tokenizers import tokenizer_from_spec
 
 
 def item_splits(ts: TensorSet) -> list[str | None]:

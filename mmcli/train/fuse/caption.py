@@ -20,6 +20,7 @@ from mmcli.models.decoder import DecoderConfig, parse_decoder_spec
 from mmcli.models.multimodal import MultimodalModel
 from mmcli.train import objectives as obj
 from mmcli.train.data import Dataset
+from mmcli.train.fuse.caption_text import CaptionIds, resolve_tokenizer
 from mmcli.train.fuse.config import FuseConfig
 from mmcli.train.sampler import Batch
 from mmcli.train.splits import Data
@@ -58,9 +59,12 @@ def captioner_spec(cfg: FuseConfig, data: Data, model: MultimodalModel) -> dict[
     source = caption_source(cfg, data)
     kind, options = parse_decoder_spec(cfg.caption_decoder)
     enc = model.encoders[source]
-    text = data.dataset.spec("text")
-    tokenizer = dict(text)
-    tokenizer.setdefault("context_length", int(data.dataset.tables["text"].row_shape[0]))
+    pretrained = resolve_tokenizer(cfg.caption_tokenizer, model)
+    if pretrained is not None:  # the caption strings through a pretrained tokenizer
+        tokenizer = pretrained.spec()
+    else:  # the text table's own byte ids
+        tokenizer = dict(data.dataset.spec("text"))
+        tokenizer.setdefault("context_length", int(data.dataset.tables["text"].row_shape[0]))
     spec = DecoderConfig(
         kind=kind,
         source=source,
@@ -75,10 +79,13 @@ def captioner_spec(cfg: FuseConfig, data: Data, model: MultimodalModel) -> dict[
     return spec.to_dict()
 
 
-def caption_rows(batch: Batch, source: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_rows(
+    batch: Batch, source: str, pad_id: int, text: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(caption ids [K*B, L] cut to the longest caption, the source row of each [K*B]);
-    captions of items without text or without the source are all padding."""
-    text = batch.data["text"].long()
+    captions of items without text or without the source are all padding. ``text``: the
+    batch's caption ids in the decoder's vocabulary (default: its text table rows)."""
+    text = (batch.data["text"] if text is None else text).long().to(batch.items.device)
     b = len(batch)
     k = text.shape[0] // b
     keep = (batch.present["text"] & batch.present[source]).repeat(k)
@@ -87,12 +94,20 @@ def caption_rows(batch: Batch, source: str, pad_id: int) -> tuple[torch.Tensor, 
     return ids[:, :length], torch.arange(b, device=text.device).repeat(k)
 
 
-def caption_term(model: MultimodalModel, batch: Batch, src: tuple, smoothing: float):
+def caption_term(
+    model: MultimodalModel,
+    batch: Batch,
+    src: tuple,
+    smoothing: float,
+    text: CaptionIds | None = None,
+):
     """The caption loss of a batch; ``src``: the source encoder's (pooled, tokens, mask) of
-    the batch's B items (tokens None for the pooled decoders)."""
+    the batch's B items (tokens None for the pooled decoders); ``text``: the captions in
+    the decoder's vocabulary (default: the batch's text rows)."""
     dec = model.captioner
     c = dec.config
-    ids, owner = caption_rows(batch, c.source, c.pad_id)
+    ids = text.fetch(batch.rows["text"]) if text is not None else None
+    ids, owner = caption_rows(batch, c.source, c.pad_id, ids)
     memory = dec.memory(*src)
     if len(owner) != len(memory):
         memory = memory.index(owner)
@@ -102,10 +117,15 @@ def caption_term(model: MultimodalModel, batch: Batch, src: tuple, smoothing: fl
 
 @torch.no_grad()
 def caption_metrics(
-    model: MultimodalModel, ds: Dataset, items: np.ndarray, batch_size: int = 256
+    model: MultimodalModel,
+    ds: Dataset,
+    items: np.ndarray,
+    batch_size: int = 256,
+    text: CaptionIds | None = None,
 ) -> dict[str, float]:
     """Teacher-forced cross-entropy (nats per token) and next-token accuracy of every
-    caption of ``items``."""
+    caption of ``items`` (``text``: their ids in the decoder's vocabulary)."""
+    text = text or CaptionIds(ds, None)
     dec = model.captioner
     c = dec.config
     device = next(model.parameters()).device
@@ -125,7 +145,7 @@ def caption_metrics(
         owner = torch.from_numpy(
             np.concatenate([np.full(len(r), j) for j, r in enumerate(text_rows)])
         )
-        ids = ds.tables["text"].fetch(np.concatenate(text_rows)).long().to(device)
+        ids = text.fetch(np.concatenate(text_rows)).to(device)
         ids = ids[:, : max(2, int((ids != c.pad_id).sum(1).max()))]
         logp = dec.log_probs(dec(memory.index(owner.to(device)), ids[:, :-1]))
         target = ids[:, 1:]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from mmcli.errors import BadInput
 from mmcli.models.decoder import parse_decoder_spec
 from mmcli.models.registry import fusion_kinds
+from mmcli.models.tokenizers import check_tokenizer_spec
 from mmcli.train.splits import SplitSpec
 from mmcli.train.task import parse_weights
 
@@ -42,6 +43,8 @@ class FuseConfig:
     caption_decoder: str = "attention"  # attention | pooled | prefix [:width=256,depth=2,...]
     caption_from: str | None = None  # the modality captioned (default: image, else audio)
     label_smoothing: float = 0.1
+    #: bytes | open_clip:ARCH | hf:DIR (None: the pretrained text tower's, else bytes)
+    caption_tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.objectives) - set(OBJECTIVES))
@@ -69,6 +72,7 @@ class FuseConfig:
             parse_decoder_spec(self.caption_decoder)
             if not 0 <= self.label_smoothing < 1:
                 raise BadInput("--label-smoothing must be in [0, 1)")
+            check_tokenizer_spec(self.caption_tokenizer)
 
     @property
     def contrastive(self) -> bool:

@@ -9,6 +9,7 @@ from mmcli.models.multimodal import MultimodalModel
 from mmcli.train import objectives as obj
 from mmcli.train.fuse.caption import METRICS as CAPTION_METRICS
 from mmcli.train.fuse.caption import caption_metrics, caption_term
+from mmcli.train.fuse.caption_text import CaptionIds, plain_table
 from mmcli.train.fuse.config import FuseConfig
 from mmcli.train.parallel import gather, gather_with_grad
 from mmcli.train.sampler import Batch
@@ -36,6 +37,21 @@ class FuseTask(JointTask):
         self.caption_from = model.captioner.config.source if model.captioner else None
         self.caption_only = set(cfg.objectives) == {"caption"}
         self.encoded = [self.caption_from] if self.caption_only else self.modalities
+        self.caption_text = self._caption_ids(data.dataset)
+        val = data.val_dataset
+        same = val is None or val is data.dataset
+        self.val_caption_text = self.caption_text if same else self._caption_ids(val)
+
+    def _caption_ids(self, ds) -> CaptionIds | None:
+        """The captions in the decoder's vocabulary (None: the text table's byte ids)."""
+        if self.model.captioner is None:
+            return None
+        from mmcli.models.tokenizers import tokenizer_from_spec
+
+        spec = self.model.captioner.config.tokenizer
+        if spec.get("tokenizer", "bytes") == "bytes" and plain_table(ds):
+            return None  # the text table's rows are the decoder's ids
+        return CaptionIds(ds, tokenizer_from_spec(spec))
 
     # -- helpers ------------------------------------------------------------------
     def _encode(self, batch: Batch):
@@ -125,7 +141,9 @@ class FuseTask(JointTask):
             fused, _ = model.fuse_parts(toks, first, batch.present)
             losses["classify"] = obj.classify_loss(model.classifier(fused), batch.labels)
         if "caption" in w:
-            losses["caption"] = caption_term(model, batch, src, self.cfg.label_smoothing)
+            losses["caption"] = caption_term(
+                model, batch, src, self.cfg.label_smoothing, self.caption_text
+            )
         return _weighted(losses, w)
 
     # -- validation with a caption decoder --------------------------------------------
@@ -140,7 +158,13 @@ class FuseTask(JointTask):
         if self.caption_from and self.data.validates:
             data = self.data
             metrics.update(
-                caption_metrics(self.model, data.val_dataset, data.val, self.eval_batch_size)
+                caption_metrics(
+                    self.model,
+                    data.val_dataset,
+                    data.val,
+                    self.eval_batch_size,
+                    self.val_caption_text,
+                )
             )
         return metrics
 
