@@ -48,6 +48,11 @@ class TokenTable:
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         return self.data[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
 
+    def model_input(self, encoder, rows: np.ndarray, fetched=None) -> torch.Tensor:
+        """What the (packed) text encoder takes for ``rows``: their tokens, already made
+        (the interface of :meth:`mmcli.train.data._Table.model_input`)."""
+        return self.fetch(np.asarray(rows)) if fetched is None else fetched
+
 
 class PackedText(TextEncoder):
     """A pretrained text encoder over :class:`TokenTable` rows ``[B, K, L]``."""
