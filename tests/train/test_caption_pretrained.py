@@ -43,6 +43,7 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in logs if "loss" in r]
 
 
+@pytest.mark.slow  # 200 steps over a live tower and a 49k-token vocabulary: ~2.5 min on 2 cores
 def test_a_frozen_open_clip_tower_captions_end_to_end(cli, items, tmp_path):
     """fuse-train over the frozen tower's patch tokens, with its text tower's tokenizer
     (the default), then caption and eval from the checkpoint alone."""
