@@ -54,15 +54,7 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: list[str]):
         """int32 numpy array [N, context_length] and the number of truncated captions."""
-        import numpy as np
-
-        out = np.zeros((len(texts), self.context_length), dtype=np.int32)
-        truncated = 0
-        for i, text in enumerate(texts):
-            ids, cut = self.encode(text)
-            out[i] = ids
-            truncated += cut
-        return out, truncated
+        return encode_rows(self.encode, texts, self.context_length, "int32")
 
     def decode(self, ids) -> str:
         data = bytes(int(i) - OFFSET for i in ids if int(i) >= OFFSET)
@@ -97,3 +89,17 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> ByteTokenizer:
         context_length=int(spec.get("context_length", 77)),
         lowercase=bool(spec.get("lowercase", False)),
     )
+
+
+def encode_rows(encode, texts: list[str], context_length: int, dtype: str):
+    """``encode`` (text -> (ids, truncated)) over ``texts``: a numpy array
+    [N, context_length] of ``dtype`` and the number of truncated texts."""
+    import numpy as np
+
+    out = np.zeros((len(texts), context_length), dtype=dtype)
+    truncated = 0
+    for i, text in enumerate(texts):
+        ids, cut = encode(text)
+        out[i] = ids
+        truncated += cut
+    return out, truncated

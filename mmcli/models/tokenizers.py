@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.data.text import ByteTokenizer
+from mmcli.data.text import ByteTokenizer, encode_rows
 from mmcli.data.text import tokenizer_from_spec as byte_tokenizer_from_spec
 from mmcli.errors import BadInput
 
@@ -76,13 +76,7 @@ class PretrainedTokenizer:
         return ids + [self.pad_id] * (self.context_length - len(ids)), len(body) > room
 
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        out = np.empty((len(texts), self.context_length), dtype=np.int64)
-        truncated = 0
-        for i, text in enumerate(texts):
-            ids, cut = self.encode(text)
-            out[i] = ids
-            truncated += cut
-        return out, truncated
+        return encode_rows(self.encode, texts, self.context_length, "int64")
 
     def decode(self, ids) -> str:
         special = (self.bos_id, self.eos_id, self.pad_id)
