@@ -1,14 +1,11 @@
 """fuse-train: learning, resume, DDP equivalence, fusion, checkpoints, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from metric_logs import assert_same_losses
+from metric_logs import assert_same_losses, assert_torchrun_equals_one
 
 from mmcli.errors import BadInput, RunFailure
 from mmcli.models import MultimodalModel
@@ -239,51 +236,7 @@ def test_ddp_two_processes_equal_one(toy_tensors, tmp_path):
         "--log-every",
         "1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "mmcli", *common, "-o", str(tmp_path / "one"), "--batch-size", "12"],
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr.decode()
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "mmcli",
-            *common,
-            "-o",
-            str(tmp_path / "two"),
-            "--batch-size",
-            "6",
-        ],
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr.decode()
-    a = MultimodalModel.from_checkpoint(tmp_path / "one" / "last.safetensors").state_dict()
-    b = MultimodalModel.from_checkpoint(tmp_path / "two" / "last.safetensors").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    la = [
-        json.loads(x)["loss"]
-        for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in x
-    ]
-    lb = [
-        json.loads(x)["loss"]
-        for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in x
-    ]
-    assert la == pytest.approx(lb, rel=1e-4)
+    assert_torchrun_equals_one(common, tmp_path, port=29517, batch=12)
 
 
 # --------------------------------------------------------------------- bad input

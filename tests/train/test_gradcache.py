@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from metric_logs import assert_torchrun_equals_one
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mmcli.runtime import dist_info
@@ -259,37 +260,4 @@ def test_the_cli_flags(cli, toy_tensors, tmp_path):
 def test_ddp_two_processes_equal_one_with_the_cache(toy_tensors, tmp_path):
     """torchrun 2 processes x batch 6 x --accum-steps 2 == 1 process x batch 12 x 2: the
     cached loss sees the rows of both ranks and of both micro-batches (gloo on the CPU)."""
-    import os
-    import subprocess
-    import sys
-
-    from mmcli.models import MultimodalModel
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "mmcli", *_common(toy_tensors), "-q", "-o", str(tmp_path / "one")]
-        + ["--batch-size", "12"],
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr.decode()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    two = subprocess.run(
-        [*torchrun, "--master_port", "29531", "-m", "mmcli", *_common(toy_tensors), "-q"]
-        + ["-o", str(tmp_path / "two"), "--batch-size", "6"],
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr.decode()
-    a = MultimodalModel.from_checkpoint(tmp_path / "one" / "last.safetensors").state_dict()
-    b = MultimodalModel.from_checkpoint(tmp_path / "two" / "last.safetensors").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-
-    def losses(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
-
-    assert losses("one") == pytest.approx(losses("two"), rel=1e-4)
+    assert_torchrun_equals_one([*_common(toy_tensors), "-q"], tmp_path, port=29531, batch=12)
