@@ -24,6 +24,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import BinaryIO
 
 from mmcli.errors import BadInput
 
@@ -98,12 +99,16 @@ def _index(path: str, size: int, mtime_ns: int) -> ArchiveIndex:
     return index
 
 
-def read_member(archive: str | os.PathLike, member: Member) -> bytes:
-    with open(archive, "rb") as f:
-        f.seek(member.offset)
-        data = f.read(member.size)
+def read_member(archive: str | os.PathLike | BinaryIO, member: Member) -> bytes:
+    """The bytes of ``member``, from the archive's path or from the archive already open
+    (one handle for many members)."""
+    if isinstance(archive, str | os.PathLike):
+        with open(archive, "rb") as f:
+            return read_member(f, member)
+    archive.seek(member.offset)
+    data = archive.read(member.size)
     if len(data) != member.size:
-        raise BadInput(f"member {member.name} is truncated", where=os.fspath(archive))
+        raise BadInput(f"member {member.name} is truncated", where=getattr(archive, "name", None))
     return data
 
 

@@ -141,6 +141,18 @@ def _detect_json(p: Path) -> str:
     )
 
 
+def files_of(path: str, ext: str) -> list[Path]:
+    """``path`` itself, or for a folder every ``*ext`` file below it, sorted (BadInput
+    when there is none): the shards of a tar or parquet dataset."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    files = sorted(f for f in p.rglob(f"*{ext}") if f.is_file())
+    if not files:
+        raise BadInput(f"folder holds no {ext} files", where=path)
+    return files
+
+
 def class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 

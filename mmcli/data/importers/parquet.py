@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mmcli.data.importers.layout import ImportOptions, log
+from mmcli.data.importers.layout import ImportOptions, files_of, log
 from mmcli.data.importers.table import DEFAULT_COLUMNS, find_columns, rows_to_items
 from mmcli.errors import BadInput, MissingDependency
 from mmcli.formats.archive import cell_name, member_path, open_parquet
@@ -26,23 +26,13 @@ from mmcli.formats.manifest import Item
 BYTES_IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
 
 
-def parquet_paths(path: str) -> list[Path]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
-        if not files:
-            raise BadInput("folder holds no .parquet files", where=path)
-        return files
-    return [p]
-
-
 def parquet_items(path: str, opts: ImportOptions) -> Iterator[Item]:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         raise MissingDependency("pyarrow", "parquet", "parquet input") from None
     items: dict[str, Item] = {}
-    for f in parquet_paths(path):
+    for f in files_of(path, ".parquet"):
         for key, item in _table_items(f, opts).items():
             if key in items:
                 items[key].fields["text"] = items[key].texts + item.texts
@@ -58,7 +48,7 @@ def _table_items(f: Path, opts: ImportOptions) -> dict[str, Item]:
     schema = pf.schema_arrow
     binary = [n for n in schema.names if pa.types.is_binary(schema.field(n).type)
               or pa.types.is_large_binary(schema.field(n).type)]  # fmt: skip
-    image_bytes = _bytes_column(binary, opts, f)
+    image_bytes = _bytes_column(binary, opts)
     columns = [n for n in schema.names if n not in binary]
     header = columns + ([image_bytes] if image_bytes else [])
     cols = find_columns(header, _with_image(opts, image_bytes), str(f))
@@ -68,13 +58,13 @@ def _table_items(f: Path, opts: ImportOptions) -> dict[str, Item]:
     return rows_to_items(rows, header, cols, opts, f.parent, f.name, start=0)
 
 
-def _bytes_column(binary: list[str], opts: ImportOptions, f: Path) -> str | None:
+def _bytes_column(binary: list[str], opts: ImportOptions) -> str | None:
+    """The bytes column holding the images: ``--image-col`` if it is one, else the first
+    of img2dataset's names and then the usual image column names."""
     if opts.image_col is not None:
         return opts.image_col if opts.image_col in binary else None
-    wanted = set(DEFAULT_COLUMNS["image"]) | set(BYTES_IMAGE_COLUMNS)
-    return next((c for c in BYTES_IMAGE_COLUMNS if c in binary), None) or next(
-        (c for c in binary if c in wanted), None
-    )
+    names = (*BYTES_IMAGE_COLUMNS, *DEFAULT_COLUMNS["image"])
+    return next((c for c in names if c in binary), None)
 
 
 def _with_image(opts: ImportOptions, image_bytes: str | None) -> ImportOptions:

@@ -30,9 +30,16 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from mmcli.data.importers.layout import AUDIO_EXTS, IMAGE_EXTS, SPLIT_NAMES, ImportOptions, log
+from mmcli.data.importers.layout import (
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    SPLIT_NAMES,
+    ImportOptions,
+    files_of,
+    log,
+)
 from mmcli.errors import BadInput
 from mmcli.formats.archive import ArchiveIndex, Member, member_path, members, read_member
 from mmcli.formats.manifest import Item
@@ -82,13 +89,7 @@ def tar_paths(path: str) -> list[Path]:
                 where=path,
             )
         return tars
-    p = Path(path)
-    if p.is_dir():
-        tars = sorted(t for t in p.rglob("*.tar") if t.is_file())
-        if not tars:
-            raise BadInput("folder holds no .tar files", where=path)
-        return tars
-    return [p]
+    return files_of(path, ".tar")
 
 
 def webdataset_items(path: str, opts: ImportOptions) -> Iterator[Item]:
@@ -98,26 +99,31 @@ def webdataset_items(path: str, opts: ImportOptions) -> Iterator[Item]:
     expected = _expected(indices)
     seen: set[str] = set()
     for tar, index in zip(tars, indices):
-        classnames = _classnames(tar)
-        split = _split_of(tar)
-        for key, group in _samples(index):
-            where = f"{member_path(tar, key)}.*"
-            item_id = key if key not in seen else f"{tar.stem}/{key}"
-            seen.add(item_id)
-            try:
-                fields = _fields(tar, key, group, classnames)
-                lacking = sorted(expected - _modalities(fields))
-                if lacking:
-                    raise BadInput(f"sample has no {' or '.join(lacking)}")
-            except BadInput as e:
-                _reject(opts, where, item_id, e.message)
-                continue
-            fields["id"] = item_id
-            if split and "split" not in fields:
-                fields["split"] = split
-            yield Item(id=item_id, fields=fields, base=Path.cwd(), source=str(tar))
+        with open(tar, "rb") as f:
+            yield from _tar_items(tar, f, index, expected, seen, opts)
         if index.truncated:
             _reject(opts, str(tar), None, f"tar {index.truncated}: the rest is skipped")
+
+
+def _tar_items(tar: Path, f: BinaryIO, index, expected, seen: set[str], opts) -> Iterator[Item]:
+    classnames = _classnames(tar)
+    split = _split_of(tar)
+    for key, group in _samples(index):
+        where = f"{member_path(tar, key)}.*"
+        item_id = key if key not in seen else f"{tar.stem}/{key}"
+        seen.add(item_id)
+        try:
+            fields = _fields(tar, f, group, classnames)
+            lacking = sorted(expected - _modalities(fields))
+            if lacking:
+                raise BadInput(f"sample has no {' or '.join(lacking)}")
+        except BadInput as e:
+            _reject(opts, where, item_id, e.message)
+            continue
+        fields["id"] = item_id
+        if split and "split" not in fields:
+            fields["split"] = split
+        yield Item(id=item_id, fields=fields, base=Path.cwd(), source=str(tar))
 
 
 def _reject(opts: ImportOptions, where: str, item_id: str | None, reason: str) -> None:
@@ -172,25 +178,27 @@ def _modalities(fields: dict[str, Any]) -> set[str]:
     return have | ({"text"} if fields.get("text") else set())
 
 
-def _text(tar: Path, m: Member) -> str:
+def _text(f: BinaryIO, m: Member) -> str:
     try:
-        return read_member(tar, m).decode("utf-8-sig")
+        return read_member(f, m).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BadInput(f"{m.name} is not UTF-8 text") from None
 
 
-def _fields(tar: Path, key: str, group: dict[str, Member], classnames: list[str]) -> dict:
+def _fields(tar: Path, f: BinaryIO, group: dict[str, Member], classnames: list[str]) -> dict:
+    """A sample's fields: the image / audio as member paths, the small members read
+    through ``f``, the tar already open."""
     fields: dict[str, Any] = {}
     for ext, m in group.items():
         kind = _kind(ext)
         if kind in ("image", "audio") and kind not in fields:
             fields[kind] = member_path(tar.resolve(), m.name)
         elif kind == "text":
-            fields["text"] = [line.strip() for line in _text(tar, m).splitlines() if line.strip()]
+            fields["text"] = [line.strip() for line in _text(f, m).splitlines() if line.strip()]
         elif kind == "label":
-            fields["label"] = _label(_text(tar, m).strip(), classnames, m.name)
+            fields["label"] = _label(_text(f, m).strip(), classnames, m.name)
         elif kind == "json":
-            meta = _json(tar, m)
+            meta = _json(f, m)
             if meta.get("url"):
                 fields["url"] = str(meta["url"])
             if "text" not in group and isinstance(meta.get("caption"), str) and meta["caption"]:
@@ -198,9 +206,9 @@ def _fields(tar: Path, key: str, group: dict[str, Member], classnames: list[str]
     return fields
 
 
-def _json(tar: Path, m: Member) -> dict:
+def _json(f: BinaryIO, m: Member) -> dict:
     try:
-        meta = json.loads(_text(tar, m))
+        meta = json.loads(_text(f, m))
     except json.JSONDecodeError as e:
         raise BadInput(f"{m.name} is not JSON ({e.msg})") from None
     return meta if isinstance(meta, dict) else {}
