@@ -98,7 +98,7 @@ def _missing(what: str, path: str, where: str) -> BadInput:
     )
 
 
-def _from_model(spec: dict[str, Any], modality: str, where: str):
+def _from_model(spec: dict[str, Any], where: str):
     """The whole model that wrote joint features (``extract --model``)."""
     from mmcli.models.pretrained import is_library_spec, load_model, split_spec
 
@@ -168,7 +168,7 @@ def backbone(spec: dict[str, Any], modality: str, where: str = "the model's feat
     """The model that wrote ``modality``'s features (as recorded in ``spec``)."""
     rec = spec.get("model")
     if isinstance(rec, dict) and rec.get("path"):
-        return _from_model(spec, modality, where).eval()
+        return _from_model(spec, where).eval()
     return _from_encoder(spec, modality, where).eval()
 
 

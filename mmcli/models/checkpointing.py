@@ -52,43 +52,25 @@ def _once(block: nn.Module) -> Callable:
     running statistics as the first call left them."""
     calls = [0]
 
-    def run(*args):
+    def run(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 1:
-            return block(*args)
+            return block(*args, **kwargs)
         with kept_running_stats(block):
-            return block(*args)
+            return block(*args, **kwargs)
 
     return run
-
-
-def checkpointed(block: nn.Module, *args: torch.Tensor):
-    """``block(*args)``, checkpointed when gradients are being recorded in training."""
-    if not (block.training and torch.is_grad_enabled()):
-        return block(*args)
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(_once(block), *args, use_reentrant=False, preserve_rng_state=True)
 
 
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, enabled: bool, **kwargs):
     """``x`` through ``blocks`` in turn (each given ``kwargs``), each checkpointed when
     ``enabled``."""
+    from torch.utils.checkpoint import checkpoint
+
     for block in blocks:
         if enabled and block.training and torch.is_grad_enabled():
-            x = checkpointed(_Bound(block, kwargs), x)
+            # non-reentrant checkpoint hands the keyword arguments on to the block
+            x = checkpoint(_once(block), x, use_reentrant=False, preserve_rng_state=True, **kwargs)
         else:
             x = block(x, **kwargs)
     return x
-
-
-class _Bound(nn.Module):
-    """A block with its keyword arguments bound (checkpoint passes positional ones)."""
-
-    def __init__(self, block: nn.Module, kwargs: dict):
-        super().__init__()
-        self.block, self.kwargs = block, kwargs
-        self.training = block.training
-
-    def forward(self, x):
-        return self.block(x, **self.kwargs)

@@ -55,12 +55,12 @@ class _Table:
             self._strings = [c for s in self._shards for c in caption_rows(s, self.name)]
         return [self._strings[r] if r >= 0 else "" for r in np.asarray(rows).tolist()]
 
-    def model_input(self, encoder, rows: np.ndarray, fetched=None):
-        """What ``encoder`` takes for ``rows``: the rows themselves (``fetched``, else read
-        here), or for an encoder with its own tokenizer its tokens of the full captions."""
+    def model_input(self, encoder, rows: np.ndarray):
+        """What ``encoder`` takes for ``rows``: the rows themselves, or for an encoder with
+        its own tokenizer its tokens of the full captions."""
         if getattr(encoder, "takes_text", False):
             return encoder.tokenize(self.strings(rows))
-        return self.fetch(np.asarray(rows)) if fetched is None else fetched
+        return self.fetch(np.asarray(rows))
 
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         """Rows (global indices) -> a new tensor [len(rows), ...] in the given order."""

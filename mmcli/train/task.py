@@ -95,6 +95,9 @@ class JointTask(nn.Module):
         """The weighted sum of the per-row losses (means over rows), and their values."""
         return None, {}
 
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.joint_forward(batch)
+
     def joint_forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """``forward`` from the parts: the two losses of one batch, added."""
         reps = self.represent(batch)

@@ -138,10 +138,6 @@ class DistillTask(JointTask):
         return self.projector[m](raw) if m in self.projector else raw
 
     # -- the loss -----------------------------------------------------------------
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        total, logs = self.batch_loss(batch, self.represent(batch))
-        return total, {"loss": float(total.detach()), **logs, **self.state_logs()}
-
     @property
     def coupled(self) -> bool:
         """similarity, contrastive and relational compare the batch's rows with each other:

@@ -18,6 +18,7 @@ from torch import nn
 from mmcli.errors import BadInput
 from mmcli.models.multimodal import MultimodalModel
 from mmcli.train.fuse.config import PAIR_OBJECTIVES, FuseConfig
+from mmcli.train.fuse.model import freeze_encoders
 from mmcli.train.splits import Data
 
 
@@ -68,10 +69,7 @@ def init_model(data: Data, cfg: FuseConfig) -> MultimodalModel:
         if "sigmoid" in cfg.objectives and model.logit_bias is None:
             model.logit_bias = nn.Parameter(torch.tensor(-10.0))
             model.config.logit_bias = -10.0
-    for m in cfg.freeze:
-        if m not in model.encoders:
-            raise BadInput(f"--freeze {m}: the model has no {m} encoder")
-        model.encoders[m].requires_grad_(False)
+    freeze_encoders(model, cfg.freeze)
     return model.train()
 
 

@@ -71,8 +71,13 @@ def setup_model(data: Data, cfg: FuseConfig) -> MultimodalModel:
     for m in data.modalities:
         full.encoders[m].load_state_dict(model.encoders[m].state_dict())
         full.weights[m] = model.weights.get(m)
-    for m in cfg.freeze:
-        if m not in full.encoders:
-            raise BadInput(f"--freeze {m}: the model has no {m} encoder")
-        full.encoders[m].requires_grad_(False)
+    freeze_encoders(full, cfg.freeze)
     return full
+
+
+def freeze_encoders(model: MultimodalModel, modalities) -> None:
+    """``--freeze``: the encoders of ``modalities`` keep their weights."""
+    for m in modalities:
+        if m not in model.encoders:
+            raise BadInput(f"--freeze {m}: the model has no {m} encoder")
+        model.encoders[m].requires_grad_(False)

@@ -37,6 +37,7 @@ class FuseTask(JointTask):
         self.caption_from = model.captioner.config.source if model.captioner else None
         self.caption_only = set(cfg.objectives) == {"caption"}
         self.encoded = [self.caption_from] if self.caption_only else self.modalities
+        self._caption_tokenizer = None  # built once, shared by the train and val captions
         self.caption_text = self._caption_ids(data.dataset)
         val = data.val_dataset
         same = val is None or val is data.dataset
@@ -51,7 +52,9 @@ class FuseTask(JointTask):
         spec = self.model.captioner.config.tokenizer
         if spec.get("tokenizer", "bytes") == "bytes" and plain_table(ds):
             return None  # the text table's rows are the decoder's ids
-        return CaptionIds(ds, tokenizer_from_spec(spec))
+        if self._caption_tokenizer is None:
+            self._caption_tokenizer = tokenizer_from_spec(spec)
+        return CaptionIds(ds, self._caption_tokenizer)
 
     # -- helpers ------------------------------------------------------------------
     def _encode(self, batch: Batch):
@@ -97,9 +100,6 @@ class FuseTask(JointTask):
         self.saved.to_checkpoint(path, **meta)
 
     # -- the loss -----------------------------------------------------------------
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.joint_forward(batch)
-
     @property
     def coupled(self) -> bool:
         """contrastive, sigmoid and match (in-batch negatives) couple the batch's rows."""

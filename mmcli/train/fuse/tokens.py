@@ -48,10 +48,10 @@ class TokenTable:
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         return self.data[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
 
-    def model_input(self, encoder, rows: np.ndarray, fetched=None) -> torch.Tensor:
+    def model_input(self, encoder, rows: np.ndarray) -> torch.Tensor:
         """What the (packed) text encoder takes for ``rows``: their tokens, already made
         (the interface of :meth:`mmcli.train.data._Table.model_input`)."""
-        return self.fetch(np.asarray(rows)) if fetched is None else fetched
+        return self.fetch(np.asarray(rows))
 
 
 class PackedText(TextEncoder):
