@@ -145,3 +145,16 @@ def test_adapters_use_their_library_switch(files, name):
     g1, _, saved1 = _step(ckpt, x)
     _same(g1, g0, rtol=1e-4, atol=1e-6)
     assert saved1 < saved0
+
+
+def test_a_packed_pretrained_text_tower_checkpoints_its_library_blocks(files):
+    """fuse-train wraps a text tower with its own tokenizer in PackedText (captions
+    tokenized once): --grad-checkpointing reaches the tower inside."""
+    from types import SimpleNamespace
+
+    from mmcli.train.fuse.tokens import PackedText
+
+    inner = models.create("open_clip", "text", arch=str(files["open_clip"][0]))
+    packed = PackedText(inner, SimpleNamespace(keys=[], dtypes=[]))
+    assert packed.set_grad_checkpointing(True)
+    assert inner.grad_checkpointing

@@ -67,6 +67,9 @@ class PackedText(TextEncoder):
     def _batch(self, x: torch.Tensor) -> TextBatch:
         return TextBatch({k: x[:, i].to(d) for i, (k, d) in enumerate(zip(self.keys, self.dtypes))})
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        return self.inner.set_grad_checkpointing(enable)
+
     def forward(self, x):
         return self.inner(self._batch(x))
 
