@@ -555,3 +555,14 @@ def test_each_corrupt_input_through_preprocess_in_both_modes(tmp_path, cli):
         r.exit_code == 2 and "cut.jpg (line 2 of m.jsonl, id cut): cannot decode image" in r.stderr
     )
     assert not (tmp_path / "fail").exists()
+
+
+def test_the_cli_offers_exactly_the_importers_formats():
+    """cli/preprocess.py spells the formats out (importing the importers would slow
+    `--help`): the two lists must not drift apart."""
+    import typing
+
+    from mmcli.cli.preprocess import Format
+    from mmcli.data.importers import FORMATS
+
+    assert typing.get_args(Format) == FORMATS

@@ -189,7 +189,7 @@ class FaissIndex:
         except OSError as e:
             log.warning("faiss: cannot save the index to %s (%s); it is rebuilt next time", path, e)
             out.path = None
-            out.check = out.self_check(None)
+            out.check = out.check or out.self_check(None)
         return out
 
     def self_check(self, size: int | None, queries: int = 256, k: int = 10) -> dict[str, Any]:

@@ -41,6 +41,13 @@ class ImportOptions:
     on_error: str = "skip"
     errors: list[dict[str, Any]] = field(default_factory=list)
 
+    def reject(self, reason: str, at: str, **record: Any) -> None:
+        """A bad row or sample (``at``: where, for the message): BadInput with
+        ``--on-error fail``, else listed in ``errors`` (``record`` + the reason), skipped."""
+        if self.on_error == "fail":
+            raise BadInput(reason, where=at, hint="use --on-error skip")
+        self.errors.append({**record, "reason": reason})
+
 
 # ------------------------------------------------------------------- files
 
@@ -105,7 +112,7 @@ def detect_format(path: str) -> str:
     raise BadInput(
         "cannot tell the input format",
         where=path,
-        hint="pass --format jsonl|imagefolder|karpathy|coco|csv|audiofolder|webdataset|parquet",
+        hint=f"pass --format {'|'.join(FORMATS[1:])}",
     )
 
 

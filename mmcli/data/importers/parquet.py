@@ -18,7 +18,7 @@ from typing import Any
 
 from mmcli.data.importers.layout import ImportOptions, files_of, log
 from mmcli.data.importers.table import DEFAULT_COLUMNS, find_columns, rows_to_items
-from mmcli.errors import BadInput, MissingDependency
+from mmcli.errors import MissingDependency
 from mmcli.formats.archive import cell_name, member_path, open_parquet
 from mmcli.formats.manifest import Item
 
@@ -72,19 +72,19 @@ def _with_image(opts: ImportOptions, image_bytes: str | None) -> ImportOptions:
         return opts
     from dataclasses import replace
 
-    return replace(opts, image_col=image_bytes, errors=opts.errors)
+    return replace(opts, image_col=image_bytes)
 
 
 def _rows(pf, columns, image_bytes, image_col, f: Path, opts) -> Iterator[dict[str, Any]]:
     """Row dicts of strings, in table order, the bytes column as a cell path; a row whose
     image is a URL is listed as skipped, not handed on."""
-    row = 0
+    row, resolved = 0, f.resolve()
     for batch in pf.iter_batches(columns=columns or None, batch_size=4096):
         data = batch.to_pydict()
         for i in range(batch.num_rows):
             out: dict[str, Any] = {c: _text(data[c][i]) for c in columns}
             if image_bytes:
-                out[image_bytes] = member_path(f.resolve(), cell_name(image_bytes, row))
+                out[image_bytes] = member_path(resolved, cell_name(image_bytes, row))
             if image_col and _is_url(out.get(image_col)):
                 _reject(opts, f, row, out[image_col])
             else:
@@ -98,9 +98,7 @@ def _is_url(value: Any) -> bool:
 
 def _reject(opts: ImportOptions, f: Path, row: int, url: str) -> None:
     reason = f"image is a URL ({url[:80]}): mmcli does not download; fetch them first (img2dataset)"
-    if opts.on_error == "fail":
-        raise BadInput(reason, where=f"row {row} of {f}", hint="use --on-error skip")
-    opts.errors.append({"where": str(f), "row": row, "id": None, "reason": reason})
+    opts.reject(reason, f"row {row} of {f}", where=str(f), row=row, id=None)
 
 
 def _text(value: Any) -> str:

@@ -108,10 +108,9 @@ def rows_to_items(
     for lineno, row in enumerate(reader, start=start):
         key = (row.get(key_col) or "").strip() if key_col else str(lineno - 1)
         if not key:
-            reason = f"empty {key_col!r} value"
-            if opts.on_error == "fail":
-                raise BadInput(reason, where=f"line {lineno} of {name}", hint="use --on-error skip")
-            opts.errors.append({"line": lineno, "id": None, "reason": reason})
+            opts.reject(
+                f"empty {key_col!r} value", f"line {lineno} of {name}", line=lineno, id=None
+            )
             continue
         item = items.get(key)
         if item is None:

@@ -68,16 +68,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for c in choices for out in expand_braces(head + c + tail)]
 
 
-def is_webdataset(path: str) -> bool:
-    """A tar, a brace pattern of tars, or a folder holding tars (and no loose images)."""
-    if "{" in path and path.rstrip("/").lower().endswith(".tar"):
-        return True
-    p = Path(path)
-    if p.is_file():
-        return p.suffix.lower() == ".tar"
-    return p.is_dir() and next(p.rglob("*.tar"), None) is not None
-
-
 def tar_paths(path: str) -> list[Path]:
     if "{" in path:
         tars = [Path(t) for t in expand_braces(path)]
@@ -102,34 +92,31 @@ def webdataset_items(path: str, opts: ImportOptions) -> Iterator[Item]:
         with open(tar, "rb") as f:
             yield from _tar_items(tar, f, index, expected, seen, opts)
         if index.truncated:
-            _reject(opts, str(tar), None, f"tar {index.truncated}: the rest is skipped")
+            opts.reject(
+                f"tar {index.truncated}: the rest is skipped", str(tar), where=str(tar), id=None
+            )
 
 
 def _tar_items(tar: Path, f: BinaryIO, index, expected, seen: set[str], opts) -> Iterator[Item]:
     classnames = _classnames(tar)
     split = _split_of(tar)
+    resolved, base = tar.resolve(), Path.cwd()  # once per tar, not per sample
     for key, group in _samples(index):
         where = f"{member_path(tar, key)}.*"
         item_id = key if key not in seen else f"{tar.stem}/{key}"
         seen.add(item_id)
         try:
-            fields = _fields(tar, f, group, classnames)
+            fields = _fields(resolved, f, group, classnames)
             lacking = sorted(expected - _modalities(fields))
             if lacking:
                 raise BadInput(f"sample has no {' or '.join(lacking)}")
         except BadInput as e:
-            _reject(opts, where, item_id, e.message)
+            opts.reject(e.message, where, where=where, id=item_id)
             continue
         fields["id"] = item_id
         if split and "split" not in fields:
             fields["split"] = split
-        yield Item(id=item_id, fields=fields, base=Path.cwd(), source=str(tar))
-
-
-def _reject(opts: ImportOptions, where: str, item_id: str | None, reason: str) -> None:
-    if opts.on_error == "fail":
-        raise BadInput(reason, where=where, hint="use --on-error skip")
-    opts.errors.append({"where": where, "id": item_id, "reason": reason})
+        yield Item(id=item_id, fields=fields, base=base, source=str(tar))
 
 
 def _key_ext(name: str) -> tuple[str, str]:
@@ -186,13 +173,13 @@ def _text(f: BinaryIO, m: Member) -> str:
 
 
 def _fields(tar: Path, f: BinaryIO, group: dict[str, Member], classnames: list[str]) -> dict:
-    """A sample's fields: the image / audio as member paths, the small members read
-    through ``f``, the tar already open."""
+    """A sample's fields: the image / audio as member paths of ``tar`` (resolved), the
+    small members read through ``f``, the tar already open."""
     fields: dict[str, Any] = {}
     for ext, m in group.items():
         kind = _kind(ext)
         if kind in ("image", "audio") and kind not in fields:
-            fields[kind] = member_path(tar.resolve(), m.name)
+            fields[kind] = member_path(tar, m.name)
         elif kind == "text":
             fields["text"] = [line.strip() for line in _text(f, m).splitlines() if line.strip()]
         elif kind == "label":
