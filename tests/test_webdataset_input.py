@@ -262,3 +262,12 @@ def test_a_file_that_is_not_parquet_is_one_line(tmp_path, cli):
     r = cli("preprocess", tmp_path / "bad.parquet", "-o", tmp_path / "o", *PRE)
     assert r.exit_code == 2 and "not a parquet file" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_parquet_table_without_an_id_or_file_column_numbers_its_rows(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": ["one", "two"]}), tmp_path / "t.parquet")
+    _, items, _ = _items(tmp_path / "t.parquet")
+    assert [(it.id, it.texts) for it in items] == [("1", ["one"]), ("2", ["two"])]

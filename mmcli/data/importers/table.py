@@ -106,7 +106,8 @@ def rows_to_items(
     items: dict[str, Item] = {}
     key_col = cols["id"] or cols["image"] or cols["audio"]
     for lineno, row in enumerate(reader, start=start):
-        key = (row.get(key_col) or "").strip() if key_col else str(lineno - 1)
+        # no key column: the row's number, from 1 (a CSV's first row is its line 2)
+        key = (row.get(key_col) or "").strip() if key_col else str(lineno - start + 1)
         if not key:
             opts.reject(
                 f"empty {key_col!r} value", f"line {lineno} of {name}", line=lineno, id=None
