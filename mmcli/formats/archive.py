@@ -156,7 +156,7 @@ def parquet_cell(path: str, name: str) -> bytes:
     r = int(row)
     for g, (lo, hi) in enumerate(groups):
         if lo <= r < hi:
-            value = _group_column(path, st.st_mtime_ns, g, column)[r - lo].as_py()
+            value = _group_column(path, st.st_size, st.st_mtime_ns, g, column)[r - lo].as_py()
             if not isinstance(value, bytes | bytearray) or not value:
                 raise BadInput(f"row {r} has no bytes in column {column!r}", where=path)
             return bytes(value)
@@ -176,9 +176,15 @@ def open_parquet(path: str):
         raise BadInput(f"not a parquet file ({e})", where=path) from None
 
 
+@lru_cache(maxsize=4)
+def _opened(path: str, size: int, mtime_ns: int):
+    """The open ParquetFile (its footer read once per process and version of the file)."""
+    return open_parquet(path)
+
+
 @lru_cache(maxsize=8)
 def _row_groups(path: str, size: int, mtime_ns: int) -> list[tuple[int, int]]:
-    meta = open_parquet(path).metadata
+    meta = _opened(path, size, mtime_ns).metadata
     out, at = [], 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -188,5 +194,5 @@ def _row_groups(path: str, size: int, mtime_ns: int) -> list[tuple[int, int]]:
 
 
 @lru_cache(maxsize=2)
-def _group_column(path: str, mtime_ns: int, group: int, column: str):
-    return open_parquet(path).read_row_group(group, columns=[column]).column(0)
+def _group_column(path: str, size: int, mtime_ns: int, group: int, column: str):
+    return _opened(path, size, mtime_ns).read_row_group(group, columns=[column]).column(0)
