@@ -428,3 +428,20 @@ def test_binding_accuracy_reuses_the_validation_embeddings_exactly(toy_tensors):
     assert binding_accuracy(model, data.dataset, items, embedded=embedded) == pytest.approx(alone)
     assert {k: v for k, v in evaluate_model(model, data.dataset, items, data.pairs).items()
             if k.startswith("binding/")} == pytest.approx(alone)  # fmt: skip
+
+
+def test_the_default_encoders_are_the_measured_small_ones(toy_tensors):
+    """No --encoder: the encoders bench_defaults.py chose (docs/fuse-train.md), the
+    convnet's stem stride following the image size (~32 px after the stem)."""
+    from mmcli.modalities import train_encoder
+
+    assert train_encoder("image", (3, 64, 64)) == "convnet:width=16,grid=4,stem_stride=2"
+    assert train_encoder("image", (3, 224, 224)) == "convnet:width=16,grid=4,stem_stride=7"
+    assert train_encoder("text") == "transformer:width=128,depth=2"
+    cfg = FuseConfig(pairs=[("image", "text")])
+    model = setup_model(setup_data([str(toy_tensors)], None, cfg), cfg)
+    image, text = model.config.encoders["image"], model.config.encoders["text"]
+    assert image["name"] == "convnet" and text["name"] == "transformer"
+    assert (image["config"]["width"], image["config"]["grid"]) == (16, 4)
+    assert image["config"]["stem_stride"] == 1  # the toy tensors are 32 px
+    assert (text["config"]["width"], text["config"]["depth"]) == (128, 2)
