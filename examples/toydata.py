@@ -690,6 +690,22 @@ def _image_size(text: str) -> tuple[int, int]:
     return w, int(m.group(2) or w)
 
 
+def _videos(args: argparse.Namespace) -> Path:
+    """``--video``: the toy videos (examples/toyvideo.py)."""
+    import toyvideo
+
+    return toyvideo.generate_videos(
+        args.out_dir,
+        items=args.items,
+        seed=args.seed,
+        image_size=args.image_size,
+        frames=args.video_frames,
+        fps=args.video_fps,
+        audio=not args.no_audio,
+        sample_rate=args.sample_rate,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="toydata.py",
@@ -697,9 +713,13 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python examples/toydata.py data/toy --items 200 --seed 1",
     )
     p.add_argument("out_dir", help="output folder (manifest.jsonl, images/, audio/)")
-    p.add_argument("--items", type=int, default=2000, help="number of items (default 2000)")
+    p.add_argument(
+        "--items", type=int, default=None, help="number of items (default 2000; --video: 300)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--image-size", type=_image_size, default=(96, 96), help="WxH (default 96x96)")
+    p.add_argument(
+        "--image-size", type=_image_size, default=None, help="WxH (default 96x96; --video: 64x64)"
+    )
     p.add_argument("--image-format", choices=("png", "jpg", "jpeg"), default="png")
     p.add_argument("--audio-seconds", type=float, default=1.0, help="clip length (default 1.0)")
     p.add_argument("--sample-rate", type=int, default=16000, help="audio rate (default 16000)")
@@ -711,21 +731,35 @@ def main(argv: list[str] | None = None) -> int:
         help="share of two-shape (attribute binding) items, rounded to pairs (default 0.7)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument(
+        "--video",
+        action="store_true",
+        help="write toy videos instead (moving shapes, videos/*.mp4; examples/toyvideo.py)",
+    )
+    p.add_argument("--video-frames", type=int, default=16, help="frames per video (default 16)")
+    p.add_argument("--video-fps", type=int, default=8, help="video frame rate (default 8)")
     args = p.parse_args(argv)
+    if args.items is None:
+        args.items = 300 if args.video else 2000
+    if args.image_size is None:
+        args.image_size = (64, 64) if args.video else (96, 96)
 
     start = time.perf_counter()
     try:
-        manifest = generate(
-            args.out_dir,
-            items=args.items,
-            seed=args.seed,
-            image_size=args.image_size,
-            image_format=args.image_format,
-            audio_seconds=args.audio_seconds,
-            sample_rate=args.sample_rate,
-            audio=not args.no_audio,
-            two_shape_fraction=args.two_shape_fraction,
-        )
+        if args.video:
+            manifest = _videos(args)
+        else:
+            manifest = generate(
+                args.out_dir,
+                items=args.items,
+                seed=args.seed,
+                image_size=args.image_size,
+                image_format=args.image_format,
+                audio_seconds=args.audio_seconds,
+                sample_rate=args.sample_rate,
+                audio=not args.no_audio,
+                two_shape_fraction=args.two_shape_fraction,
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,13 +12,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 #: every modality, in the order tables, pairs and listings show them
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+MODALITIES: tuple[str, ...] = ("image", "text", "audio", "video")
 
 #: the pairs of modalities in their canonical order (query side first)
-PAIR_ORDER: tuple[tuple[str, str], ...] = (("image", "text"), ("audio", "text"), ("image", "audio"))
+PAIR_ORDER: tuple[tuple[str, str], ...] = (
+    ("image", "text"),
+    ("audio", "text"),
+    ("image", "audio"),
+    ("video", "text"),
+    ("video", "audio"),
+)
 
 #: ``extract`` without ``--encoder``: pretrained-capable backbones
-EXTRACT_ENCODERS: dict[str, str] = {"image": "resnet18", "text": "transformer", "audio": "melcnn"}
+EXTRACT_ENCODERS: dict[str, str] = {
+    "image": "resnet18",
+    "text": "transformer",
+    "audio": "melcnn",
+    "video": "frames:resnet18",
+}
 
 #: the built-in encoders of each modality, in registration order: the CLI's help lists
 #: them without importing the registry (that needs torch). The registry
@@ -28,6 +39,7 @@ BUILTIN_ENCODERS: dict[str, tuple[str, ...]] = {
     "image": ("tiny", "convnet", "resnet18", "resnet50", "vit_b_16"),
     "text": ("tiny", "bow", "transformer"),
     "audio": ("tiny", "melcnn"),
+    "video": ("frames",),
 }
 
 #: ``fuse-train`` / ``distill`` end to end without ``--encoder``: small encoders that learn
@@ -38,6 +50,7 @@ TRAIN_ENCODERS: dict[str, str] = {
     "image": "convnet:width=16,grid=4",
     "text": "transformer:width=128,depth=2",
     "audio": "melcnn",
+    "video": "frames:convnet:width=16,grid=4:pool=attention",
 }
 
 #: the side of the default image encoder's stem output: its stride is image size / this
@@ -69,12 +82,16 @@ def train_encoder(modality: str, row_shape: Iterable[int] | None = None) -> str:
     """The default end-to-end encoder spec of ``modality`` (``tiny`` for one mmcli has none
     for). For images of ``row_shape`` ``(3, H, W)`` the convnet's stem stride brings the
     shorter side to about :data:`STEM_SIDE` pixels (64 px: stride 2, 224 px: stride 7), so
-    the cost per image hardly depends on the image size."""
+    the cost per image hardly depends on the image size; video frames ``(T, 3, H, W)``
+    follow the same rule."""
     spec = TRAIN_ENCODERS.get(modality, "tiny")
     shape = tuple(row_shape or ())
     if modality == "image" and len(shape) == 3:
         stride = max(1, round(min(shape[1:]) / STEM_SIDE))
         spec = f"{spec},stem_stride={stride}"
+    if modality == "video" and len(shape) == 4:  # frames [T, 3, H, W]: the image rule per frame
+        pool = spec.rpartition(":")[2]
+        spec = f"frames:{train_encoder('image', shape[1:])}:{pool}"
     return spec
 
 

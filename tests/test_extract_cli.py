@@ -92,7 +92,7 @@ def test_help_has_a_runnable_example_and_every_encoder(cli):
     result = cli("extract", "--help")
     assert result.exit_code == 0
     assert "mmcli extract out/tensors/ -o out/feats/" in result.stdout
-    builtin = ("mmcli.models.image", "mmcli.models.text", "mmcli.models.audio")
+    builtin = ("mmcli.models.image", "mmcli.models.text", "mmcli.models.audio", "mmcli.models.video")
     registered = [n for n in models.list() if models.resolve(n)[2].__module__ in builtin]
     assert registered == [f"{m}/{n}" for m, names in ENCODER_NAMES.items() for n in names]
     assert all(n in result.stdout for names in ENCODER_NAMES.values() for n in names)
@@ -125,7 +125,7 @@ def _checkpoint_of_another_architecture(path):
             ["-e", "image=resnet1000"],
             ["unknown image encoder 'resnet1000'", "known: image/tiny, image/convnet"],
         ),
-        (["-e", "video=tiny"], ["unknown modality 'video'"]),
+        (["-e", "smell=tiny"], ["unknown modality 'smell'"]),
         (["-e", "image"], ["--encoder expects key=value"]),
         (
             ["-e", "image=convnet:widht=3"],

@@ -323,7 +323,7 @@ def test_unknown_layouts(tmp_path):
     with pytest.raises(BadInput, match="neither a Karpathy split file nor a COCO"):
         detect_format(str(tmp_path / "x.json"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BadInput, match="no images or audio"):
+    with pytest.raises(BadInput, match="no images, audio or video"):
         detect_format(str(tmp_path / "empty"))
 
 

@@ -72,6 +72,8 @@ _SPEC_KEYS = (
     "context_length",
     "sample_rate",
     "seconds",
+    "frames",
+    "fps",
 )
 
 

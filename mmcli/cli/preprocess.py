@@ -17,6 +17,7 @@ Format = Literal[
     "audiofolder",
     "webdataset",
     "parquet",
+    "videofolder",
 ]
 _LAYOUT = "Dataset layout"
 _PROC = "Processing"
@@ -62,6 +63,9 @@ def preprocess(
     ] = None,
     audio_col: Annotated[
         str | None, typer.Option(help="CSV column with audio paths.", rich_help_panel=_LAYOUT)
+    ] = None,
+    video_col: Annotated[
+        str | None, typer.Option(help="CSV column with video paths.", rich_help_panel=_LAYOUT)
     ] = None,
     label_col: Annotated[
         str | None, typer.Option(help="CSV column with class labels.", rich_help_panel=_LAYOUT)
@@ -148,6 +152,34 @@ def preprocess(
             min=0.01, help="Audio: crop or zero-pad to this length.", rich_help_panel=_PROC
         ),
     ] = 5.0,
+    frames: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="Video: frames per clip, sampled uniformly over it (the frame nearest each "
+            "segment's centre), resized and cropped like images.",
+            rich_help_panel=_PROC,
+        ),
+    ] = 8,
+    fps: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Video: take the --frames frames this many per second apart, centred on the "
+            "clip's middle, instead of spread over the whole clip.",
+            rich_help_panel=_PROC,
+        ),
+    ] = None,
+    audio_from_video: Annotated[
+        bool,
+        typer.Option(
+            "--audio-from-video",
+            help="Video: also write each clip's audio track into the audio table (items "
+            "without an audio file).",
+            rich_help_panel=_PROC,
+        ),
+    ] = False,
     max_image_pixels: Annotated[
         int,
         typer.Option(
@@ -175,10 +207,11 @@ def preprocess(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Raw images, captions and audio -> normalized tensor shards (safetensors).
+    """Raw images, captions, audio and video -> normalized tensor shards (safetensors).
 
     Writes OUT/data-00000-of-000NN.safetensors (uint8 images \\[N,3,S,S], int32 byte
-    tokens \\[rows,L], float16 audio \\[N,samples]), OUT/manifest.jsonl (the kept items,
+    tokens \\[rows,L], float16 audio \\[N,samples], uint8 video frames \\[N,T,3,S,S]),
+    OUT/manifest.jsonl (the kept items,
     in row order), OUT/errors.jsonl (what was skipped and why) and OUT/preprocess.json.
 
     Examples:
@@ -190,6 +223,8 @@ def preprocess(
         mmcli preprocess data/manifest.jsonl -o - | mmcli info -
 
         mmcli preprocess photos/ -o out/clip-tensors --like open_clip:ViT-B-32
+
+        mmcli preprocess clips/ -o out/video-tensors --frames 8 --image-size 112
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.data.image import preprocess_image_options
@@ -212,6 +247,9 @@ def preprocess(
             lowercase=lowercase,
             sample_rate=sample_rate,
             audio_seconds=audio_seconds,
+            frames=frames,
+            fps=fps,
+            audio_from_video=audio_from_video,
             shard_size=shard_size,
             max_image_pixels=max_image_pixels,
             workers=workers,
@@ -225,6 +263,7 @@ def preprocess(
             image_col=image_col,
             text_col=text_col,
             audio_col=audio_col,
+            video_col=video_col,
             label_col=label_col,
             id_col=id_col,
             split_col=split_col,

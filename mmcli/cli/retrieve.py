@@ -22,7 +22,7 @@ def retrieve(
     ],
     target: Annotated[
         str | None,
-        typer.Option(help="The table to search (default: image, else audio, text, fused)."),
+        typer.Option(help="The table to search (default: image, else video, audio, text, fused)."),
     ] = None,
     text: Annotated[
         Many,
@@ -45,6 +45,14 @@ def retrieve(
         typer.Option(
             "--audio",
             help="An audio file query (repeatable). Encoded by --model.",
+            rich_help_panel="Queries",
+        ),
+    ] = None,
+    video: Annotated[
+        Many,
+        typer.Option(
+            "--video",
+            help="A video file query (repeatable). Encoded by --model.",
             rich_help_panel="Queries",
         ),
     ] = None,
@@ -184,10 +192,10 @@ def retrieve(
 ) -> None:
     """Search a feature index: one JSON line per query with ranked hits.
 
-    Queries: --text/--image/--audio (encoded with --model: the model the
-    index was extracted with, checked by sha256), --id, --queries
+    Queries: --text/--image/--audio/--video (encoded with --model: the model
+    the index was extracted with, checked by sha256), --id, --queries
     FEATURES, or JSON lines on stdin ({"text": ...}, {"image": path},
-    {"audio": path}, {"id": ...}), answered as they arrive. Each output line
+    {"audio": path}, {"video": path}, {"id": ...}), answered as they arrive. Each output line
     is {"query": ..., "hits": [{"rank", "id", "score", "item": {manifest
     fields, paths resolved}}]}. Exact search by default (float64 scores,
     ties to the lower row). See docs/retrieve.md.
@@ -214,7 +222,7 @@ def retrieve(
         )
         from mmcli.search.retrieve import RetrieveConfig, Retriever
 
-        given = [bool(text), bool(image), bool(audio), bool(item_id), bool(queries)]
+        given = [bool(text), bool(image), bool(audio), bool(video), bool(item_id), bool(queries)]
         if sum(given) > 1 and queries:
             raise BadInput("--queries cannot be combined with other queries")
         cfg = RetrieveConfig(
@@ -245,7 +253,8 @@ def retrieve(
         if html_out or copy_to:
             from mmcli.formats.outputs import refuse_inputs_as_outputs
 
-            inputs = [*index, model, *(queries or []), *(image or []), *(audio or [])]
+            inputs = [*index, model, *(queries or []), *(image or []), *(audio or []),
+                      *(video or [])]  # fmt: skip
             refuse_inputs_as_outputs(inputs, files=[html_out] if html_out else [], option="--html")
             if copy_to:
                 refuse_inputs_as_outputs(inputs, folder=copy_to, option="--copy-to")
@@ -253,16 +262,18 @@ def retrieve(
         if queries:
             batches = feature_query_batches(queries, retriever, table=query_table)
         elif any(given):
-            batches = iter([value_queries(text=text, image=image, audio=audio, ids=item_id)])
+            batches = iter(
+                [value_queries(text=text, image=image, audio=audio, video=video, ids=item_id)]
+            )
         else:
             if _stdin_is_tty():
                 raise BadInput(
                     "no queries",
-                    hint='give --text/--image/--audio/--id/--queries, or JSON lines on stdin ({"text": "..."})',
+                    hint='give --text/--image/--audio/--video/--id/--queries, or JSON lines on stdin ({"text": "..."})',
                 )
             batches = line_query_batches(sys.stdin, max_batch=256)
         # queries given as arguments are usage: a bad one stops with exit 2
-        policy = on_error if not any(given[:4]) else "fail"
+        policy = on_error if not any(given[:5]) else "fail"
         out = sys.stdout
         kept: list[dict] = []
         for line in retriever.run(batches, on_error=policy):
@@ -312,7 +323,7 @@ def _render(line: dict, target: str) -> None:
         t.add_column(col, justify=justify)
     for hit in line["hits"]:
         item = hit.get("item") or {}
-        what = item.get("image") or item.get("audio") or ""
+        what = item.get("image") or item.get("video") or item.get("audio") or ""
         texts = item.get("text")
         if texts and (target == "text" or not what):  # a caption hit: show the caption
             texts = [texts] if isinstance(texts, str) else texts

@@ -68,7 +68,7 @@ def load_image(
     also for a path that is not a regular file (never opened) and for an image of more
     than ``max_pixels`` pixels (refused before decoding; 0 = no limit). ``sizes``, when
     given, receives the decoded image's (width, height) before resizing."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     with decoded(path, max_pixels) as im:
         if im.format == "JPEG":
@@ -79,10 +79,17 @@ def load_image(
         im = to_rgb(im)
         if sizes is not None:
             sizes.append(im.size)
-        box = center_box(im.width, im.height, size)
-        im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-        arr = np.asarray(im, dtype=np.uint8)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return resize_crop(im, size)
+
+
+def resize_crop(im, size: int):
+    """An RGB PIL image -> uint8 numpy [3, size, size]: mmcli's one-pass resize of the
+    shorter side (bicubic, antialiased) and center crop."""
+    from PIL import Image
+
+    box = center_box(im.width, im.height, size)
+    im = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
 @contextlib.contextmanager
@@ -182,6 +189,12 @@ class ImageTransform:
         if self.default:
             return load_image(path, self.size, self.max_pixels, sizes=sizes)
         return load_image_like(path, self, sizes=sizes)
+
+    def apply(self, im):
+        """An already decoded RGB PIL image (a video frame) -> uint8 [3, size, size]."""
+        if self.default:
+            return resize_crop(im, self.size)
+        return transform_rgb(im, self)
 
     def spec(self) -> dict[str, Any]:
         if self.default:  # unchanged from earlier mmcli versions (resume fingerprints)
@@ -317,12 +330,17 @@ def target_size(width: int, height: int, t: Any) -> tuple[int, int]:
 
 def load_image_like(path: str | os.PathLike, t: Any, sizes: list | None = None):
     """uint8 numpy [3, size, size] as the transform ``t`` (an ImageTransform) makes it."""
-    import torch
-    import torchvision.transforms.functional as F
-
     im = open_rgb(path, getattr(t, "max_pixels", MAX_IMAGE_PIXELS))
     if sizes is not None:
         sizes.append(im.size)
+    return transform_rgb(im, t)
+
+
+def transform_rgb(im, t: Any):
+    """An RGB PIL image -> uint8 numpy [3, size, size] as the transform ``t`` makes it."""
+    import torch
+    import torchvision.transforms.functional as F
+
     h, w = target_size(im.width, im.height, t)
     if t.backend == "hf":  # transformers calls torchvision's v2 kernels on uint8 tensors
         import torchvision.transforms.v2.functional as F2

@@ -25,11 +25,14 @@ MAX_CONTEXT_LENGTH = 65_536
 #: highest audio sample rate (Hz) and longest clip (seconds)
 MAX_SAMPLE_RATE = 384_000
 MAX_AUDIO_SECONDS = 3600.0
+#: most frames a video clip is sampled into
+MAX_VIDEO_FRAMES = 1024
 
 _INT_BOUNDS = {
     "image_size": (1, MAX_IMAGE_SIZE),
     "context_length": (3, MAX_CONTEXT_LENGTH),
     "sample_rate": (1, MAX_SAMPLE_RATE),
+    "frames": (1, MAX_VIDEO_FRAMES),
 }
 
 
@@ -66,6 +69,7 @@ def check_input_spec(modality: str, spec: Any, where: str | None = None) -> None
         "image": ("image_size",),
         "text": ("context_length",),
         "audio": ("sample_rate", "seconds"),
+        "video": ("image_size", "frames"),
     }.get(modality, ())
     for key in keys:
         if spec.get(key) is not None:

@@ -16,6 +16,7 @@ column                     contract
 ``image`` after preprocess uint8 ``[rows, 3, H, W]``
 ``text`` after preprocess  int32 / int64 ``[rows, length]``
 ``audio`` after preprocess floating ``[rows, samples]`` (or ``[rows, 1, samples]``)
+``video`` after preprocess uint8 ``[rows, frames, 3, H, W]``
 =========================  ==========================================================
 
 :func:`check_values` checks the values of a column when it is first read: item ids and
@@ -58,6 +59,7 @@ RAW_TABLES = {
     "image": (("U8",), (4,), "uint8 [rows, 3, H, W]"),
     "text": (("I32", "I64"), (2,), "int32/int64 token ids [rows, length]"),
     "audio": (FLOAT_CODES, (2, 3), "float [rows, samples]"),
+    "video": (("U8",), (5,), "uint8 [rows, frames, 3, H, W]"),
 }
 
 
@@ -221,6 +223,8 @@ def _check_table(
         ok = info.dtype in codes and len(info.shape) in ranks
         if name == "image" and ok:
             ok = info.shape[1] == 3
+        if name == "video" and ok:
+            ok = info.shape[2] == 3
         if name == "audio" and ok and len(info.shape) == 3:
             ok = info.shape[1] == 1
         if not ok:

@@ -27,7 +27,7 @@ from mmcli.modalities import MODALITIES
 
 MANIFEST_NAME = "manifest.jsonl"  # the normalized manifest preprocess writes beside its shards
 
-PATH_FIELDS = ("image", "audio")
+PATH_FIELDS = ("image", "audio", "video")
 MODALITY_FIELDS = MODALITIES  # the manifest fields that hold an item's modalities
 
 
@@ -58,7 +58,7 @@ class Item:
         return self.fields.get("split")
 
     def path(self, key: str) -> Path | None:
-        """The file named by ``key`` (image, audio), resolved against the manifest folder."""
+        """The file named by ``key`` (image, audio, video), resolved against the manifest folder."""
         value = self.fields.get(key)
         if value is None:
             return None

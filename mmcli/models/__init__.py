@@ -14,7 +14,7 @@ a ``--model`` argument: an mmcli checkpoint or ``open_clip:ARCH`` / ``hf:DIR``.
 """
 
 from mmcli.modalities import MODALITIES
-from mmcli.models import audio, fusion, image, passthrough, text  # noqa: F401  (register encoders, fusion)
+from mmcli.models import audio, fusion, image, passthrough, text, video  # noqa: F401  (register encoders, fusion)
 from mmcli.models.base import Encoder
 from mmcli.models.multimodal import ModelConfig, MultimodalModel, build_model
 from mmcli.models.pretrained import load_model

@@ -253,6 +253,7 @@ class MultimodalModel(nn.Module):
             "image": len(shape) == 4 and shape[1] == 3,
             "text": len(shape) == 2 and "int" in kind,
             "audio": len(shape) in (2, 3) and "float" in kind,
+            "video": len(shape) == 5 and shape[2] == 3,
         }.get(m, True)
         if ok and hasattr(enc, "check_spec"):  # e.g. a fixed image size
             enc.check_spec(tensors.spec(m), where)
@@ -261,6 +262,7 @@ class MultimodalModel(nn.Module):
                 "image": "uint8 [rows, 3, H, W]",
                 "text": "integer token ids [rows, length]",
                 "audio": "float waveforms [rows, samples]",
+                "video": "uint8 frames [rows, frames, 3, H, W]",
             }.get(m, "raw rows")
             raise BadInput(
                 f"the {m} table is {kind} {shape} ({tensors.kind}), the {m} encoder takes {expect}",

@@ -160,7 +160,13 @@ def parse_encoder_spec(spec: str, modality: str | None = None) -> tuple[str, dic
     fields = config_fields(cls)
     overrides: dict[str, Any] = {}
     positional = getattr(cls, "spec_field", None)  # library adapters: "open_clip:ViT-B-32"
-    if positional:
+    parser = getattr(cls, "spec_parser", None)  # video frames: "frames:convnet:width=16:pool=mean"
+    if positional and parser is not None:
+        value, given = parser(rest)
+        if value.strip():
+            overrides[positional] = value.strip()
+        rest = ",".join(f"{k}={v}" for k, v in given.items())
+    elif positional:
         value, rest = _split_positional(rest)
         if value:
             overrides[positional] = value

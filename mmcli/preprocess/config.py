@@ -9,6 +9,7 @@ from mmcli.data.audio import AudioTransform
 from mmcli.data.image import ImageTransform, image_options_of, image_transform_of
 from mmcli.data.limits import MAX_IMAGE_PIXELS, check_max_pixels, check_value
 from mmcli.data.text import ByteTokenizer
+from mmcli.data.video import VideoTransform
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import MANIFEST_NAME, MODALITY_FIELDS
 from mmcli.formats.outputs import PREPROCESS_RECORD
@@ -35,6 +36,9 @@ class PreprocessConfig:
     lowercase: bool = False
     sample_rate: int = 16000
     audio_seconds: float = 5.0
+    frames: int = 8  # video: frames per clip
+    fps: float | None = None  # video: frames this many per second apart (None: over the clip)
+    audio_from_video: bool = False  # video: its audio track into the audio table
     shard_size: int = 1000
     workers: int = 0
     on_error: str = "skip"
@@ -56,6 +60,9 @@ class PreprocessConfig:
                           ("sample_rate", "sample_rate"), ("seconds", "audio_seconds")):  # fmt: skip
             check_value(key, getattr(self, name), name=f"--{name.replace('_', '-')}")
         check_max_pixels(self.max_image_pixels)
+        check_value("frames", self.frames, name="--frames")
+        if self.fps is not None and not 0 < self.fps <= 1000:
+            raise BadInput(f"--fps must be in (0, 1000], got {self.fps}")
         if self.on_error not in ("skip", "fail"):
             raise BadInput("on-error must be skip or fail")
         self.skip_limit(1)  # a bad --max-skip is refused before any work
@@ -93,11 +100,15 @@ class PreprocessConfig:
         """The image transform (with the pixel limit, which is not part of its spec)."""
         return replace(image_transform_of(self), max_pixels=self.max_image_pixels)
 
+    def video_transform(self) -> VideoTransform:
+        return VideoTransform(self.frames, self.fps, self.image_transform())
+
     def specs(self) -> dict[str, dict[str, Any]]:
         return {
             "image": self.image_transform().spec(),
             "text": self.tokenizer().spec(),
             "audio": AudioTransform(self.sample_rate, self.audio_seconds).spec(),
+            "video": self.video_transform().spec(),
         }
 
     def output_options(self) -> dict[str, Any]:
@@ -105,4 +116,7 @@ class PreprocessConfig:
         d = asdict(self)
         for k in ("workers", "on_error", "max_skip"):
             d.pop(k)
+        for k, default in (("frames", 8), ("fps", None), ("audio_from_video", False)):
+            if d[k] == default:  # runs of earlier versions (which had none) resume
+                d.pop(k)
         return image_options_of(self, d)

@@ -19,8 +19,15 @@ from typing import Any
 
 from mmcli.data.audio import AudioDecodeError, AudioTransform
 from mmcli.data.image import ImageDecodeError
+from mmcli.data.video import VideoDecodeError, load_video_audio
 from mmcli.formats.manifest import Item
 from mmcli.preprocess.config import CHUNK, PreprocessConfig
+
+#: the modalities read from files (text is in the items)
+DECODED = ("image", "audio", "video")
+#: an audio "path" with this prefix is the audio track of the video after it
+#: (``--audio-from-video``)
+FROM_VIDEO = "<audio track of>"
 
 
 @dataclass
@@ -32,35 +39,43 @@ class ShardPlan:
 
 
 def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
-    """Worker: decode the image/audio files of a chunk of items.
+    """Worker: decode the image / audio / video files of a chunk of items.
 
-    Returns (chunk id, [(image uint8 [3,S,S] | None, audio float16 [N] | None,
-    (field, reason) | None, upsampled: the image's shorter side was below S)] in item order).
+    Returns (chunk id, [({modality: array} (image uint8 [3,S,S], audio float16 [N], video
+    uint8 [T,3,S,S]), (field, reason) | None, upsampled: the image's shorter side was below
+    S)] in item order). ``files`` per item: {modality: path}; audio ``"video"``: the
+    audio track of the item's video (``--audio-from-video``).
     """
-    chunk_id, files, image_tf, sample_rate, seconds = task
+    chunk_id, files, image_tf, video_tf, sample_rate, seconds = task
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
-    for image_path, audio_path in files:
-        image = audio = error = None
+    for paths in files:
+        values: dict = {}
+        error = None
         sizes: list = []
-        try:
-            if image_path is not None:
-                try:
-                    image = image_tf(image_path, sizes=sizes)
-                except ImageDecodeError as e:
-                    error = ("image", str(e))
-            if error is None and audio_path is not None:
-                try:
-                    audio = audio_tf(audio_path).astype("float16")
-                except AudioDecodeError as e:
-                    error = ("audio", str(e))
-        except Exception as e:  # never let one bad file kill a worker pool
-            error = (
-                "image" if image is None and image_path else "audio",
-                f"{type(e).__name__}: {e}",
-            )
-        out.append((image, audio, error, bool(sizes) and min(sizes[0]) < image_tf.size))
+        for modality, path in paths.items():
+            try:
+                values[modality] = _decode_one(modality, path, image_tf, video_tf, audio_tf, sizes)
+            except (ImageDecodeError, AudioDecodeError, VideoDecodeError) as e:
+                error = (modality, str(e))
+            except Exception as e:  # never let one bad file kill a worker pool
+                error = (modality, f"{type(e).__name__}: {e}")
+            if error is not None:
+                break
+        upsampled = bool(sizes) and "image" in values and min(sizes[0]) < image_tf.size
+        out.append(({} if error else values, error, upsampled))
     return chunk_id, out
+
+
+def _decode_one(modality, path, image_tf, video_tf, audio_tf, sizes):
+    if modality == "image":
+        return image_tf(path, sizes=sizes)
+    if modality == "video":
+        return video_tf(path)
+    if path.startswith(FROM_VIDEO):
+        video = path[len(FROM_VIDEO) :]
+        return load_video_audio(video, audio_tf.sample_rate, audio_tf.seconds).astype("float16")
+    return audio_tf(path).astype("float16")
 
 
 # ---------------------------------------------------------------- the worker pool
@@ -116,24 +131,32 @@ def _pool_context() -> mp.context.BaseContext:
     return mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
 
 
+def item_files(item: Item, modalities: list[str], config: PreprocessConfig) -> dict[str, str]:
+    """The files to decode of ``item``: {modality: path} (audio from the video's track
+    with ``--audio-from-video`` when the item has no audio file)."""
+    files = {m: str(item.path(m)) for m in DECODED if m in modalities and item.has(m)}
+    if (
+        config.audio_from_video
+        and "audio" in modalities
+        and "audio" not in files
+        and item.has("video")
+    ):
+        files["audio"] = FROM_VIDEO + str(item.path("video"))
+    return files
+
+
 def _tasks(
     pending: list[ShardPlan], config: PreprocessConfig, modalities: list[str]
 ) -> tuple[list[tuple], dict[int, ShardPlan]]:
-    want_image, want_audio = "image" in modalities, "audio" in modalities
     image_tf = config.image_transform()  # mmcli's, or a pretrained model's (--like)
+    video_tf = config.video_transform()
     tasks = []
     owner: dict[int, ShardPlan] = {}
     for plan in pending:
         for start in range(0, len(plan.items), CHUNK):
-            files = [
-                (
-                    str(it.path("image")) if want_image and it.has("image") else None,
-                    str(it.path("audio")) if want_audio and it.has("audio") else None,
-                )
-                for it in plan.items[start : start + CHUNK]
-            ]
+            files = [item_files(it, modalities, config) for it in plan.items[start : start + CHUNK]]
             cid = len(tasks)
-            tasks.append((cid, files, image_tf, config.sample_rate, config.audio_seconds))
+            tasks.append((cid, files, image_tf, video_tf, config.sample_rate, config.audio_seconds))
             owner[cid] = plan
             plan.chunks += 1
     return tasks, owner
@@ -143,9 +166,9 @@ def decode(
     pending: list[ShardPlan], config: PreprocessConfig, modalities: list[str]
 ) -> Iterator[tuple[ShardPlan, list[tuple]]]:
     """Yield (shard plan, decoded results in item order) shard by shard, decoding in workers."""
-    if "image" not in modalities and "audio" not in modalities:  # text only: nothing to decode
+    if not set(DECODED) & set(modalities):  # text only: nothing to decode
         for plan in pending:
-            yield plan, [(None, None, None, False)] * len(plan.items)
+            yield plan, [({}, None, False)] * len(plan.items)
         return
     tasks, owner = _tasks(pending, config, modalities)
     if config.workers > 0 and len(tasks) > 1:

@@ -161,9 +161,9 @@ def write_complete(output: Output, summary: dict[str, Any]) -> None:
 
 
 def _relocated(item: Item, out_dir: Path) -> dict[str, Any]:
-    """The item's fields with image/audio paths made relative to the output folder."""
+    """The item's fields with image / audio / video paths made relative to the output folder."""
     fields = dict(item.fields)
-    for key in ("image", "audio"):
+    for key in ("image", "audio", "video"):
         p = item.path(key)
         if p is not None:
             fields[key] = Path(os.path.relpath(p.resolve(), out_dir)).as_posix()

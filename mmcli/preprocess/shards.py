@@ -61,6 +61,8 @@ def collect_items(
 
 def present_modalities(items: list[Item], config: PreprocessConfig) -> list[str]:
     present = [m for m in MODALITY_FIELDS if any(it.has(m) for it in items)]
+    if config.audio_from_video and "video" in present and "audio" not in present:
+        present.insert(present.index("video"), "audio")  # the videos' audio tracks
     if config.modalities is not None:
         missing = [m for m in config.modalities if m not in present]
         if missing:
@@ -69,7 +71,7 @@ def present_modalities(items: list[Item], config: PreprocessConfig) -> list[str]
             )
         present = [m for m in present if m in config.modalities]
     if not present:
-        raise BadInput("items have no image, text or audio")
+        raise BadInput("items have no image, text, audio or video")
     return present
 
 
@@ -99,7 +101,7 @@ class ShardWriter:
         row_items: dict[str, list[int]] = {m: [] for m in self.modalities}
         errors = []
         self._upsampled = 0
-        for item, (image, audio, error, upsampled) in zip(plan.items, results):
+        for item, (values, error, upsampled) in zip(plan.items, results):
             if error is not None:
                 fld, reason = error
                 if self.config.on_error == "fail":
@@ -118,9 +120,9 @@ class ShardWriter:
                 continue
             local = len(kept)
             kept.append(item)
-            self._upsampled += bool(upsampled and image is not None)
-            for m, value in (("image", image), ("audio", audio)):
-                if value is not None:
+            self._upsampled += bool(upsampled)
+            for m, value in values.items():
+                if m in rows:
                     rows[m].append(value)
                     row_items[m].append(local)
             if "text" in self.modalities:
@@ -138,6 +140,7 @@ class ShardWriter:
         empty = {
             "image": lambda: np.zeros((0, 3, c.image_size, c.image_size), np.uint8),
             "audio": lambda: np.zeros((0, int(round(c.sample_rate * c.audio_seconds))), np.float16),
+            "video": lambda: np.zeros((0, c.frames, 3, c.image_size, c.image_size), np.uint8),
         }
         for m in self.modalities:
             if m == "text":

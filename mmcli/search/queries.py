@@ -1,5 +1,5 @@
 """Queries for :class:`~mmcli.search.retrieve.Retriever`: where they come from and how
-raw ones (text, image or audio files) become embeddings.
+raw ones (text, image, audio or video files) become embeddings.
 
     batches = line_query_batches(sys.stdin)           # JSONL lines, answered as they arrive
     batches = feature_query_batches(["q.safetensors"], retriever)   # every row a query
@@ -9,10 +9,12 @@ raw ones (text, image or audio files) become embeddings.
 
 Raw queries are preprocessed exactly as ``mmcli preprocess`` prepared the model's training
 data, from the table specs stored in the checkpoint (``model.config.inputs``): the text
-tokenizer and context length, the image size, the audio sample rate and length.
+tokenizer and context length, the image size, the audio sample rate and length, the
+video frames' sampling.
 
 JSONL query lines (``retrieve`` on stdin) are objects with exactly one of
-``{"text": "..."}``, ``{"image": "path"}``, ``{"audio": "path"}`` or ``{"id": "item"}``
+``{"text": "..."}``, ``{"image": "path"}``, ``{"audio": "path"}``, ``{"video": "path"}`` or
+``{"id": "item"}``
 (other keys are kept and echoed back). Relative paths resolve against the current folder.
 """
 
@@ -38,12 +40,12 @@ from mmcli.formats.features import FeatureSet
 from mmcli.formats.tensorfile import where_paths
 from mmcli.models.multimodal import MultimodalModel
 
-QUERY_KEYS = ("text", "image", "audio", "id")
+QUERY_KEYS = ("text", "image", "audio", "video", "id")
 
 
 @dataclass
 class Query:
-    """One query: ``kind`` is text / image / audio / id / vector; ``raw`` is echoed."""
+    """One query: ``kind`` is text / image / audio / video / id / vector; ``raw`` is echoed."""
 
     kind: str
     value: Any
@@ -60,7 +62,7 @@ def query_from_obj(obj: Any, where: str = "query") -> Query:
     keys = [k for k in QUERY_KEYS if k in obj]
     if len(keys) != 1:
         raise BadInput(
-            "a query needs exactly one of text, image, audio or id"
+            "a query needs exactly one of text, image, audio, video or id"
             + (f" (got {', '.join(keys)})" if keys else ""),
             where=where,
             hint='e.g. {"text": "a red circle"} or {"image": "photo.jpg"}',
@@ -87,7 +89,7 @@ def parse_query_line(line: str, where: str) -> Query:
 
 
 class QueryEncoder:
-    """Encodes raw text / image / audio queries with a :class:`MultimodalModel`."""
+    """Encodes raw text / image / audio / video queries with a :class:`MultimodalModel`."""
 
     def __init__(self, model: Any, device: Any = "cpu", precision: str = "fp32"):
         """``precision`` bf16 on the CPU casts ``model`` to bfloat16 (in place); on CUDA
@@ -143,6 +145,10 @@ class QueryEncoder:
                 self._transforms[modality] = image_transform_from_spec(spec)
             elif modality == "audio":
                 self._transforms[modality] = audio_transform_from_spec(spec)
+            elif modality == "video":
+                from mmcli.data.video import video_transform_from_spec
+
+                self._transforms[modality] = video_transform_from_spec(spec)
             else:
                 raise BadInput(f"cannot encode raw {modality} queries")
         return self._transforms[modality]
@@ -166,9 +172,11 @@ class QueryEncoder:
     @staticmethod
     def _load(modality: str, transform, value: str):
         path = Path(value).expanduser()
+        from mmcli.data.video import VideoDecodeError
+
         try:
             return transform(path)
-        except (ImageDecodeError, AudioDecodeError) as e:
+        except (ImageDecodeError, AudioDecodeError, VideoDecodeError) as e:
             raise BadInput(str(e), where=str(value)) from None
 
     def encode(self, modality: str, values: list[str], batch_size: int = 64):
@@ -198,11 +206,13 @@ def value_queries(
     text: Iterable[str] = (),
     image: Iterable[str] = (),
     audio: Iterable[str] = (),
+    video: Iterable[str] = (),
     ids: Iterable[str] = (),
 ) -> list[Query]:
-    """Queries given as values: captions, image / audio file paths, item ids."""
+    """Queries given as values: captions, image / audio / video file paths, item ids."""
     out = []
-    for kind, values in (("text", text), ("image", image), ("audio", audio), ("id", ids)):
+    pairs = (("text", text), ("image", image), ("audio", audio), ("video", video), ("id", ids))
+    for kind, values in pairs:
         for v in values or ():
             out.append(Query(kind, v, {kind: v}))
     return out

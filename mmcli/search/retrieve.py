@@ -7,7 +7,7 @@
 The index (memory-mapped shards, or a FAISS index built once and saved) is opened once
 and serves every query batch. A hit carries its rank, item id, exact score, the row
 within the item when the table has several rows per item (captions), and the item's
-manifest fields with image / audio paths resolved.
+manifest fields with image / audio / video paths resolved.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class RetrieveConfig:
 
 
 def default_target(tables: list[str]) -> str:
-    for name in ("image", "audio", "text", "fused"):
+    for name in ("image", "video", "audio", "text", "fused"):
         if name in tables:
             return name
     return tables[0]
@@ -135,7 +135,7 @@ class Retriever:
                 weights=self.cfg.weights,
                 device=self.cfg.device,
                 allow=self.cfg.allow_model_mismatch,
-                purpose="text, image and audio queries need --model",
+                purpose="text, image, audio and video queries need --model",
             )
             self._encoder = QueryEncoder(model, self.cfg.device, precision=self.cfg.precision)
         return self._encoder

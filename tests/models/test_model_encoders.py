@@ -11,7 +11,7 @@ from mmcli.data.text import ByteTokenizer
 from mmcli.models.weights import load_weights
 
 # the built-in encoders (other modules, e.g. the fuse-train passthrough, register more)
-BUILTIN = ("mmcli.models.image", "mmcli.models.text", "mmcli.models.audio")
+BUILTIN = ("mmcli.models.image", "mmcli.models.text", "mmcli.models.audio", "mmcli.models.video")
 ENCODERS = [n for n in models.list() if models.resolve(n)[2].__module__ in BUILTIN]
 
 
@@ -19,6 +19,8 @@ def _batch(modality: str, *, size=(32, 32), length=20, samples=4000, b=2, seed=0
     g = torch.Generator().manual_seed(seed)
     if modality == "image":
         return torch.randint(0, 256, (b, 3, *size), dtype=torch.uint8, generator=g)
+    if modality == "video":  # 3 frames of the image size
+        return torch.randint(0, 256, (b, 3, 3, *size), dtype=torch.uint8, generator=g)
     if modality == "text":
         captions = ["a dog on the grass", "二只猫 sleeping"][:b] + ["x"] * max(0, b - 2)
         return torch.from_numpy(ByteTokenizer(context_length=length).encode_batch(captions)[0])
@@ -42,6 +44,7 @@ def test_the_registry_holds_the_documented_encoders():
         "text/transformer",
         "audio/tiny",
         "audio/melcnn",
+        "video/frames",
     ]
 
 

@@ -6,6 +6,7 @@ format         layout
 jsonl          an mmcli manifest (file or ``-`` for stdin)
 imagefolder    ``ROOT/<label>/*.jpg`` (or ``ROOT/<split>/<label>/*.jpg``)
 audiofolder    ``ROOT/<label>/*.wav|flac|ogg`` (or ``ROOT/<split>/<label>/...``)
+videofolder    ``ROOT/<label>/*.mp4|webm|mkv|avi`` (or ``ROOT/<split>/<label>/...``)
 karpathy       Karpathy split JSON (``dataset_flickr8k.json``, ``dataset_flickr30k.json``,
                ``dataset_coco.json``): ``images[]`` with ``filename``, ``split``,
                ``sentences[].raw``; files under ``--images-dir``
@@ -34,6 +35,7 @@ from mmcli.data.importers.layout import (
     FORMATS,
     IMAGE_EXTS,
     SPLIT_NAMES,
+    VIDEO_EXTS,
     ImportOptions,
     detect_format,
     log,
@@ -51,6 +53,7 @@ __all__ = [
     "FORMATS",
     "IMAGE_EXTS",
     "SPLIT_NAMES",
+    "VIDEO_EXTS",
     "ImportOptions",
     "detect_format",
     "import_items",
@@ -76,6 +79,8 @@ def import_items(
         items = folder_items(Path(path), IMAGE_EXTS, "image", fmt)
     elif fmt == "audiofolder":
         items = folder_items(Path(path), AUDIO_EXTS, "audio", fmt)
+    elif fmt == "videofolder":
+        items = folder_items(Path(path), VIDEO_EXTS, "video", fmt)
     elif fmt == "karpathy":
         items = karpathy_items(path, opts)
     elif fmt == "coco":

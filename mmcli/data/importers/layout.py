@@ -19,10 +19,11 @@ log = logging.getLogger("mmcli")
 
 FORMATS = (
     "auto", "jsonl", "imagefolder", "karpathy", "coco", "csv", "audiofolder", "webdataset",
-    "parquet",
+    "parquet", "videofolder",
 )  # fmt: skip
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}
+VIDEO_EXTS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -34,6 +35,7 @@ class ImportOptions:
     image_col: str | None = None
     text_col: str | None = None
     audio_col: str | None = None
+    video_col: str | None = None
     label_col: str | None = None
     id_col: str | None = None
     split_col: str | None = None
@@ -173,23 +175,27 @@ def folder_files(root: Path) -> Iterator[Path]:
 
 
 def _detect_folder(root: Path) -> str:
-    n_img = n_audio = n_tar = n_parquet = 0
+    n_img = n_audio = n_video = n_tar = n_parquet = 0
     for i, f in enumerate(folder_files(root)):
         ext = f.suffix.lower()
         n_img += ext in IMAGE_EXTS
         n_audio += ext in AUDIO_EXTS
+        n_video += ext in VIDEO_EXTS
         n_tar += ext == ".tar"
         n_parquet += ext == ".parquet"
         if i > 2000:
             break
-    if n_tar and n_img == 0 and n_audio == 0:
+    media = n_img + n_audio + n_video
+    if n_tar and media == 0:
         return "webdataset"  # img2dataset's output folder: tars (+ parquet, _stats.json)
-    if n_parquet and n_img == 0 and n_audio == 0:
+    if n_parquet and media == 0:
         return "parquet"
-    if n_img == 0 and n_audio == 0:
+    if media == 0:
         raise BadInput(
-            "folder holds no images or audio files",
+            "folder holds no images, audio or video files",
             where=str(root),
-            hint=f"expected ROOT/<label>/<file> with one of {sorted(IMAGE_EXTS | AUDIO_EXTS)}",
+            hint="expected ROOT/<label>/<file> with one of "
+            f"{sorted(IMAGE_EXTS | AUDIO_EXTS | VIDEO_EXTS)}",
         )
-    return "audiofolder" if n_audio > n_img else "imagefolder"
+    most = max(n_img, n_audio, n_video)
+    return "imagefolder" if n_img == most else "audiofolder" if n_audio == most else "videofolder"

@@ -22,6 +22,7 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": ("image", "filepath", "image_path", "file", "filename"),
     "text": ("text", "caption", "title", "sentence"),
     "audio": ("audio", "audio_path", "wav"),
+    "video": ("video", "video_path", "clip"),
     "label": ("label", "class", "category"),
     "split": ("split",),
 }
@@ -92,9 +93,9 @@ def find_columns(header: list[str], opts: ImportOptions, path: str) -> dict[str,
         cols[key] = given if given is not None else next((c for c in defaults if c in header), None)
     if not any(cols[m] for m in MODALITIES):
         raise BadInput(
-            f"no image, text or audio column found (columns: {', '.join(header)})",
+            f"no image, text, audio or video column found (columns: {', '.join(header)})",
             where=path,
-            hint="name them with --image-col, --text-col, --audio-col",
+            hint="name them with --image-col, --text-col, --audio-col, --video-col",
         )
     return cols
 
@@ -104,7 +105,7 @@ def rows_to_items(
 ) -> dict[str, Item]:
     """Items by key, in first-seen order; the rows of one key add their captions."""
     items: dict[str, Item] = {}
-    key_col = cols["id"] or cols["image"] or cols["audio"]
+    key_col = cols["id"] or cols["image"] or cols["audio"] or cols["video"]
     for lineno, row in enumerate(reader, start=start):
         # no key column: the row's number, from 1 (a CSV's first row is its line 2)
         key = (row.get(key_col) or "").strip() if key_col else str(lineno - start + 1)
@@ -126,7 +127,7 @@ def rows_to_items(
 def _fields(row: dict, key: str, header: list[str], cols: dict[str, str | None]) -> dict[str, Any]:
     """The manifest fields of a new item from its first row (captions added after)."""
     fields: dict[str, Any] = {"id": key}
-    for m in ("image", "audio"):
+    for m in ("image", "audio", "video"):
         if cols[m] and (row.get(cols[m]) or "").strip():
             fields[m] = row[cols[m]].strip()
     if cols["text"]:

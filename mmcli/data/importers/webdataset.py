@@ -36,6 +36,7 @@ from mmcli.data.importers.layout import (
     AUDIO_EXTS,
     IMAGE_EXTS,
     SPLIT_NAMES,
+    VIDEO_EXTS,
     ImportOptions,
     files_of,
     log,
@@ -46,6 +47,7 @@ from mmcli.formats.manifest import Item
 
 _IMAGE = {e.lstrip(".") for e in IMAGE_EXTS}
 _AUDIO = {e.lstrip(".") for e in AUDIO_EXTS}
+_VIDEO = {e.lstrip(".") for e in VIDEO_EXTS}
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -145,6 +147,8 @@ def _kind(ext: str) -> str | None:
         return "image"
     if last in _AUDIO:
         return "audio"
+    if last in _VIDEO:
+        return "video"
     return {"txt": "text", "cls": "label", "json": "json"}.get(ext)
 
 
@@ -161,7 +165,7 @@ def _expected(indices: list[ArchiveIndex]) -> set[str]:
 
 
 def _modalities(fields: dict[str, Any]) -> set[str]:
-    have = {k for k in ("image", "audio", "label") if fields.get(k) is not None}
+    have = {k for k in ("image", "audio", "video", "label") if fields.get(k) is not None}
     return have | ({"text"} if fields.get("text") else set())
 
 
@@ -178,7 +182,7 @@ def _fields(tar: Path, f: BinaryIO, group: dict[str, Member], classnames: list[s
     fields: dict[str, Any] = {}
     for ext, m in group.items():
         kind = _kind(ext)
-        if kind in ("image", "audio") and kind not in fields:
+        if kind in ("image", "audio", "video") and kind not in fields:
             fields[kind] = member_path(tar, m.name)
         elif kind == "text":
             fields["text"] = [line.strip() for line in _text(f, m).splitlines() if line.strip()]
