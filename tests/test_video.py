@@ -292,3 +292,26 @@ def test_toy_videos_train_evaluate_and_answer_video_queries(tmp_path, cli):
     bad.write_text("no video here")
     r = cli("retrieve", "--index", feats, "--target", "video", "--video", bad)
     assert r.exit_code == 2 and "cannot open video" in r.stderr and r.stdout == ""
+
+
+def test_the_gallery_shows_a_video_hit_as_an_animated_gif(tmp_path):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from mmcli.search.gallery import gallery_html
+
+    clip = write_video(tmp_path / "a.mp4", numbered_frames(24, size=(64, 48)), fps=8)
+    line = {"query": {"video": str(clip)}, "hits": [{"rank": 1, "id": "a", "score": 1.0,
+            "item": {"id": "a", "video": str(clip), "text": ["a clip"]}}]}  # fmt: skip
+    page = gallery_html([line], target="video")
+    gifs = re.findall(r'src="data:image/gif;base64,([^"]+)"', page)
+    assert len(gifs) == 2  # the query and the hit
+    with Image.open(io.BytesIO(base64.b64decode(gifs[1]))) as gif:
+        assert gif.n_frames == 6 and max(gif.size) <= 160
+    broken = dict(
+        line, hits=[dict(line["hits"][0], item={"id": "a", "video": str(tmp_path / "x.mp4")})]
+    )
+    assert "unreadable video" in gallery_html([broken], target="video")

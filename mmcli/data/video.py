@@ -33,6 +33,9 @@ from mmcli.formats.userfiles import NotAFile, open_file
 
 #: seek rather than decode forward when the next sample time is this far ahead (seconds)
 SEEK_GAP = 2.0
+#: FFmpeg's decoding threads per clip (0: its own choice); preprocess's worker processes
+#: set 1, so that N workers use N cores rather than N x cores threads
+DECODE_THREADS = 0
 #: a clip whose decoded frames stop before this share of its declared duration is truncated
 TRUNCATED_BELOW = 0.9
 
@@ -186,6 +189,17 @@ def pick_frames(frames: _Frames, times: list[float]) -> list:
 
 def load_video(path: str | os.PathLike, t: VideoTransform):
     """Decode ``path`` into uint8 numpy ``[t.frames, 3, size, size]``. Raises VideoDecodeError."""
+    frames = sampled_frames(path, t.frames, t.fps, t.image.max_pixels or MAX_IMAGE_PIXELS)
+    return np.stack([t.image.apply(frame) for frame in frames])
+
+
+def sampled_frames(
+    path: str | os.PathLike,
+    frames: int,
+    fps: float | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> list:
+    """The sampled frames of ``path`` as RGB PIL images, full size. Raises VideoDecodeError."""
     av = require_av()
     f, container = _open(path)
     try:
@@ -194,14 +208,15 @@ def load_video(path: str | os.PathLike, t: VideoTransform):
                 raise VideoDecodeError("file has no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            if DECODE_THREADS:
+                stream.thread_count = DECODE_THREADS
             start, duration = _span(container, stream)
             if not duration > 0:
                 raise VideoDecodeError("video has zero duration")
-            times = sample_times(start, duration, t.frames, t.fps)
-            frames = _Frames(container, stream, t.image.max_pixels or MAX_IMAGE_PIXELS)
-            picked = pick_frames(frames, times)
+            times = sample_times(start, duration, frames, fps)
+            picked = pick_frames(_Frames(container, stream, max_pixels), times)
             _check_complete(picked, start, duration, times)
-            return np.stack([t.image.apply(frame.to_image()) for _, frame in picked])
+            return [frame.to_image() for _, frame in picked]
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode video ({_reason(e)})") from None
 

@@ -17,12 +17,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmcli.data import video
 from mmcli.data.audio import AudioDecodeError, AudioTransform
 from mmcli.data.image import ImageDecodeError
 from mmcli.data.video import VideoDecodeError, load_video_audio
 from mmcli.formats.manifest import Item
 from mmcli.preprocess.config import CHUNK, PreprocessConfig
 
+#: items per worker task when they have videos
+VIDEO_CHUNK = 2
 #: the modalities read from files (text is in the items)
 DECODED = ("image", "audio", "video")
 #: an audio "path" with this prefix is the audio track of the video after it
@@ -119,6 +122,7 @@ def init_worker() -> None:
     """Pool initializer (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
+    video.DECODE_THREADS = 1  # the pool is the parallelism
     _die_with_parent()
     sys.stderr = _QuietWhenOrphaned(sys.stderr, os.getppid())
 
@@ -152,9 +156,10 @@ def _tasks(
     video_tf = config.video_transform()
     tasks = []
     owner: dict[int, ShardPlan] = {}
+    chunk = VIDEO_CHUNK if "video" in modalities else CHUNK  # a clip is many images' work
     for plan in pending:
-        for start in range(0, len(plan.items), CHUNK):
-            files = [item_files(it, modalities, config) for it in plan.items[start : start + CHUNK]]
+        for start in range(0, len(plan.items), chunk):
+            files = [item_files(it, modalities, config) for it in plan.items[start : start + chunk]]
             cid = len(tasks)
             tasks.append((cid, files, image_tf, video_tf, config.sample_rate, config.audio_seconds))
             owner[cid] = plan

@@ -78,6 +78,22 @@ def thumbnail_uri(path: str | os.PathLike, size: int = THUMB) -> str | None:
     return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def video_uri(path: str | os.PathLike, size: int = THUMB, frames: int = 6) -> str | None:
+    """A ``data:`` URI of an animated GIF of ``frames`` frames sampled over the video at
+    ``path`` (None when unreadable): motion shows, and any browser plays it."""
+    from mmcli.data.video import VideoDecodeError, sampled_frames
+
+    try:
+        images = sampled_frames(path, frames)
+    except (VideoDecodeError, OSError, ValueError):
+        return None
+    for im in images:
+        im.thumbnail((size, size))
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def audio_uri(path: str | os.PathLike) -> str | None:
     p = Path(path)
     try:
@@ -108,11 +124,12 @@ def _media(item: dict[str, Any], target: str, hit: dict[str, Any]) -> str:
         uri = audio_uri(item["audio"])
         src = uri or Path(item["audio"]).resolve().as_uri()
         return f'<audio controls preload="none" src="{esc(src)}"></audio>'
-    if item.get("image"):
-        uri = thumbnail_uri(item["image"])
-        if uri is None:
-            return f'<div class="error">unreadable image {esc(item["image"])}</div>'
-        return f'<img src="{uri}" alt="{esc(hit["id"])}">'
+    for key, make in (("image", thumbnail_uri), ("video", video_uri)):
+        if item.get(key):
+            uri = make(item[key])
+            if uri is None:
+                return f'<div class="error">unreadable {key} {esc(item[key])}</div>'
+            return f'<img src="{uri}" alt="{esc(hit["id"])}">'
     text = hit_text(hit)
     return f'<div class="text">{esc(text)}</div>' if text is not None else ""
 
@@ -146,10 +163,11 @@ def _score(score: Any) -> str:
 def _query_head(n: int, query: Any) -> str:
     shown = esc(json.dumps(query, ensure_ascii=False))
     extra = ""
-    if isinstance(query, dict) and isinstance(query.get("image"), str):
-        uri = thumbnail_uri(query["image"])
-        if uri:
-            extra = f'<div class="query"><img src="{uri}" alt="query {n}"></div>'
+    for key, make in (("image", thumbnail_uri), ("video", video_uri)):
+        if isinstance(query, dict) and isinstance(query.get(key), str):
+            uri = make(query[key])
+            if uri:
+                extra = f'<div class="query"><img src="{uri}" alt="query {n}"></div>'
     return f'<h2 class="query">{n}. {shown}</h2>{extra}'
 
 
@@ -186,7 +204,7 @@ def _safe(name: str) -> str:
 
 
 def copy_hits(lines: Iterable[dict[str, Any]], folder: str | os.PathLike) -> list[Path]:
-    """Copy every hit's file (image or audio, from its manifest fields) into ``folder`` as
+    """Copy every hit's file (image, video or audio, from its manifest fields) into ``folder`` as
     ``q<query>-<rank>-<id><ext>`` (each copy written atomically). Text hits are written as
     ``.txt``. A name that already exists and is a source file is refused."""
     out = Path(folder)
@@ -195,7 +213,7 @@ def copy_hits(lines: Iterable[dict[str, Any]], folder: str | os.PathLike) -> lis
     for n, line in enumerate(lines, 1):
         for hit in line.get("hits", []):
             item = hit.get("item") or {}
-            src = item.get("image") or item.get("audio")
+            src = item.get("image") or item.get("video") or item.get("audio")
             stem = f"q{n:03d}-{int(hit['rank']):03d}-{_safe(str(hit['id']))}"
             if src:
                 dest = out / (stem + Path(src).suffix.lower())
