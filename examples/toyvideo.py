@@ -19,6 +19,9 @@ attention over frames with their positions can. The audio track sonifies the sha
 colour's pitch, the shape's waveform, as in toydata's audio) with a loudness that rises
 while the shape moves right, up or grows, and falls otherwise.
 
+Clips come in reverse pairs that share their geometry and split, so a clip's reverse is in
+every evaluation as the hard negative a mean over frames cannot separate; ``swap_id`` and
+``swap_text`` name it (``fuse-train --hard-negatives swap_text --hard-negative-items swap_id``).
 Manifest rows carry ``color``, ``shape``, ``motion`` and ``size`` (so histories and
 evaluations can use them), a ``label`` (the motion) and an 80/10/10 ``split``.
 
@@ -142,25 +145,53 @@ def write_video(path: Path, images, fps: int, audio: np.ndarray | None, sample_r
                 out.mux(packet)
 
 
+def reverse_pairs() -> list[tuple[int, int]]:
+    """Every clip paired with its reverse (the same shape, colour and size doing the
+    opposite motion): 150 pairs of indices into :func:`video_combos`."""
+    combos = video_combos()
+    index = {c: i for i, c in enumerate(combos)}
+    pairs = []
+    for i, (s, c, m, z) in enumerate(combos):
+        j = index[(s, c, REVERSE[m], z)]
+        if i < j:
+            pairs.append((i, j))
+    return pairs
+
+
 def plan_videos(items: int, seed: int) -> list[dict]:
-    """The clips of a dataset, in output order: distinct combinations drawn without
-    replacement; splits 80/10/10 in draw order."""
+    """The clips of a dataset, in output order. Clips come in reverse pairs (a motion and
+    its opposite) drawn without replacement; the two clips of a pair share their geometry
+    (jitter, angle, background) and their split (80/10/10 in draw order), so that in every
+    split a clip's reverse is the hard negative a mean over frames cannot tell apart."""
     combos = video_combos()
     if not 1 <= items <= len(combos):
         raise ValueError(
             f"video items must be from 1 to {len(combos)} (every clip is distinct), got {items}"
         )
     rng = np.random.default_rng([seed, 7])
-    pick = rng.choice(len(combos), size=items, replace=False)
+    pairs = reverse_pairs()
+    pick = rng.choice(len(pairs), size=(items + 1) // 2, replace=False)
     out = []
-    for k, i in enumerate(pick):
+    for k, p in enumerate(pick):
         g = np.random.default_rng([seed, 8, k])
         jitter = np.array([*g.uniform(-0.03, 0.03, size=2), g.uniform(-0.08, 0.08)])
-        angle = 0.0 if combos[i][0] == "circle" else float(g.uniform(-10, 10))
+        angle = 0.0 if combos[pairs[p][0]][0] == "circle" else float(g.uniform(-10, 10))
         background = tuple(int(v) for v in 244 + g.integers(-6, 7, size=3))
-        out.append({"combo": combos[i], "jitter": jitter, "angle": angle,
-                    "background": background, "split": td.SPLIT_PATTERN[k % 10]})  # fmt: skip
-    return out
+        first = len(out)
+        for i in pairs[p][: min(2, items - first)]:
+            out.append({"combo": combos[i], "jitter": jitter, "angle": angle,
+                        "background": background, "split": td.SPLIT_PATTERN[k % 10],
+                        "partner": None})  # fmt: skip
+        if len(out) - first == 2:
+            out[first]["partner"], out[first + 1]["partner"] = first + 1, first
+    order = rng.permutation(len(out))
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    shuffled = [out[i] for i in order]
+    for clip in shuffled:
+        if clip["partner"] is not None:
+            clip["partner"] = int(where[clip["partner"]])
+    return shuffled
 
 
 def generate_videos(
@@ -197,9 +228,15 @@ def generate_videos(
         track = render_track(clip["combo"], frames / fps, sample_rate) if audio else None
         write_video(videos / f"{vid}.mp4", images, fps, track, sample_rate)
         shape, color, motion, z = clip["combo"]
+        row_extra = {}
+        if (
+            clip["partner"] is not None
+        ):  # the reverse clip: a hard negative (fuse-train --hard-negatives)
+            row_extra = {"swap_id": f"vid-{clip['partner']:0{width}d}",
+                         "swap_text": captions(*clips[clip["partner"]]["combo"])[0]}  # fmt: skip
         rows.append({"id": vid, "video": f"videos/{vid}.mp4", "text": captions(*clip["combo"]),
                      "label": motion, "split": clip["split"], "shape": shape, "color": color,
-                     "motion": motion, "size": z})  # fmt: skip
+                     "motion": motion, "size": z, **row_extra})  # fmt: skip
     keep = {f"{r['id']}.mp4" for r in rows}
     for p in videos.iterdir():
         if p.suffix == ".mp4" and p.name not in keep:

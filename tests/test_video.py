@@ -315,3 +315,32 @@ def test_the_gallery_shows_a_video_hit_as_an_animated_gif(tmp_path):
         line, hits=[dict(line["hits"][0], item={"id": "a", "video": str(tmp_path / "x.mp4")})]
     )
     assert "unreadable video" in gallery_html([broken], target="video")
+
+
+def test_toy_clips_come_in_reverse_pairs_that_share_their_frames():
+    """A clip's partner (``swap_id``) does the opposite motion over the same frames in the
+    opposite order, in the same split: a mean over frames cannot tell them apart."""
+    from toyvideo import REVERSE, plan_videos, render_frames
+
+    clips = plan_videos(9, seed=3)
+    paired = [c for c in clips if c["partner"] is not None]
+    assert len(paired) == 8 and sum(c["partner"] is None for c in clips) == 1
+    for c in paired:
+        p = clips[c["partner"]]
+        assert p["partner"] is not None and clips[p["partner"]] is c
+        assert p["split"] == c["split"] and REVERSE[c["combo"][2]] == p["combo"][2]
+        assert c["combo"][:2] == p["combo"][:2] and c["combo"][3] == p["combo"][3]
+        mine = [
+            np.asarray(im)
+            for im in render_frames(
+                c["combo"], c["background"], c["jitter"], c["angle"], 6, (32, 32)
+            )
+        ]
+        theirs = [
+            np.asarray(im)
+            for im in render_frames(
+                p["combo"], p["background"], p["jitter"], p["angle"], 6, (32, 32)
+            )
+        ]
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs[::-1]))
+        assert not np.array_equal(mine[0], mine[-1])  # it does move
