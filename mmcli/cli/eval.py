@@ -81,7 +81,7 @@ def eval_command(
     modality: Annotated[
         str | None,
         typer.Option(
-            help="Zero-shot / linear probe: the table to classify (default: fused, image, audio, text).",
+            help="Zero-shot / linear probe: the table to classify (default: fused, image, video, audio, text).",
             rich_help_panel="Classification",
         ),
     ] = None,

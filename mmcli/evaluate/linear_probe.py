@@ -217,7 +217,7 @@ def probe_table(features, table: str | None) -> str:
         features.require(table)
         return table
     tables = features.tables
-    for name in ("fused", "image", "audio", "text"):
+    for name in ("fused", "image", "video", "audio", "text"):
         if name in tables:
             return name
     return tables[0]

@@ -37,6 +37,7 @@ DEFAULT_TEMPLATES: dict[str, list[str]] = {
         "a drawing of a {}.",
     ],
     "audio": ["the sound of a {}.", "a recording of a {}.", "the sound of {}.", "{}"],
+    "video": ["a video of a {}.", "a video of {}.", "a clip of {}.", "{}"],
     "text": ["{}"],
     "fused": ["{}"],
 }

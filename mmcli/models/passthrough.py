@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmcli.models.base import AudioEncoder, ImageEncoder, TextEncoder
+from mmcli.models.base import AudioEncoder, Encoder, ImageEncoder, TextEncoder
 from mmcli.models.registry import register
 
 
@@ -58,3 +58,10 @@ def _make(base: type, modality: str):
 ImageFeaturesConfig = _make(ImageEncoder, "image")
 TextFeaturesConfig = _make(TextEncoder, "text")
 AudioFeaturesConfig = _make(AudioEncoder, "audio")
+
+
+class _VideoBase(Encoder):
+    modality = "video"
+
+
+VideoFeaturesConfig = _make(_VideoBase, "video")
