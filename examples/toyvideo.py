@@ -96,11 +96,14 @@ def trajectory(
 
 
 def render_frames(combo, background, jitter, angle, frames: int, size: tuple[int, int]):
-    """The clip's frames as PIL images."""
+    """The clip's frames as PIL images. Frame k shows the motion at time fraction k / T, so
+    frame k of a clip is frame T - k of its reverse: the frames that uniform sampling takes
+    (the frame nearest each of N segment centres, N dividing T) are the same set for a clip
+    and its reverse, in the opposite order."""
     shape, color, motion, z = combo
     out = []
     for k in range(frames):
-        cx, cy, r = trajectory(motion, z, k / max(1, frames - 1), jitter)
+        cx, cy, r = trajectory(motion, z, k / frames, jitter)
         obj = td.Obj(shape, color, z or "medium", "center", cx=cx, cy=cy, r=r, angle=angle)
         scene = td.Scene([obj], "video", "train", 0, (0,), (0,), background)
         out.append(td.render_image(scene, size))
