@@ -342,3 +342,29 @@ def test_toy_clips_come_in_reverse_pairs_that_share_their_frames(tmp_path):
         same = np.abs(va.astype(int) - vb[::-1].astype(int)).mean()  # H.264's error only
         moved = np.abs(va[0].astype(int) - va[-1].astype(int)).mean()
         assert same < 2.0 and moved > 5 * same, (n, same, moved)
+
+
+def test_a_rotated_clip_is_turned_upright(tmp_path):
+    """A display rotation (phones' portrait video) is applied, like an image's EXIF
+    orientation: 90 degrees counterclockwise turns the top-left corner to the bottom-left."""
+    import av
+
+    from mmcli.data.video import sampled_frames
+
+    frame = np.full((32, 64, 3), 200, dtype=np.uint8)
+    frame[:8, :8] = (255, 0, 0)
+    path = tmp_path / "r.mp4"
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=4)
+        v.width, v.height, v.pix_fmt = 64, 32, "yuv420p"
+        v.set_display_rotation(90)
+        for _ in range(4):
+            for p in v.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+    (im,) = sampled_frames(path, 1)
+    a = np.asarray(im)
+    assert im.size == (32, 64)  # portrait
+    assert a[-4, 4, 0] > 230 and a[-4, 4, 1] < 60  # the red corner, now bottom left
+    assert a[4, 4, 1] > 150

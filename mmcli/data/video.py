@@ -216,9 +216,23 @@ def sampled_frames(
             times = sample_times(start, duration, frames, fps)
             picked = pick_frames(_Frames(container, stream, max_pixels), times)
             _check_complete(picked, start, duration, times)
-            return [frame.to_image() for _, frame in picked]
+            return [upright(frame) for _, frame in picked]
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode video ({_reason(e)})") from None
+
+
+def upright(frame):
+    """A decoded frame as an RGB PIL image, turned as the stream's display matrix says
+    (phones record portrait video as landscape frames plus a rotation), like the EXIF
+    orientation of an image: ``frame.rotation`` degrees counterclockwise."""
+    im = frame.to_image()
+    turn = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+    if turn in (90, 180, 270):
+        from PIL import Image
+
+        im = im.transpose({90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+                           270: Image.Transpose.ROTATE_270}[turn])  # fmt: skip
+    return im
 
 
 def _check_complete(picked: list, start: float, duration: float, times: list[float]) -> None:
