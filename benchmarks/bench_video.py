@@ -20,7 +20,8 @@ ratios to bare (goals: >= 0.9x, and >= 1.5x with --workers 2).
 
 ``pooling`` makes the toy videos (examples/toyvideo.py: a motion and its reverse show the
 same frames in the opposite order), trains ``fuse-train --pairs video-text`` twice with the
-same settings but ``frames:...:pool=mean`` and ``frames:...:pool=attention``, and prints
+same settings but ``frames:...:pool=mean`` and ``frames:...:pool=attention`` (each clip's
+reverse in its batch, ``--batch-with swap_id``, unless ``--no-pair-batches``), and prints
 text -> video R@1 / R@5 on the test split (eval's own metrics) for both.
 """
 
@@ -166,14 +167,17 @@ def pooling(args) -> None:
         _mmcli("preprocess", str(manifest), "-o", str(tensors), "--image-size", "32",
                "--frames", str(args.frames), "-q")  # fmt: skip
     print(f"toy videos: {args.items} clips, {args.frames} frames of 32 px; fuse-train "
-          f"--pairs video-text --epochs {args.epochs}; text -> video on the test split")  # fmt: skip
+          f"--pairs video-text --epochs {args.epochs}"
+          + (" --batch-with swap_id" if args.pair_batches else "")
+          + "; text -> video on the test split")  # fmt: skip
     for pool in ("mean", "attention"):
         run = work / f"run-{pool}"
         shutil.rmtree(run, ignore_errors=True)
         t = time.perf_counter()
         _mmcli("fuse-train", str(tensors), "-o", str(run), "--pairs", "video-text",
                "--encoder", f"video=frames:convnet:width=16,grid=4,stem_stride=1:pool={pool}",
-               "--epochs", str(args.epochs), "--batch-size", "32", "--seed", "0", "-q")  # fmt: skip
+               "--epochs", str(args.epochs), "--batch-size", "32", "--seed", "0", "-q",
+               *(["--batch-with", "swap_id"] if args.pair_batches else []))  # fmt: skip
         seconds = time.perf_counter() - t
         feats = work / f"feats-{pool}"
         shutil.rmtree(feats, ignore_errors=True)
@@ -208,6 +212,12 @@ def main() -> None:
     p.add_argument("--items", type=int, default=300)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument(
+        "--no-pair-batches",
+        dest="pair_batches",
+        action="store_false",
+        help="do not put each clip's reverse in its batch (--batch-with swap_id)",
+    )
     p.add_argument("--keep")
     args = ap.parse_args()
     decode(args) if args.what == "decode" else pooling(args)

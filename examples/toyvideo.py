@@ -21,7 +21,7 @@ while the shape moves right, up or grows, and falls otherwise.
 
 Clips come in reverse pairs that share their geometry and split, so a clip's reverse is in
 every evaluation as the hard negative a mean over frames cannot separate; ``swap_id`` and
-``swap_text`` name it (``fuse-train --hard-negatives swap_text --hard-negative-items swap_id``).
+``swap_text`` name it (``fuse-train --hard-negatives swap_text --batch-with swap_id``).
 Manifest rows carry ``color``, ``shape``, ``motion`` and ``size`` (so histories and
 evaluations can use them), a ``label`` (the motion) and an 80/10/10 ``split``.
 
