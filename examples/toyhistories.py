@@ -15,9 +15,9 @@ attributes taken in turn. An item is *preferred* when the attribute's extractor 
 that value for it (the toy data's extractors: the colour or the shape of a one-shape
 scene; a two-shape scene has none). A history of 5 to 12 items is drawn without
 replacement: each item is a preferred one with probability 1 - ``noise`` (else any other
-item), weighted by a fixed per-item popularity (``(1 + r) ** -skew`` for a seeded random
-rank r, so some items are watched far more than others and the popularity baseline has
-something to find). A seeded share ``unwatched`` of the items is never drawn: those are
+item; any item once the preferred ones run out), weighted by a fixed per-item popularity
+(``(1 + r) ** -skew`` for a seeded random rank r, so some items are watched far more than
+others and the popularity baseline has something to find). A seeded share ``unwatched`` of the items is never drawn: those are
 the cold-start items, recommended from their content alone.
 
 The right answer is known: the *oracle* ranks a user's unseen preferred items by

@@ -320,7 +320,9 @@ def retrieve(
                 refuse_inputs_as_outputs(inputs, folder=copy_to, option="--copy-to")
         retriever = Retriever(cfg, progress=ctx.progress)
         if like or histories:
-            batches = _like_batches(retriever, like, exclude, histories)
+            from mmcli.search.recommend import like_batches
+
+            batches = like_batches(retriever.recommender, like, exclude, histories)
         elif queries:
             batches = feature_query_batches(queries, retriever, table=query_table)
         elif any(given):
@@ -359,21 +361,6 @@ def _check_likes(given: list[bool], like, exclude, histories) -> None:
         raise BadInput(
             "--exclude goes with --like", hint='in a file: {"like": [...], "exclude": [...]}'
         )
-
-
-def _like_batches(retriever, like, exclude, histories):
-    """The like queries of --like (one) or --histories (one per line, every id checked
-    before the first line is answered)."""
-    from mmcli.search.queries import like_query, read_histories
-
-    if like:
-        obj = {"like": list(like), **({"exclude": list(exclude)} if exclude else {})}
-        queries = [like_query(obj, "--like")]
-    else:
-        queries = read_histories(histories)
-    for q in queries:
-        retriever.recommender.resolve(q.value)
-    return (queries[i : i + 256] for i in range(0, len(queries), 256))
 
 
 def _pictures(lines: list, target: str, html_out, copy_to, title: str) -> None:

@@ -62,10 +62,11 @@ class LikeQuery:
 
     like: list[str]
     exclude: list[str]
-    where: str | None = None
+    where: str | None = None  # None: given as options (--like, --exclude)
+    key: str = "like"  # the field the liked ids came in: like | history
 
 
-def _ids(value: Any, key: str, where: str, *, empty: bool = False) -> list[str]:
+def _ids(value: Any, key: str, where: str | None, *, empty: bool = False) -> list[str]:
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         value = [value]  # one id given bare
     ok = isinstance(value, list) and all(
@@ -80,14 +81,14 @@ def _ids(value: Any, key: str, where: str, *, empty: bool = False) -> list[str]:
     return [str(v) for v in value]
 
 
-def like_query(obj: dict[str, Any], where: str = "query") -> Query:
+def like_query(obj: dict[str, Any], where: str | None = "query") -> Query:
     """A ``{"like": [...], "exclude": [...]}`` or ``{"history": [...]}`` object as a query."""
     if "like" in obj and "history" in obj:
         raise BadInput('a query has "like" or "history", not both', where=where)
     key = "like" if "like" in obj else "history"
     like = _ids(obj[key], key, where)
     exclude = _ids(obj.get("exclude", []), "exclude", where, empty=True)
-    return Query("like", LikeQuery(like, exclude, where), obj)
+    return Query("like", LikeQuery(like, exclude, where, key), obj)
 
 
 def read_histories(path: str) -> list[Query]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mmcli.errors import BadInput
-from mmcli.search.queries import LikeQuery, Query
+from mmcli.search.queries import LikeQuery, Query, like_query, read_histories
 
 AGGREGATES = ("mean", "max")
 POOL = 10  # MMR re-ranks the POOL x k most relevant candidates
@@ -99,8 +99,9 @@ class Recommender:
         """The item number of ``item_id`` (one with a row in the target table)."""
         i = self.r.features.item_index(item_id)
         if i is None or self.row_of[i] < 0:
+            given = f"--{key}" if where is None else f'"{key}"'  # an option, or a line's field
             raise BadInput(
-                f'unknown item {item_id!r} in "{key}" (no {self.r.target} row in the index)',
+                f"unknown item {item_id!r} in {given} (no {self.r.target} row in the index)",
                 where=where,
                 hint="use ids of the index's items (mmcli info INDEX), or remove it",
             )
@@ -108,7 +109,7 @@ class Recommender:
 
     def resolve(self, q: LikeQuery) -> tuple[np.ndarray, np.ndarray]:
         """(liked items, items never to recommend) of a like query."""
-        like = np.array([self.item(i, "like", q.where) for i in q.like], dtype=np.int64)
+        like = np.array([self.item(i, q.key, q.where) for i in q.like], dtype=np.int64)
         skip = [self.item(i, "exclude", q.where) for i in q.exclude]
         if not self.include_seen:
             skip += like.tolist()
@@ -181,3 +182,22 @@ class Recommender:
                     hit["mmr"] = float(str(np.float32(s)))  # the fewest digits, as "score"
             out.append(line)
         return out
+
+
+def like_batches(
+    rec: Recommender,
+    like: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    histories: str | None = None,
+    size: int = 256,
+):
+    """The like queries of ``retrieve --like`` (one query) or ``--histories FILE`` (one per
+    line), in batches; every id is checked before the first line is answered."""
+    if like:
+        obj = {"like": list(like), **({"exclude": list(exclude)} if exclude else {})}
+        queries = [like_query(obj, None)]
+    else:
+        queries = read_histories(histories)
+    for q in queries:
+        rec.resolve(q.value)
+    return (queries[i : i + size] for i in range(0, len(queries), size))
