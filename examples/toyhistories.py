@@ -22,7 +22,8 @@ the cold-start items, recommended from their content alone.
 
 The right answer is known: the *oracle* ranks a user's unseen preferred items by
 popularity (then the others); :func:`oracle_recall` is its leave-last-out recall@k on the
-very histories written, the ceiling a recommender can reach on them.
+very histories written, the ceiling a recommender can reach on them
+(``popularity=False``: the ceiling from content alone, preferred items in random order).
 
 Only numpy and the standard library are needed (no torch); deterministic per seed.
 """
@@ -124,24 +125,36 @@ def make_histories(
 
 
 def oracle_recall(
-    h: Histories, rows: Sequence[dict], attributes: dict[str, Extractor] = ATTRIBUTES, k: int = 10
+    h: Histories,
+    rows: Sequence[dict],
+    attributes: dict[str, Extractor] = ATTRIBUTES,
+    k: int = 10,
+    popularity: bool = True,
 ) -> float:
-    """Leave-last-out recall@k of the oracle that knows each user's preference: the unseen
-    preferred items by popularity, then the other unseen items (users with 2+ items)."""
+    """Leave-last-out recall@k of the oracle that knows each user's preference (users with
+    2+ items): the unseen preferred items by popularity, then the other unseen items. With
+    ``popularity=False``, the oracle knows the preference but not the popularity (what a
+    recommender from content alone can reach): the unseen preferred items in a random
+    order, then the others; its expected recall, exactly."""
     by_id = {str(r["id"]): r for r in rows}
     ids = list(by_id)
-    hits = total = 0
+    hits = 0.0
+    total = 0
     for user in h.users:
         if len(user["history"]) < 2:
             continue
         (attr, value), *_ = user["prefers"].items()
-        seen = set(user["history"][:-1])
-        ranked = sorted(
-            (i for i in ids if i not in seen),
-            key=lambda i: (attributes[attr](by_id[i]) != value, -h.popularity[i], i),
-        )
-        hits += user["history"][-1] in ranked[:k]
+        seen, held = set(user["history"][:-1]), user["history"][-1]
+        unseen = [i for i in ids if i not in seen]
+        liked = {i for i in unseen if attributes[attr](by_id[i]) == value}
         total += 1
+        if popularity:
+            ranked = sorted(unseen, key=lambda i: (i not in liked, -h.popularity[i], i))
+            hits += held in ranked[:k]
+        elif held in liked:
+            hits += min(k, len(liked)) / len(liked)
+        elif held in unseen and len(unseen) > len(liked):
+            hits += max(0, k - len(liked)) / (len(unseen) - len(liked))
     return hits / total if total else 0.0
 
 
