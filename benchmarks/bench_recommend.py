@@ -7,6 +7,10 @@ Builds a small toy dataset with viewing histories (``examples/toydata.py --items
 preprocesses it, and gets item embeddings two ways:
 
 * ``convnet (random init)``: ``mmcli extract -e image=convnet``, an untrained backbone;
+* ``attribute one-hot (ideal)``: each item's colours, shapes (weight 1), sizes and
+  positions (weight 0.5) one-hot, summed over its objects, unit length: what a perfect
+  content embedding of this data knows (no training), to tell the recommender's own
+  limit from the model's;
 * ``fuse-train joint space``: a quick image-text ``fuse-train`` (32 px images, the
   quickstart's encoders, batch 32) and ``mmcli extract --model``: the image embeddings of
   the joint space.
@@ -86,8 +90,13 @@ def main() -> None:
                                 "--seed", args.seed, "--overwrite")  # fmt: skip
     times["extract --model"] = mmcli("extract", tensors, "-o", work / "joint", "--model",
                                      work / "run" / "model.safetensors", "--overwrite")  # fmt: skip
+    attribute_features(rows, work / "ideal")
     results = {
         "convnet (random init)": evaluate(work / "convnet", h, work / "convnet.json"),
+        "attribute one-hot (ideal)": evaluate(work / "ideal", h, work / "ideal.json"),
+        "ideal, --aggregate max": evaluate(
+            work / "ideal", h, work / "ideal-max.json", "--aggregate", "max"
+        ),  # fmt: skip
         "fuse-train joint space": evaluate(work / "joint", h, work / "joint.json"),
         "joint, --aggregate max": evaluate(
             work / "joint", h, work / "max.json", "--aggregate", "max"
@@ -97,6 +106,30 @@ def main() -> None:
         ),  # fmt: skip
     }
     _report(results, oracle, times, work, args)
+
+
+def attribute_features(rows: list[dict], out: Path) -> None:
+    """The ideal content embedding (see the module docstring) as an mmcli feature file."""
+    import numpy as np
+    import torch
+
+    from mmcli.formats.tensorfile import Shard, write_shard
+
+    keys = {"color": 1.0, "shape": 1.0, "size": 0.5, "position": 0.5}
+    vocab = {k: sorted({o[k] for r in rows for o in r["objects"]}) for k in keys}
+    offsets = np.cumsum([0] + [len(v) for v in vocab.values()])
+    x = np.zeros((len(rows), offsets[-1]), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for o in r["objects"]:
+            for (k, w), off in zip(keys.items(), offsets):
+                x[i, off + vocab[k].index(o[k])] += w
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shard = Shard(ids=[r["id"] for r in rows], tables={"image": torch.from_numpy(x)},
+                  items={"image": torch.arange(len(rows))})  # fmt: skip
+    spec = {"encoder": "attributes", "dim": int(x.shape[1]), "normalized": True, "dtype": "float32"}
+    write_shard(out / "features-00000-of-00001.safetensors", shard, kind="features",
+                specs={"image": spec})  # fmt: skip
 
 
 def _report(results: dict, oracle: tuple, times: dict, work: Path, args) -> None:
