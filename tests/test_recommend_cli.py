@@ -125,12 +125,13 @@ def test_bad_ids_are_one_line_and_exit_2(cli, index, tmp_path):
 
 
 def test_a_bad_stdin_line_is_answered_in_place_or_stops(cli, index):
-    stdin = '{"like": ["A"]}\n{"like": ["A", "nope"]}\n'
+    stdin = '{"like": ["A"]}\n{"like": ["A", "nope"]}\n{"text": "x", "like": ["A"]}\n'
     r = cli("retrieve", "--index", index, "-k", 1, "--no-fields", input=stdin)
     assert r.exit_code == 0
-    good, bad = lines(r.stdout)
+    good, bad, mixed = lines(r.stdout)
     assert ids(good) == ["D"]
     assert bad["error"].startswith("line 2 of <stdin>: unknown item 'nope' in \"like\"")
+    assert "exactly one of text, image, audio, id or like (got text, like)" in mixed["error"]
     r = cli("retrieve", "--index", index, "--on-error", "fail", input=stdin)
     assert r.exit_code == 2 and "line 2 of <stdin>" in r.stderr
 

@@ -125,8 +125,11 @@ def query_from_obj(obj: Any, where: str = "query") -> Query:
             hint='e.g. {"text": "a red circle"}',
         )
     keys = [k for k in QUERY_KEYS if k in obj]
-    if not keys and ("like" in obj or "history" in obj):
+    likes = [k for k in ("like", "history") if k in obj]
+    if likes and not keys:
         return like_query(obj, where)
+    if likes:
+        keys += likes  # one kind of query per line
     if len(keys) != 1:
         raise BadInput(
             "a query needs exactly one of text, image, audio, video, id or like"
