@@ -276,12 +276,13 @@ def retrieve(
             line_query_batches,
             value_queries,
         )
+        from mmcli.search.recommend import check_like_options, like_batches
         from mmcli.search.retrieve import RetrieveConfig, Retriever
 
         given = [bool(text), bool(image), bool(audio), bool(video), bool(item_id), bool(queries)]
         if sum(given) > 1 and queries:
             raise BadInput("--queries cannot be combined with other queries")
-        _check_likes(given, like, exclude, histories)
+        check_like_options(any(given), like, exclude, histories)
         cfg = RetrieveConfig(
             index=index,
             target=target,
@@ -320,8 +321,6 @@ def retrieve(
                 refuse_inputs_as_outputs(inputs, folder=copy_to, option="--copy-to")
         retriever = Retriever(cfg, progress=ctx.progress)
         if like or histories:
-            from mmcli.search.recommend import like_batches
-
             batches = like_batches(retriever.recommender, like, exclude, histories)
         elif queries:
             batches = feature_query_batches(queries, retriever, table=query_table)
@@ -348,19 +347,6 @@ def retrieve(
             if table:
                 _render(line, retriever.target)
         _pictures(kept, retriever.target, html_out, copy_to, " ".join(index))
-
-
-def _check_likes(given: list[bool], like, exclude, histories) -> None:
-    from mmcli.errors import BadInput
-
-    if (like or histories) and any(given):
-        raise BadInput("--like / --histories cannot be combined with other queries")
-    if like and histories:
-        raise BadInput("--like and --histories are two ways to ask: give one")
-    if exclude and not like:
-        raise BadInput(
-            "--exclude goes with --like", hint='in a file: {"like": [...], "exclude": [...]}'
-        )
 
 
 def _pictures(lines: list, target: str, html_out, copy_to, title: str) -> None:

@@ -184,6 +184,16 @@ class Recommender:
         return out
 
 
+def check_like_options(other_queries: bool, like, exclude, histories) -> None:
+    """``retrieve``'s like options make sense together (else one :class:`BadInput`)."""
+    if (like or histories) and other_queries:
+        raise BadInput("--like / --histories cannot be combined with other queries")
+    if like and histories:
+        raise BadInput("--like and --histories are two ways to ask: give one")
+    if exclude and not like:
+        raise BadInput("--exclude goes with --like", hint='in a file: {"like": [...]}')
+
+
 def like_batches(
     rec: Recommender,
     like: Sequence[str] | None = None,
