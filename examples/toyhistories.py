@@ -45,17 +45,19 @@ Extractor = Callable[[dict], "str | None"]
 
 
 def _one_shape(row: dict, key: str) -> str | None:
-    objects = row.get("objects") or []
+    if "objects" not in row:  # a row that names the attribute itself (the toy videos)
+        return row.get(key)
+    objects = row["objects"] or []
     return objects[0].get(key) if len(objects) == 1 else None
 
 
 def color_of(row: dict) -> str | None:
-    """The colour of a one-shape toy scene (None for two shapes)."""
+    """The colour of a one-shape toy scene (None for two shapes), or the row's ``color``."""
     return _one_shape(row, "color")
 
 
 def shape_of(row: dict) -> str | None:
-    """The shape of a one-shape toy scene (None for two shapes)."""
+    """The shape of a one-shape toy scene (None for two shapes), or the row's ``shape``."""
     return _one_shape(row, "shape")
 
 

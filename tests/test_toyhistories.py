@@ -39,6 +39,7 @@ def test_histories_follow_the_preference_and_never_touch_unwatched_items():
     assert preferred / total > 0.8  # 1 - noise
     assert Counter(next(iter(u["prefers"])) for u in h.users) == {"color": 30, "shape": 30}
     assert color_of(rows[-1]) is None and shape_of(rows[0]) == "circle"
+    assert color_of({"id": "v1", "color": "red", "motion": "growing"}) == "red"  # toy videos
 
 
 def test_histories_are_deterministic_per_seed():
