@@ -131,7 +131,7 @@ def test_a_bad_stdin_line_is_answered_in_place_or_stops(cli, index):
     good, bad, mixed = lines(r.stdout)
     assert ids(good) == ["D"]
     assert bad["error"].startswith("line 2 of <stdin>: unknown item 'nope' in \"like\"")
-    assert "exactly one of text, image, audio, id or like (got text, like)" in mixed["error"]
+    assert "exactly one of text, image, audio, video, id or like (got text, like)" in mixed["error"]
     r = cli("retrieve", "--index", index, "--on-error", "fail", input=stdin)
     assert r.exit_code == 2 and "line 2 of <stdin>" in r.stderr
 
