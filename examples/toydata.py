@@ -706,6 +706,17 @@ def _videos(args: argparse.Namespace) -> Path:
     )
 
 
+def _histories(manifest: Path, args: argparse.Namespace) -> None:
+    """``--histories N``: users who like one colour or one shape (examples/toyhistories.py)."""
+    import toyhistories
+
+    oracle = toyhistories.histories_for(manifest, manifest.parent, args.histories, args.seed)
+    if not args.quiet:
+        print(
+            f"toydata: {args.histories} histories, oracle recall@10 {oracle:.3f}", file=sys.stderr
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="toydata.py",
@@ -729,6 +740,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.7,
         help="share of two-shape (attribute binding) items, rounded to pairs (default 0.7)",
+    )
+    p.add_argument(
+        "--histories",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write OUT/histories.jsonl: N users' viewing histories (examples/toyhistories.py)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.add_argument(
@@ -767,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(manifest)
+    if args.histories:
+        _histories(manifest, args)
     if not args.quiet:
         seconds = time.perf_counter() - start
         print(f"toydata: {args.items} items in {seconds:.1f} s -> {manifest}", file=sys.stderr)

@@ -12,8 +12,9 @@ Task = Annotated[
     str,
     typer.Option(
         "--task",
-        help="retrieval | zeroshot | linear-probe | classify | captioning | auto (retrieval for "
-        "2+ modalities, zeroshot with --model and labels, else linear-probe).",
+        help="retrieval | zeroshot | linear-probe | classify | captioning | recommend | auto "
+        "(recommend with --histories, retrieval for 2+ modalities, zeroshot with --model and "
+        "labels, else linear-probe).",
     ),
 ]
 
@@ -35,13 +36,17 @@ def eval_command(
     target: Annotated[
         str | None,
         typer.Option(
-            help="Retrieval: the candidate table (e.g. image).", rich_help_panel="Retrieval"
+            help="Retrieval, recommend: the candidate table (e.g. image).",
+            rich_help_panel="Retrieval",
         ),
     ] = None,
     k: Annotated[
         str,
         typer.Option(
-            "--k", "-k", help="Retrieval: recall@k cut-offs.", rich_help_panel="Retrieval"
+            "--k",
+            "-k",
+            help="Retrieval, recommend: the k of recall@k.",
+            rich_help_panel="Retrieval",
         ),
     ] = "1,5,10",
     model: Annotated[
@@ -71,6 +76,30 @@ def eval_command(
             rich_help_panel="Captioning",
         ),
     ] = None,
+    histories: Annotated[
+        str | None,
+        typer.Option(
+            help='Recommend: {"user": ..., "history": \\[ids]} lines; the last item of each is '
+            "held out (FEATURES: the item embeddings; --target picks the table).",
+            rich_help_panel="Recommend",
+        ),
+    ] = None,
+    aggregate: Annotated[
+        str,
+        typer.Option(
+            help="Recommend: mean or max of an item's cosine to the seen items.",
+            rich_help_panel="Recommend",
+        ),
+    ] = "mean",
+    diversity: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Recommend: MMR's λ (0: plain ranking).",
+            rich_help_panel="Recommend",
+        ),
+    ] = 0.0,
     templates: Annotated[
         str | None,
         typer.Option(
@@ -182,6 +211,8 @@ def eval_command(
         mmcli eval --summarize 'results/*.json' --format markdown
 
         mmcli eval out/tensors --task captioning --captions captions.jsonl --split test
+
+        mmcli eval out/joint --task recommend --histories histories.jsonl --k 1,5,10
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput
@@ -223,6 +254,9 @@ def eval_command(
             table=modality,
             split=split,
             captions=captions,
+            histories=histories,
+            aggregate=aggregate,
+            diversity=diversity,
             train=train,
             val=val,
             test=test,
@@ -230,7 +264,8 @@ def eval_command(
             batch_size=batch_size,
             seed=seed,
         )
-        inputs = [*(features or []), *(train or []), *(val or []), *(test or []), model, templates]
+        inputs = [*(features or []), *(train or []), *(val or []), *(test or []), model, templates,
+                  histories]  # fmt: skip
         templated = "{" in output
         with contextlib.ExitStack() as stack:
             if not templated:  # locked for the whole run: a second eval -o F is refused early

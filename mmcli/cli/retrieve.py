@@ -72,6 +72,55 @@ def retrieve(
             rich_help_panel="Queries",
         ),
     ] = None,
+    like: Annotated[
+        Many,
+        typer.Option(
+            "--like",
+            help="Recommend items like this one (repeatable: one query, more like these).",
+            rich_help_panel="Recommend",
+        ),
+    ] = None,
+    exclude: Annotated[
+        Many,
+        typer.Option(
+            "--exclude",
+            help="With --like: never recommend this item (repeatable).",
+            rich_help_panel="Recommend",
+        ),
+    ] = None,
+    histories: Annotated[
+        str | None,
+        typer.Option(
+            "--histories",
+            help='A file of {"user": ..., "history": \\[ids]} lines: one line of hits per user.',
+            rich_help_panel="Recommend",
+        ),
+    ] = None,
+    aggregate: Annotated[
+        Literal["mean", "max"],
+        typer.Option(
+            help="Like queries: an item's score is the mean or the max of its cosine to the "
+            "liked items.",
+            rich_help_panel="Recommend",
+        ),
+    ] = "mean",
+    diversity: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Like queries: MMR's λ (0: by score alone; higher: hits less alike).",
+            rich_help_panel="Recommend",
+        ),
+    ] = 0.0,
+    include_seen: Annotated[
+        bool,
+        typer.Option(
+            "--include-seen",
+            help="Like queries: the liked items may be recommended too (default: left out).",
+            rich_help_panel="Recommend",
+        ),
+    ] = False,
     query_table: Annotated[
         str | None,
         typer.Option(
@@ -195,7 +244,10 @@ def retrieve(
     Queries: --text/--image/--audio/--video (encoded with --model: the model
     the index was extracted with, checked by sha256), --id, --queries
     FEATURES, or JSON lines on stdin ({"text": ...}, {"image": path},
-    {"audio": path}, {"video": path}, {"id": ...}), answered as they arrive. Each output line
+    {"audio": path}, {"video": path}, {"id": ...}), answered as they arrive.
+    Recommendations: --like ID (repeatable) or {"like": \\[ids], "exclude":
+    \\[ids]} lines, --histories FILE (one line per user); liked items are left
+    out. Each output line
     is {"query": ..., "hits": [{"rank", "id", "score", "item": {manifest
     fields, paths resolved}}]}. Exact search by default (float64 scores,
     ties to the lower row). See docs/retrieve.md.
@@ -211,6 +263,10 @@ def retrieve(
         mmcli retrieve --index out/joint --id toy-00042 --target text
 
         mmcli retrieve --index big/ --queries q.safetensors --backend faiss
+
+        mmcli retrieve --index out/joint --like toy-00003 --like toy-00010 --diversity 0.3
+
+        mmcli retrieve --index out/joint --histories histories.jsonl -k 10
     """
     with command(quiet=quiet, debug=debug) as ctx:
         from mmcli.errors import BadInput
@@ -220,11 +276,13 @@ def retrieve(
             line_query_batches,
             value_queries,
         )
+        from mmcli.search.recommend import check_like_options, like_batches
         from mmcli.search.retrieve import RetrieveConfig, Retriever
 
         given = [bool(text), bool(image), bool(audio), bool(video), bool(item_id), bool(queries)]
         if sum(given) > 1 and queries:
             raise BadInput("--queries cannot be combined with other queries")
+        check_like_options(any(given), like, exclude, histories)
         cfg = RetrieveConfig(
             index=index,
             target=target,
@@ -247,6 +305,9 @@ def retrieve(
             with_fields=fields,
             split=split,
             exclude_self=exclude_self,
+            aggregate=aggregate,
+            diversity=diversity,
+            include_seen=include_seen,
         )
         if html_out == "-" or copy_to == "-":
             raise BadInput("--html and --copy-to take a path", hint="stdout carries the JSON lines")
@@ -259,7 +320,9 @@ def retrieve(
             if copy_to:
                 refuse_inputs_as_outputs(inputs, folder=copy_to, option="--copy-to")
         retriever = Retriever(cfg, progress=ctx.progress)
-        if queries:
+        if like or histories:
+            batches = like_batches(retriever.recommender, like, exclude, histories)
+        elif queries:
             batches = feature_query_batches(queries, retriever, table=query_table)
         elif any(given):
             batches = iter(
@@ -273,7 +336,7 @@ def retrieve(
                 )
             batches = line_query_batches(sys.stdin, max_batch=256)
         # queries given as arguments are usage: a bad one stops with exit 2
-        policy = on_error if not any(given[:5]) else "fail"
+        policy = on_error if not (any(given[:5]) or like or histories) else "fail"
         out = sys.stdout
         kept: list[dict] = []
         for line in retriever.run(batches, on_error=policy):

@@ -34,7 +34,7 @@ from mmcli.progress import ProgressFactory, null_progress
 from mmcli.search.model_check import check_classifier, check_same_model, model_for
 from mmcli.search.queries import QueryEncoder
 
-TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify", "captioning")
+TASKS = ("auto", "retrieval", "zeroshot", "linear-probe", "classify", "captioning", "recommend")
 
 
 @dataclass
@@ -56,6 +56,9 @@ class EvalConfig:
     test: list[str] | None = None
     split: str | None = None  # evaluate only the items of this manifest split
     captions: str | None = None  # captioning: mmcli caption's JSON lines (else --model writes them)
+    histories: str | None = None  # recommend: {"user", "history"} lines
+    aggregate: str = "mean"  # recommend: mean | max of the similarities to the seen items
+    diversity: float = 0.0  # recommend: MMR's lambda
     device: str = "cpu"
     batch_size: int = 256
     seed: int = 0
@@ -69,6 +72,8 @@ def resolve_device(device: str) -> str:
 def _pick_task(cfg: EvalConfig, features) -> str:
     if cfg.task != "auto":
         return cfg.task
+    if cfg.histories:
+        return "recommend"
     if cfg.train or cfg.test:
         return "linear-probe"
     modal = [t for t in features.tables if t in MODALITIES]
@@ -139,6 +144,8 @@ def run_eval(
         metrics, info, query, target = _retrieval(cfg, features, device, progress, details)
     elif task == "zeroshot":
         metrics, info, target = _zeroshot(cfg, features, model, device, details)
+    elif task == "recommend":
+        metrics, info, target = _recommend(cfg, device)
     elif task == "linear-probe":
         metrics, info = _linear_probe(cfg, features, split_sets, device, details)
         target = info.get("table")
@@ -248,6 +255,17 @@ def _retrieval(cfg: EvalConfig, features, device: str, progress: ProgressFactory
     if len(pairs) > 1:
         info["pairs"] = [f"{q}_{t}" for q, t in pairs]
     return metrics, info, query, target
+
+
+def _recommend(cfg: EvalConfig, device: str):
+    from mmcli.evaluate.recommend import evaluate_recommend
+
+    if not cfg.histories:
+        raise BadInput("--task recommend needs --histories FILE", hint='{"user", "history"} lines')
+    return evaluate_recommend(
+        cfg.features, cfg.histories, target=cfg.target, ks=cfg.ks, split=cfg.split,
+        aggregate=cfg.aggregate, diversity=cfg.diversity, seed=cfg.seed, device=device,
+    )  # fmt: skip
 
 
 def _zeroshot(cfg: EvalConfig, features, model, device: str, details=None):

@@ -16,6 +16,9 @@ JSONL query lines (``retrieve`` on stdin) are objects with exactly one of
 ``{"text": "..."}``, ``{"image": "path"}``, ``{"audio": "path"}``, ``{"video": "path"}`` or
 ``{"id": "item"}``
 (other keys are kept and echoed back). Relative paths resolve against the current folder.
+A recommendation ("more like these", :mod:`mmcli.search.recommend`) is
+``{"like": [ids], "exclude": [ids]}`` or a history line ``{"user": ..., "history": [ids]}``
+(:func:`read_histories` reads a file of them).
 """
 
 from __future__ import annotations
@@ -45,11 +48,73 @@ QUERY_KEYS = ("text", "image", "audio", "video", "id")
 
 @dataclass
 class Query:
-    """One query: ``kind`` is text / image / audio / video / id / vector; ``raw`` is echoed."""
+    """One query: ``kind`` is text / image / audio / video / id / vector / like; ``raw`` is echoed."""
 
     kind: str
     value: Any
     raw: dict[str, Any]
+
+
+@dataclass
+class LikeQuery:
+    """The value of a ``like`` query: recommend items like ``like``, never ``exclude``.
+    ``where`` (``line 3 of h.jsonl``) names the line in errors about its ids."""
+
+    like: list[str]
+    exclude: list[str]
+    where: str | None = None  # None: given as options (--like, --exclude)
+    key: str = "like"  # the field the liked ids came in: like | history
+
+
+def _ids(value: Any, key: str, where: str | None, *, empty: bool = False) -> list[str]:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]  # one id given bare
+    ok = isinstance(value, list) and all(
+        isinstance(v, (str, int)) and not isinstance(v, bool) and str(v) for v in value
+    )
+    if not ok or (not value and not empty):
+        raise BadInput(
+            f'"{key}" must be a list of item ids' + ("" if empty else " (at least one)"),
+            where=where,
+            hint='e.g. {"like": ["toy-00003", "toy-00010"]}',
+        )
+    return [str(v) for v in value]
+
+
+def like_query(obj: dict[str, Any], where: str | None = "query") -> Query:
+    """A ``{"like": [...], "exclude": [...]}`` or ``{"history": [...]}`` object as a query."""
+    if "like" in obj and "history" in obj:
+        raise BadInput('a query has "like" or "history", not both', where=where)
+    key = "like" if "like" in obj else "history"
+    like = _ids(obj[key], key, where)
+    exclude = _ids(obj.get("exclude", []), "exclude", where, empty=True)
+    return Query("like", LikeQuery(like, exclude, where, key), obj)
+
+
+def read_histories(path: str) -> list[Query]:
+    """Every line of a history file (``{"user": ..., "history": [ids]}``) as a like query;
+    a line that is not one is a :class:`BadInput` naming it (nothing is answered)."""
+    from mmcli.formats.userfiles import open_text
+
+    out = []
+    with open_text(path, "history file") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"line {lineno} of {path}"
+            try:
+                obj = safejson.loads(line)
+            except safejson.JSONError as e:
+                raise BadInput(str(e), where=where) from None
+            if not isinstance(obj, dict) or "history" not in obj:
+                raise BadInput(
+                    'a history line is an object with "history"', where=where,
+                    hint='e.g. {"user": "u1", "history": ["toy-00003", "toy-00010"]}',
+                )  # fmt: skip
+            out.append(like_query(obj, where))
+    if not out:
+        raise BadInput("the history file has no history lines", where=path)
+    return out
 
 
 def query_from_obj(obj: Any, where: str = "query") -> Query:
@@ -60,9 +125,14 @@ def query_from_obj(obj: Any, where: str = "query") -> Query:
             hint='e.g. {"text": "a red circle"}',
         )
     keys = [k for k in QUERY_KEYS if k in obj]
+    likes = [k for k in ("like", "history") if k in obj]
+    if likes and not keys:
+        return like_query(obj, where)
+    if likes:
+        keys += likes  # one kind of query per line
     if len(keys) != 1:
         raise BadInput(
-            "a query needs exactly one of text, image, audio, video or id"
+            "a query needs exactly one of text, image, audio, video, id or like"
             + (f" (got {', '.join(keys)})" if keys else ""),
             where=where,
             hint='e.g. {"text": "a red circle"} or {"image": "photo.jpg"}',

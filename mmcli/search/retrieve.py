@@ -29,6 +29,7 @@ from mmcli.search.exact import ExactIndex, resolve_scoring
 from mmcli.search.faiss_backend import FaissIndex, FaissParams
 from mmcli.search.model_check import model_for
 from mmcli.search.queries import Query, QueryEncoder
+from mmcli.search.recommend import Recommender
 
 log = logging.getLogger("mmcli")
 
@@ -59,6 +60,9 @@ class RetrieveConfig:
     with_fields: bool = True
     split: str | None = None  # search only the items of this manifest split
     exclude_self: bool = True  # an --id query's own item is not among its hits
+    aggregate: str = "mean"  # like queries: mean | max of the similarities to the liked items
+    diversity: float = 0.0  # like queries: MMR's lambda (0: the plain ranking)
+    include_seen: bool = False  # like queries: the liked items may be hits
     #: encode queries with a model other than the one the index records (a warning, not exit 2)
     allow_model_mismatch: bool = False
 
@@ -123,6 +127,15 @@ class Retriever:
         self._row_in_item: np.ndarray | None = None
         self._encoder: QueryEncoder | None = None
         self._query_rows: dict[str, tuple[Any, np.ndarray]] = {}
+        self._recommender = None
+
+    @property
+    def recommender(self):
+        """The :class:`~mmcli.search.recommend.Recommender` answering like queries."""
+        if self._recommender is None:
+            c = self.cfg
+            self._recommender = Recommender(self, c.aggregate, c.diversity, c.include_seen)
+        return self._recommender
 
     # -------------------------------------------------------------- query vectors
     @property
@@ -223,6 +236,10 @@ class Retriever:
 
     def search_grouped(self, queries: list[Query]) -> list[list[dict[str, Any]]]:
         """Result objects grouped by query."""
+        if any(q.kind == "like" for q in queries):  # recommendations: one line each
+            likes = iter(self.recommender.lines([q for q in queries if q.kind == "like"]))
+            others = iter(self.search_grouped([q for q in queries if q.kind != "like"]))
+            return [[next(likes)] if q.kind == "like" else next(others) for q in queries]
         groups = self.embed(queries)
         flat = [p for g in groups for p in g]
         sizes = [len(g) for g in groups]
