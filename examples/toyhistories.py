@@ -11,7 +11,8 @@ watched, one id a line) into the output folder. From Python::
     oracle_recall(h, rows, ATTRIBUTES, k=10)
 
 Each user prefers one value of one attribute (``{"prefers": {"color": "red"}}``), the
-attributes taken in turn. An item is *preferred* when the attribute's extractor gives
+attributes taken in turn: colour or shape for the toy scenes, colour or motion for the toy
+videos (``toydata.py --video``). An item is *preferred* when the attribute's extractor gives
 that value for it (the toy data's extractors: the colour or the shape of a one-shape
 scene; a two-shape scene has none). A history of 5 to 12 items is drawn without
 replacement: each item is a preferred one with probability 1 - ``noise`` (else any other
@@ -61,8 +62,21 @@ def shape_of(row: dict) -> str | None:
     return _one_shape(row, "shape")
 
 
+def motion_of(row: dict) -> str | None:
+    """The motion of a toy video ("moving to the left", "growing", ...)."""
+    return row.get("motion")
+
+
 #: the toy image dataset's preference attributes
 ATTRIBUTES: dict[str, Extractor] = {"color": color_of, "shape": shape_of}
+#: the toy videos': users who like one colour or one motion
+VIDEO_ATTRIBUTES: dict[str, Extractor] = {"color": color_of, "motion": motion_of}
+
+
+def attributes_for(rows: Sequence[dict]) -> dict[str, Extractor]:
+    """The preference attributes of a dataset: colour or motion for the toy videos (rows
+    with a ``motion``), colour or shape for the toy scenes."""
+    return VIDEO_ATTRIBUTES if any("motion" in r for r in rows) else ATTRIBUTES
 
 
 @dataclass
@@ -191,9 +205,10 @@ def histories_for(manifest: str | os.PathLike, out_dir, users: int, seed: int = 
     """Write the histories of the toy dataset at ``manifest``; returns the oracle's
     recall@10 (what ``toydata.py --histories`` and this script's CLI print)."""
     rows = read_manifest(manifest)
-    h = make_histories(rows, ATTRIBUTES, users=users, seed=seed)
+    attributes = attributes_for(rows)
+    h = make_histories(rows, attributes, users=users, seed=seed)
     write_histories(out_dir, h)
-    return oracle_recall(h, rows, ATTRIBUTES, k=10)
+    return oracle_recall(h, rows, attributes, k=10)
 
 
 def main(argv: list[str] | None = None) -> int:

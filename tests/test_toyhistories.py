@@ -69,3 +69,16 @@ def test_toydata_writes_histories_beside_the_manifest(tmp_path, capsys):
     assert {i for u in users for i in u["history"]} <= ids - set(unwatched)
     with pytest.raises(ValueError):
         make_histories([], users=1)
+
+
+def test_toy_video_histories_prefer_a_colour_or_a_motion(tmp_path):
+    """toydata.py --video --histories: users like one colour or one motion of the clips."""
+    toydata_main([str(tmp_path / "v"), "--video", "--items", "40", "--image-size", "16x16",
+                  "--video-frames", "4", "--no-audio", "--histories", "20", "--quiet"])  # fmt: skip
+    rows = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "v" / "manifest.jsonl").open()}
+    users = [json.loads(x) for x in (tmp_path / "v" / "histories.jsonl").open()]
+    assert {next(iter(u["prefers"])) for u in users} == {"color", "motion"}
+    for u in users:
+        ((attr, value),) = u["prefers"].items()
+        hits = sum(rows[i][attr] == value for i in u["history"])
+        assert hits >= len(u["history"]) // 2, u
