@@ -180,6 +180,18 @@ def preprocess(
             rich_help_panel=_PROC,
         ),
     ] = False,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="Images: 'pixels' stores uint8 \\[N,3,S,S] (the default: fastest to read, "
+            "best for small images); 'encoded' keeps the compressed files (the original up "
+            "to twice the size, else re-encoded once: JPEG quality 95), decoded on the fly "
+            "by extract, fuse-train and distill (a quarter of the disk or less for photos; "
+            "allows fuse-train --augment).",
+            rich_help_panel=_PROC,
+        ),
+    ] = "pixels",
     max_image_pixels: Annotated[
         int,
         typer.Option(
@@ -252,6 +264,7 @@ def preprocess(
             audio_from_video=audio_from_video,
             shard_size=shard_size,
             max_image_pixels=max_image_pixels,
+            store=store,
             workers=workers,
             on_error=on_error,
             split=split,
