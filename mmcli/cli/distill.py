@@ -9,6 +9,7 @@ from mmcli.cli.common import (
     BatchSize,
     BestMetric,
     Debug,
+    DecodeWorkers,
     Device,
     EarlyStop,
     Epochs,
@@ -173,6 +174,7 @@ def distill(
     resume: ResumeRun = False,
     overwrite: OverwriteRun = False,
     device: Device = "auto",
+    workers: DecodeWorkers = 2,
     precision: Precision = "fp32",
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -256,6 +258,7 @@ def distill(
             resume=resume,
             overwrite=overwrite,
             progress=ctx.progress,
+            workers=workers,
         )
         if dist_info().is_main:
             line = _summary_line(report)

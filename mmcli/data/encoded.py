@@ -32,6 +32,7 @@ are not the CPU's (not tested here: no GPU on the test machines).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import multiprocessing as mp
@@ -208,10 +209,8 @@ class Decoder:
             self._pool = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def is_jpeg(blob: bytes) -> bool:
@@ -240,3 +239,42 @@ def decode_gpu(blobs: Sequence[bytes], t: ImageTransform, device: Any):
         y = F.interpolate(crop, size=(t.size, t.size), mode="bicubic", antialias=True)
         out[i] = y.round().clamp(0, 255).to(torch.uint8)[0]
     return out
+
+
+def pixel_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """An encoded table's spec without its storage keys: the spec of the pixels its rows
+    decode to (what a model trained on them records)."""
+    return {k: v for k, v in spec.items() if k not in store_spec(ImageTransform())}
+
+
+class EncodedRows:
+    """The rows of an encoded table across a set of shards (memory-mapped), fetched by
+    global row index and decoded by a :class:`Decoder`."""
+
+    def __init__(self, ts: Any, name: str):
+        parts = [s.encoded(name) for s in ts.shards]
+        self.data = [p[0] for p in parts]
+        self.offsets = [np.asarray(p[1]) for p in parts]
+        sizes = [len(o) - 1 for o in self.offsets]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.decoder = Decoder(ts.spec(name))
+        size = self.decoder.transform.size
+        self.row_shape = (3, size, size)
+
+    def workers(self, n: int) -> None:
+        self.decoder.close()
+        self.decoder.workers = n
+
+    def blobs(self, rows: np.ndarray) -> list[bytes]:
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        out = []
+        for s, r in zip(shard.tolist(), rows.tolist()):
+            local = r - int(self.starts[s])
+            a, b = int(self.offsets[s][local]), int(self.offsets[s][local + 1])
+            out.append(self.data[s][a:b].tobytes())
+        return out
+
+    def fetch(self, rows: np.ndarray, seeds: Sequence[int] | None = None) -> np.ndarray:
+        if not len(rows):
+            return np.zeros((0, *self.row_shape), dtype=np.uint8)
+        return self.decoder.decode(self.blobs(rows), seeds)

@@ -112,7 +112,9 @@ def _describe_table(shards: list[ShardFile], name: str) -> dict[str, Any]:
         for s in shards:
             s.encoded(name)  # offsets checked like every reader checks them
         size = int(spec.get("image_size", 0)) if isinstance(spec.get("image_size"), int) else 0
-        nbytes = sum(s.tensors[name + ".bytes"].end - s.tensors[name + ".bytes"].begin for s in shards)
+        nbytes = sum(
+            s.tensors[name + ".bytes"].end - s.tensors[name + ".bytes"].begin for s in shards
+        )
         return {
             "rows": rows,
             "store": "encoded",
