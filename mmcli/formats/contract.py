@@ -177,7 +177,8 @@ def check_columns(tensors: dict[str, TensorInfo], kind: str, where: str) -> None
             continue
         if name.endswith(ITEM_SUFFIX):
             base = name[: -len(ITEM_SUFFIX)]
-            if base not in tensors and base + STRING_OFFSETS not in tensors:
+            encoded = (base + STRING_OFFSETS, base + STRING_BYTES)
+            if base not in tensors and not any(n in tensors for n in encoded):
                 raise BadInput(
                     f"column {name} has no {name[: -len(ITEM_SUFFIX)]} table", where=where
                 )
