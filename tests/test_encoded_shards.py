@@ -230,7 +230,7 @@ def test_crop_params_follow_torchvision_random_resized_crop():
     for w, h in [(64, 48), (48, 64), (300, 40), (33, 33)]:
         for _ in range(50):
             left, top, cw, ch = crop_params(w, h, rng)
-            assert 0 <= left and left + cw <= w and 0 <= top and top + ch <= h
+            assert left >= 0 and left + cw <= w and top >= 0 and top + ch <= h
             if (w, h) != (300, 40):  # else the fallback: the center crop within the ratios
                 share = cw * ch / (w * h)
                 assert AUGMENT_SCALE[0] - 0.05 <= share <= AUGMENT_SCALE[1] + 0.05

@@ -92,7 +92,12 @@ def test_help_has_a_runnable_example_and_every_encoder(cli):
     result = cli("extract", "--help")
     assert result.exit_code == 0
     assert "mmcli extract out/tensors/ -o out/feats/" in result.stdout
-    builtin = ("mmcli.models.image", "mmcli.models.text", "mmcli.models.audio", "mmcli.models.video")
+    builtin = (
+        "mmcli.models.image",
+        "mmcli.models.text",
+        "mmcli.models.audio",
+        "mmcli.models.video",
+    )
     registered = [n for n in models.list() if models.resolve(n)[2].__module__ in builtin]
     assert registered == [f"{m}/{n}" for m, names in ENCODER_NAMES.items() for n in names]
     assert all(n in result.stdout for names in ENCODER_NAMES.values() for n in names)
