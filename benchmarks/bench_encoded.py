@@ -1,7 +1,8 @@
 """Encoded-image shards (``preprocess --store encoded``) against pixel shards (issue 12).
 
     python benchmarks/bench_encoded.py                    # 10,000 photos, in benchmarks/out/encoded
-    python benchmarks/bench_encoded.py --images 1000 --steps 20 --vit-steps 3
+    python benchmarks/bench_encoded.py --images 1000 --repeats 2 --steps 0 --vit-steps 0
+    python benchmarks/bench_encoded.py --images 1000 --reuse --no-preprocess --steps 20
 
 Every step is the real command line (printed on stderr), so the figures are what a user
 gets; ratios come from one run:
@@ -10,7 +11,8 @@ gets; ratios come from one run:
    512 x 384, quality 90) with a caption each, in ``--tars`` webdataset tars
    (img2dataset's layout: ``KEY.jpg`` + ``KEY.txt``);
 2. ``mmcli preprocess --image-size 224 --workers 2`` with ``--store encoded`` and
-   ``--store pixels``: the disk each takes (the shards' bytes), and items/s against a
+   ``--store pixels``: the disk each takes (the shards' bytes), and items/s (the
+   summary's, median of ``--repeats`` runs interleaved with the loop's) against a
    plain ``webdataset`` + PIL loop doing the same decode and resize (``.decode("pil")``,
    RGB, shorter side to 224 bicubic, center crop, uint8 array; one process, as such a
    loop is written);
@@ -30,6 +32,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -129,8 +132,13 @@ def main() -> None:
     ap.add_argument("--tars", type=int, default=10)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=50, help="fuse-train steps (convnet)")
-    ap.add_argument("--vit-steps", type=int, default=20, help="fuse-train steps (ViT-B-32; 0: skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved preprocess runs")
+    ap.add_argument("--no-preprocess", dest="preprocess", action="store_false",
+                    help="reuse the shards in OUT (with --reuse), measure training only")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=50, help="fuse-train steps (convnet; 0: skip)")
+    ap.add_argument(
+        "--vit-steps", type=int, default=20, help="fuse-train steps (ViT-B-32; 0: skip)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "encoded"))
     ap.add_argument("--reuse", action="store_true", help="keep the tars and shards already there")
@@ -142,24 +150,28 @@ def main() -> None:
     tars = sorted(str(p) for p in tar_dir.glob("*.tar"))
     fig: dict = {"images": args.images, "tars": len(tars), "size": args.size}
     fig["tar_bytes"] = sum(Path(t).stat().st_size for t in tars)
+    rates: dict[str, list[float]] = {"encoded": [], "pixels": [], "plain": []}
+    for _ in range(args.repeats if args.preprocess else 0):  # interleaved: load drifts
+        print("$ (plain webdataset + PIL loop)", file=sys.stderr, flush=True)
+        rates["plain"].append(plain_loop(tars, args.size))
+        for store in ("encoded", "pixels"):
+            sh(sys.executable, "-m", "mmcli", "preprocess", tar_dir, "-o", out / store,
+               "--overwrite", "--store", store, "--image-size", args.size, "--workers",
+               args.workers, "-q")  # fmt: skip
+            summary = json.loads((out / store / "preprocess.json").read_text())["summary"]
+            rates[store].append(summary["items_per_s"])
     for store in ("encoded", "pixels"):
-        folder = out / store
-        if not (args.reuse and (folder / "preprocess.json").exists()):
-            started = time.perf_counter()
-            sh(sys.executable, "-m", "mmcli", "preprocess", tar_dir, "-o", folder, "--overwrite",
-               "--store", store, "--image-size", args.size, "--workers", args.workers, "-q")  # fmt: skip
-            fig[f"preprocess_{store}_wall_s"] = round(time.perf_counter() - started, 2)
-        summary = json.loads((folder / "preprocess.json").read_text())["summary"]
-        fig[f"preprocess_{store}_items_per_s"] = summary["items_per_s"]
-        fig[f"disk_{store}_bytes"] = shard_bytes(folder)
-    print("$ (plain webdataset + PIL loop)", file=sys.stderr, flush=True)
-    fig["plain_loop_items_per_s"] = round(plain_loop(tars, args.size), 1)
+        if rates[store]:
+            fig[f"preprocess_{store}_items_per_s"] = round(statistics.median(rates[store]), 1)
+        fig[f"disk_{store}_bytes"] = shard_bytes(out / store)
+    if rates["plain"]:
+        fig["plain_loop_items_per_s"] = round(statistics.median(rates["plain"]), 1)
+        for store in ("encoded", "pixels"):
+            fig[f"preprocess_{store}_vs_plain"] = round(
+                fig[f"preprocess_{store}_items_per_s"] / fig["plain_loop_items_per_s"], 2
+            )
     fig["disk_ratio"] = round(fig["disk_encoded_bytes"] / fig["disk_pixels_bytes"], 4)
-    for store in ("encoded", "pixels"):
-        fig[f"preprocess_{store}_vs_plain"] = round(
-            fig[f"preprocess_{store}_items_per_s"] / fig["plain_loop_items_per_s"], 2
-        )
-    models = [("convnet", "convnet", args.steps)]
+    models = [("convnet", "convnet", args.steps)] if args.steps else []
     if args.vit_steps:
         models.append(("vit_b_32", "open_clip:ViT-B-32", args.vit_steps))
     for label, encoder, steps in models:
@@ -169,7 +181,8 @@ def main() -> None:
             fig[f"train_{label}_{store}_samples_per_s"] = s["samples_per_s"]
             fig[f"train_{label}_{store}_data_wait"] = s["data_wait_fraction"]
         fig[f"train_{label}_ratio"] = round(
-            fig[f"train_{label}_encoded_samples_per_s"] / fig[f"train_{label}_pixels_samples_per_s"],
+            fig[f"train_{label}_encoded_samples_per_s"]
+            / fig[f"train_{label}_pixels_samples_per_s"],
             3,
         )
     (out / "bench.json").write_text(json.dumps(fig, indent=2))
@@ -178,7 +191,10 @@ def main() -> None:
           f"--workers {args.workers}")  # fmt: skip
     print(f"disk: encoded {fig['disk_encoded_bytes'] * mb:.1f} MiB, pixels "
           f"{fig['disk_pixels_bytes'] * mb:.1f} MiB, ratio {fig['disk_ratio']:.3f} (goal <= 0.25)")  # fmt: skip
-    print(f"preprocess items/s: encoded {fig['preprocess_encoded_items_per_s']}, pixels "
+    if not rates["plain"]:
+        print("preprocess: not measured (--no-preprocess)")
+    else:
+        print(f"preprocess items/s (median of {args.repeats}): encoded {fig['preprocess_encoded_items_per_s']}, pixels "
           f"{fig['preprocess_pixels_items_per_s']}, plain webdataset+PIL loop "
           f"{fig['plain_loop_items_per_s']}: {fig['preprocess_encoded_vs_plain']}x / "
           f"{fig['preprocess_pixels_vs_plain']}x (goal >= 1.5x)")  # fmt: skip

@@ -66,6 +66,7 @@ def data(tmp_path_factory):
         ("bmp", (44, 38), "RGB", {}),  # not kept as is: re-encoded losslessly (PNG)
         ("jpg", (200, 150), "RGB", {"quality": 92}),  # > 2 x 32: re-encoded once
         ("webp", (48, 48), "RGB", {"lossless": True}),
+        ("png", (20, 24), "RGB", {}),  # smaller than the size: upsampled, and counted
     ]
     for i, (ext, (w, h), mode, kw) in enumerate(cases):
         arr = photo(w, h, i)
@@ -77,8 +78,11 @@ def data(tmp_path_factory):
             _save(imgs / f"{i}.{ext}", arr, mode, **kw)
         files[str(i)] = imgs / f"{i}.{ext}"
     (imgs / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    whole = files["0"].read_bytes()
+    (imgs / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a truncated download
     lines = [{"id": k, "image": f"imgs/{p.name}", "text": f"photo {k}"} for k, p in files.items()]
     lines.append({"id": "bad", "image": "imgs/bad.jpg", "text": "broken"})
+    lines.append({"id": "cut", "image": "imgs/cut.jpg", "text": "cut short"})
     (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = {}
     for store in ("pixels", "encoded"):
@@ -140,11 +144,15 @@ def test_decoding_in_worker_processes_is_the_same_and_in_order(data):
 
 def test_a_corrupt_image_is_skipped_and_listed_at_preprocess(data):
     _, _, out = data
-    errors = [json.loads(x) for x in (out["encoded"] / "errors.jsonl").read_text().splitlines()]
-    assert [e["id"] for e in errors] == ["bad"]
-    assert "cannot decode image" in errors[0]["reason"]
+    listed = {}
+    for store in ("pixels", "encoded"):
+        lines = (out[store] / "errors.jsonl").read_text().splitlines()
+        listed[store] = [(e["id"], e["field"]) for e in map(json.loads, lines)]
+    assert listed["encoded"] == listed["pixels"] == [("bad", "image"), ("cut", "image")]
     record = json.loads((out["encoded"] / "preprocess.json").read_text())
-    assert record["options"]["store"] == "encoded" and record["summary"]["kept"] == 9
+    pixels = json.loads((out["pixels"] / "preprocess.json").read_text())
+    assert record["options"]["store"] == "encoded" and record["summary"]["kept"] == 10
+    assert record["summary"]["upsampled_images"] == pixels["summary"]["upsampled_images"] == 1
     assert "store" not in json.loads((out["pixels"] / "preprocess.json").read_text())["options"]
 
 
@@ -158,14 +166,13 @@ def test_info_shows_the_storage(data, cli):
         for p in TensorSet(out["encoded"]).paths
     )
     assert table["store"] == "encoded" and table["shape"] == [3, SIZE, SIZE]
-    assert table["bytes"] == shard_bytes and table["bytes_per_image"] == round(shard_bytes / 9)
+    assert table["bytes"] == shard_bytes and table["bytes_per_image"] == round(shard_bytes / 10)
     assert table["spec"]["store"] == "encoded" and table["spec"]["max_side"] == 2 * SIZE
     r = cli("info", out["encoded"])
     text = " ".join((r.stdout + r.stderr).split())  # the console wraps long lines
     assert "stored encoded" in text and "per image" in text
-    assert json.loads(cli("info", out["pixels"], "--json").stdout)["tables"]["image"]["store"] == (
-        "pixels"
-    )
+    pixels = json.loads(cli("info", out["pixels"], "--json").stdout)["tables"]["image"]
+    assert pixels["store"] == "pixels"
 
 
 def test_extract_from_encoded_equals_extract_from_pixels(data, tmp_path):
@@ -190,7 +197,7 @@ def test_fuse_train_from_encoded_shards_and_augment_refused_on_pixels(data, tmp_
     args = ["--epochs", "1", "--batch-size", "3", "--encoder", "image=tiny", "--workers", "0"]
     r = cli("fuse-train", out["encoded"], "-o", tmp_path / "run", "--augment", *args)
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["steps"] == 3
+    assert json.loads(r.stdout)["steps"] == 3  # 10 items, batches of 3
     r = cli("fuse-train", out["pixels"], "-o", tmp_path / "run2", "--augment", *args)
     assert r.exit_code == 2
     assert "--augment crops the full images" in r.stderr and "--store encoded" in r.stderr

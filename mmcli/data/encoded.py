@@ -16,8 +16,9 @@ What is kept, per image (:func:`encode_image`, in preprocess's workers):
 * any other format (BMP, GIF, TIFF, ...) within the size is re-encoded losslessly as
   PNG after the RGB conversion: identical pixels again.
 
-Every kept file is decoded once at preprocess time (the same check ``--store pixels``
-makes), so a training run never meets an undecodable row.
+Every kept file is decoded once at preprocess time (a JPEG at 1/8 scale: every
+entropy-coded block is still read, only the inverse DCT is smaller; then converted to
+RGB), so a training run never meets an undecodable row.
 
 Decoding in training and ``extract`` (:class:`Decoder`): rows are split over worker
 processes in order (``--workers``; 0 = in the calling thread), each decodes its part
@@ -82,12 +83,15 @@ def encode_image(path: str, t: ImageTransform, sizes: list | None = None) -> byt
     """The bytes an encoded shard keeps for the image at ``path`` (module docstring);
     ImageDecodeError for what ``--store pixels`` would refuse too."""
     raw = read_bytes(path)
+    cap = max_side(t)
     with decoded(raw, t.max_pixels) as im:
         fmt, (w, h) = im.format, im.size
-    cap = max_side(t)
-    if fmt in KEPT_FORMATS and min(w, h) <= cap:
-        t(raw, sizes=sizes)  # decodes as training will: a corrupt file is caught here
-        return raw
+        if fmt in KEPT_FORMATS and min(w, h) <= cap:
+            _validate(im)  # a corrupt file is caught here, never in training
+            if sizes is not None:  # upsampled or not: as --store pixels reports it
+                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation
+                sizes.append((h, w) if turned else (w, h))
+            return raw
     from PIL import Image
 
     im = open_rgb(raw, t.max_pixels)
@@ -104,6 +108,18 @@ def encode_image(path: str, t: ImageTransform, sizes: list | None = None) -> byt
     blob = buf.getvalue()
     t(blob)
     return blob
+
+
+def _validate(im) -> None:
+    """Decode the whole file once: a JPEG at 1/8 scale (the decoder still reads every
+    entropy-coded block, only the inverse DCT is smaller), other formats in full; then the
+    RGB conversion training will do."""
+    from mmcli.data.image import to_rgb
+
+    if im.format == "JPEG":
+        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+    im.load()
+    to_rgb(im)
 
 
 def decode_image(blob: bytes, t: ImageTransform) -> np.ndarray:
