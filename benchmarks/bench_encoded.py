@@ -178,7 +178,8 @@ def main() -> None:
         for store in ("encoded", "pixels"):
             s = train(out / store, out / f"run-{label}-{store}", encoder, steps,
                       args.batch_size, args.workers)  # fmt: skip
-            fig[f"train_{label}_{store}_samples_per_s"] = s["samples_per_s"]
+            rate = s["steps"] * args.batch_size / s["seconds"]  # the summary rounds to 0.1
+            fig[f"train_{label}_{store}_samples_per_s"] = round(rate, 3)
             fig[f"train_{label}_{store}_data_wait"] = s["data_wait_fraction"]
         fig[f"train_{label}_ratio"] = round(
             fig[f"train_{label}_encoded_samples_per_s"]
