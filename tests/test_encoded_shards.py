@@ -192,12 +192,17 @@ def test_extract_from_encoded_equals_extract_from_pixels(data, tmp_path):
             assert torch.equal(x, feats["encoded"][item]), item
 
 
-def test_fuse_train_from_encoded_shards_and_augment_refused_on_pixels(data, tmp_path, cli):
+def test_fuse_train_and_distill_from_encoded_shards_augment_refused_on_pixels(data, tmp_path, cli):
     _, _, out = data
     args = ["--epochs", "1", "--batch-size", "3", "--encoder", "image=tiny", "--workers", "0"]
     r = cli("fuse-train", out["encoded"], "-o", tmp_path / "run", "--augment", *args)
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == 3  # 10 items, batches of 3
+    teacher = tmp_path / "run" / "model.safetensors"
+    r = cli("distill", out["encoded"], "--teacher", teacher, "-o", tmp_path / "student",
+            "--student", "image=tiny", "--epochs", "1", "--batch-size", "5", "--workers", "2")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["train"]["steps"] == 2
     r = cli("fuse-train", out["pixels"], "-o", tmp_path / "run2", "--augment", *args)
     assert r.exit_code == 2
     assert "--augment crops the full images" in r.stderr and "--store encoded" in r.stderr
