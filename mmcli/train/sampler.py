@@ -17,6 +17,7 @@ import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -216,8 +217,9 @@ class BatchSampler:
                     rows[:, j] = r[np.minimum((u[:, j] * len(r)).astype(np.int64), len(r) - 1)]
             table = self.ds.tables[m]
             seeds = self._augment_seeds(m, epoch, step, k, len(glob), offset, len(mine))
+            fetch = table.fetch if seeds is None else partial(table.fetch, seeds=seeds)
             if has.all():
-                data[m] = table.fetch(rows.reshape(-1), seeds)
+                data[m] = fetch(rows.reshape(-1))
             else:
                 block = torch.zeros(
                     (k * len(mine), *table.row_shape),
@@ -225,8 +227,9 @@ class BatchSampler:
                 )
                 sel = np.tile(has, k)
                 if sel.any():
-                    kept = None if seeds is None else [x for x, on in zip(seeds, sel) if on]
-                    block[torch.from_numpy(sel)] = table.fetch(rows.reshape(-1)[sel], kept)
+                    if seeds is not None:
+                        fetch = partial(table.fetch, seeds=[x for x, on in zip(seeds, sel) if on])
+                    block[torch.from_numpy(sel)] = fetch(rows.reshape(-1)[sel])
                 data[m] = block.view(torch.bfloat16) if table.bf16 else block
             present[m] = torch.from_numpy(has)
             row_ids[m] = torch.from_numpy(np.where(np.tile(has, k), rows.reshape(-1), -1))
