@@ -279,3 +279,23 @@ def test_the_contract_checks_encoded_columns(tmp_path):
     path.write_bytes(save_numpy(both, meta))
     with pytest.raises(BadInput, match="both as pixels and encoded"):
         ShardFile(path)
+
+
+def test_the_gpu_decoding_path_run_on_the_cpu_is_close_to_the_pil_pixels(data):
+    """extract's CUDA path (torchvision.io.decode_jpeg + a tensor resize), on the CPU
+    device here (no GPU on the test machines): near, not equal to, the PIL pixels."""
+    from mmcli.data.encoded import decode_gpu, is_jpeg
+
+    _, _, out = data
+    en, rows = _rows(out["encoded"])
+    table = en.tables["image"]
+    blobs = table.images.blobs(rows)
+    jpeg = [k for k, b in enumerate(blobs) if is_jpeg(b)]
+    assert len(jpeg) >= 3
+    x = decode_gpu([blobs[k] for k in jpeg], table.images.decoder.transform, torch.device("cpu"))
+    y = table.fetch(rows[jpeg])
+    diff = (x.int() - y.int()).abs().float()
+    assert x.shape == y.shape and x.dtype == torch.uint8
+    assert diff.mean() < 2.0, diff.mean()
+    with pytest.raises(ValueError, match="JPEG rows"):
+        decode_gpu(blobs, table.images.decoder.transform, torch.device("cpu"))

@@ -28,7 +28,9 @@ and a horizontal flip with probability 1/2, drawn from a seed per row so that a 
 is reproducible (``--resume``) whatever the number of workers. On CUDA, JPEG rows of
 mmcli's own transform can be decoded on the GPU (:func:`decode_gpu`,
 ``torchvision.io.decode_jpeg``): a different IDCT and resize kernel, so those pixels
-are not the CPU's (not tested here: no GPU on the test machines).
+are not the CPU's (the same code on the CPU device is tested; on CUDA it is not: no GPU
+on the test machines). torchvision 0.29 deprecates its decoders for TorchCodec's; its
+warning is silenced here.
 """
 
 from __future__ import annotations
@@ -238,14 +240,23 @@ def decode_gpu(blobs: Sequence[bytes], t: ImageTransform, device: Any):
     applied), the shorter side resized (bicubic, antialiased) and center-cropped there:
     uint8 [N, 3, S, S] on ``device``. Not mmcli's CPU pixels to the bit (another IDCT and
     resize kernel); only for mmcli's own transform and JPEG rows (else ValueError)."""
+    import warnings
+
     import torch
     import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (TorchCodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     if not t.default or not all(is_jpeg(b) for b in blobs):
         raise ValueError("GPU decoding takes JPEG rows of mmcli's own transform")
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = decode_jpeg(
+            data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+        )
     out = torch.empty((len(images), 3, t.size, t.size), dtype=torch.uint8, device=device)
     for i, x in enumerate(images):
         h, w = x.shape[1:]

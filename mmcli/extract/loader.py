@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from mmcli.data.captions import caption_rows
 from mmcli.formats.tensorfile import TensorSet
 from mmcli.runtime import Prefetch
+
+log = logging.getLogger("mmcli")
 
 
 @dataclass
@@ -91,10 +94,15 @@ class Loader:
                 blobs = [data[offsets[r] : offsets[r + 1]].tobytes() for r in range(start, stop)]
                 if self.gpu_decode:
                     try:
-                        yield decode_gpu(blobs, decoder.transform, self.device)
+                        x = decode_gpu(blobs, decoder.transform, self.device)
+                    except ValueError:  # not all JPEG, or a --like transform: the workers
+                        x = None
+                    except Exception as e:  # nvjpeg refused: the workers from now on
+                        log.info("GPU JPEG decoding unavailable (%s): decoding on the CPU", e)
+                        self.gpu_decode, x = False, None
+                    if x is not None:
+                        yield x
                         continue
-                    except (ValueError, RuntimeError):  # not JPEG, or nvjpeg refused
-                        pass
                 yield torch.from_numpy(decoder.decode(blobs))
         finally:
             decoder.close()
