@@ -200,7 +200,8 @@ def test_fuse_train_and_distill_from_encoded_shards_augment_refused_on_pixels(da
     assert json.loads(r.stdout)["steps"] == 3  # 10 items, batches of 3
     teacher = tmp_path / "run" / "model.safetensors"
     r = cli("distill", out["encoded"], "--teacher", teacher, "-o", tmp_path / "student",
-            "--student", "image=tiny", "--epochs", "1", "--batch-size", "5", "--workers", "2")  # fmt: skip
+            "--student", "image=tiny", "--epochs", "1", "--batch-size", "5", "--workers", "2",
+            "--augment")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["train"]["steps"] == 2
     r = cli("fuse-train", out["pixels"], "-o", tmp_path / "run2", "--augment", *args)

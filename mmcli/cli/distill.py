@@ -116,6 +116,15 @@ def distill(
             rich_help_panel=_DISTILL,
         ),
     ] = False,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment",
+            help="Random resized crops and flips of the training images, the same for teacher "
+            "and student (as fuse-train --augment; encoded image shards, no --cache-teacher).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = False,
     pairs: Annotated[
         str | None,
         typer.Option(
@@ -219,6 +228,7 @@ def distill(
             from_modality=from_,
             to_modality=to,
             cache_teacher=cache_teacher,
+            augment=augment,
             captions_per_item=captions_per_item,
             train_split=train_split,
             val_split=val_split,
