@@ -221,7 +221,8 @@ def preprocess(
 ) -> None:
     """Raw images, captions, audio and video -> normalized tensor shards (safetensors).
 
-    Writes OUT/data-00000-of-000NN.safetensors (uint8 images \\[N,3,S,S], int32 byte
+    Writes OUT/data-00000-of-000NN.safetensors (uint8 images \\[N,3,S,S] or, with
+    --store encoded, the image files themselves; int32 byte
     tokens \\[rows,L], float16 audio \\[N,samples], uint8 video frames \\[N,T,3,S,S]),
     OUT/manifest.jsonl (the kept items,
     in row order), OUT/errors.jsonl (what was skipped and why) and OUT/preprocess.json.
