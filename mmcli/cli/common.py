@@ -60,6 +60,16 @@ OnError = Annotated[
     ),
 ]
 Workers = Annotated[int, typer.Option(min=0, help="Parallel worker processes (0 = in-process).")]
+DecodeWorkers = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Processes decoding encoded image shards (preprocess --store encoded) while "
+        "the model computes (0 = in the loader thread); unused for pixels and features.",
+        rich_help_panel="Compute",
+    ),
+]
 
 
 # ---------------------------------------------------- training loop (fuse-train, distill)

@@ -9,6 +9,7 @@ from mmcli.cli.common import (
     BatchSize,
     BestMetric,
     Debug,
+    DecodeWorkers,
     Device,
     EarlyStop,
     Epochs,
@@ -115,6 +116,15 @@ def distill(
             rich_help_panel=_DISTILL,
         ),
     ] = False,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment",
+            help="Random resized crops and flips of the training images, the same for teacher "
+            "and student (as fuse-train --augment; encoded image shards, no --cache-teacher).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = False,
     pairs: Annotated[
         str | None,
         typer.Option(
@@ -173,6 +183,7 @@ def distill(
     resume: ResumeRun = False,
     overwrite: OverwriteRun = False,
     device: Device = "auto",
+    workers: DecodeWorkers = 2,
     precision: Precision = "fp32",
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -217,6 +228,7 @@ def distill(
             from_modality=from_,
             to_modality=to,
             cache_teacher=cache_teacher,
+            augment=augment,
             captions_per_item=captions_per_item,
             train_split=train_split,
             val_split=val_split,
@@ -256,6 +268,7 @@ def distill(
             resume=resume,
             overwrite=overwrite,
             progress=ctx.progress,
+            workers=workers,
         )
         if dist_info().is_main:
             line = _summary_line(report)

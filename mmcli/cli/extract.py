@@ -7,6 +7,7 @@ import typer
 from mmcli.cli.common import (
     BatchSize,
     Debug,
+    DecodeWorkers,
     Device,
     InferencePrecision,
     Overwrite,
@@ -70,6 +71,7 @@ def extract(
         ),
     ] = None,
     device: Device = "auto",
+    workers: DecodeWorkers = 2,
     precision: InferencePrecision = "fp32",
     batch_size: BatchSize = 128,
     dtype: Annotated[
@@ -127,6 +129,7 @@ def extract(
             batch_size=batch_size,
             dtype=dtype,
             normalize=normalize,
+            workers=workers,
             resume=resume,
             overwrite=overwrite,
             seed=seed,

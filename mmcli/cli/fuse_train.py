@@ -9,6 +9,7 @@ from mmcli.cli.common import (
     BatchSize,
     BestMetric,
     Debug,
+    DecodeWorkers,
     Device,
     EarlyStop,
     Epochs,
@@ -170,6 +171,15 @@ def fuse_train(
             show_default=False,
         ),
     ] = None,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment",
+            help="Random resized crops (open_clip's scale 0.9-1) and horizontal flips of the "
+            "training images, seeded per step (--resume is exact); needs encoded image "
+            "shards (preprocess --store encoded), which keep the full images.",
+        ),
+    ] = False,
     epochs: Epochs = 10,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 128,
@@ -188,6 +198,7 @@ def fuse_train(
     resume: ResumeRun = False,
     overwrite: OverwriteRun = False,
     device: Device = "auto",
+    workers: DecodeWorkers = 2,
     precision: Precision = "fp32",
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -241,6 +252,7 @@ def fuse_train(
             caption_from=caption_from,
             label_smoothing=label_smoothing,
             caption_tokenizer=caption_tokenizer,
+            augment=augment,
         )
         loop = loop_config(
             epochs=epochs,
@@ -273,6 +285,7 @@ def fuse_train(
             resume=resume,
             overwrite=overwrite,
             progress=ctx.progress,
+            workers=workers,
         )
         from mmcli.runtime import dist_info
 

@@ -185,6 +185,14 @@ def _render(s: dict) -> None:
             spec,
         )
     console.print(table)
+    for name, t in s["tables"].items():
+        if t.get("store") == "encoded":
+            console.print(
+                f"{name}: stored encoded (the compressed files, decoded when read), "
+                f"{_fmt_bytes(t['bytes_per_image'])} per image on average"
+            )
+        elif t.get("store") == "pixels":
+            console.print(f"{name}: stored as pixels")
     if s.get("stats"):
         console.print("stats: " + ", ".join(f"{k} {v:,}" for k, v in s["stats"].items()))
     for k, v in s.get("metadata", {}).items():

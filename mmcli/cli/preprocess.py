@@ -180,6 +180,18 @@ def preprocess(
             rich_help_panel=_PROC,
         ),
     ] = False,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="Images: 'pixels' stores uint8 \\[N,3,S,S] (the default: fastest to read, "
+            "best for small images); 'encoded' keeps the compressed files (the original up "
+            "to twice the size, else re-encoded once: JPEG quality 95), decoded on the fly "
+            "by extract, fuse-train and distill (a quarter of the disk or less for photos; "
+            "allows fuse-train --augment).",
+            rich_help_panel=_PROC,
+        ),
+    ] = "pixels",
     max_image_pixels: Annotated[
         int,
         typer.Option(
@@ -209,7 +221,8 @@ def preprocess(
 ) -> None:
     """Raw images, captions, audio and video -> normalized tensor shards (safetensors).
 
-    Writes OUT/data-00000-of-000NN.safetensors (uint8 images \\[N,3,S,S], int32 byte
+    Writes OUT/data-00000-of-000NN.safetensors (uint8 images \\[N,3,S,S] or, with
+    --store encoded, the image files themselves; int32 byte
     tokens \\[rows,L], float16 audio \\[N,samples], uint8 video frames \\[N,T,3,S,S]),
     OUT/manifest.jsonl (the kept items,
     in row order), OUT/errors.jsonl (what was skipped and why) and OUT/preprocess.json.
@@ -252,6 +265,7 @@ def preprocess(
             audio_from_video=audio_from_video,
             shard_size=shard_size,
             max_image_pixels=max_image_pixels,
+            store=store,
             workers=workers,
             on_error=on_error,
             split=split,

@@ -10,6 +10,7 @@ center crop. Resize and crop are done in one resampling pass over the crop box.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import warnings
@@ -96,11 +97,15 @@ def resize_crop(im, size: int):
 def decoded(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS):
     """The opened PIL image of ``path`` (a regular file, at most ``max_pixels`` pixels, 0 = no
     limit), with every decoding failure inside the block raised as ImageDecodeError: the
-    checks :func:`load_image` and :func:`open_rgb` share."""
+    checks :func:`load_image` and :func:`open_rgb` share. ``path`` may also be the file's
+    bytes (an encoded shard's row)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        f = open_file(path, "file")
+        if isinstance(path, (bytes, bytearray, memoryview)):
+            f = io.BytesIO(path)
+        else:
+            f = open_file(path, "file")
     except NotAFile as e:
         raise ImageDecodeError(e.reason) from None
     try:

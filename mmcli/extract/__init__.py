@@ -71,6 +71,7 @@ def extract(
     channels_last: bool | None = None,
     prefetch: int = 3,
     progress: ProgressFactory = null_progress,
+    workers: int = 2,
 ) -> dict[str, Any]:
     """Encode every row of the tensor shards ``sources`` and write feature shards to ``out``.
 
@@ -86,6 +87,8 @@ def extract(
     builds the same model).
     ``channels_last``: run the image encoder and its input in channels_last (None: the layout
     measured faster for that encoder and precision, ``Encoder.prefers_channels_last``).
+    ``workers``: processes decoding encoded image shards (``preprocess --store encoded``;
+    on CUDA, JPEG rows are decoded on the GPU).
     Returns a summary (rows per modality, rows/s, shards written and skipped, ...).
     """
     from mmcli import runtime
@@ -112,7 +115,8 @@ def extract(
     with OutputLock(out, "extract") if locked else contextlib.nullcontext() as lock:
         return _extract(
             tensors, out, outputs, model, encoders, weights, device, precision, batch_size,
-            dtype, normalize, resume, overwrite, seed, channels_last, prefetch, progress, lock,
+            dtype, normalize, resume, overwrite, seed, channels_last, (prefetch, workers),
+            progress, lock,
         )  # fmt: skip
 
 
@@ -162,7 +166,9 @@ def _extract(
         run.source = source
         cl_tables = {"image"} if channels_last and "image" in modalities else set()
         tokenize = text_tokenizers(model, modalities)  # pretrained text: its own tokenizer
-        loader = Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables, tokenize)
+        prefetch, workers = prefetch
+        loader = Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables, tokenize,
+                        workers=workers)  # fmt: skip
         rows, truncated = run.compute(loader, todo, normalize, progress, tokenize)
         counts = runtime.all_reduce_sum(
             [len(todo), len(skipped), *rows.values(), *truncated.values()], dev

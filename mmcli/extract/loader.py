@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from mmcli.data.captions import caption_rows
 from mmcli.formats.tensorfile import TensorSet
 from mmcli.runtime import Prefetch
+
+log = logging.getLogger("mmcli")
 
 
 @dataclass
@@ -45,8 +48,11 @@ class Loader:
         prefetch: int,
         channels_last=(),
         tokenize=None,
+        workers: int = 2,
     ):
         self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
+        self.device, self.workers = device, workers
+        self.gpu_decode = device.type == "cuda"  # JPEG rows on the GPU (mmcli.data.encoded)
         self.batch_size = batch_size
         self.pin = device.type == "cuda"
         self.channels_last = set(channels_last)
@@ -61,6 +67,10 @@ class Loader:
 
         if table in self.tokenize:  # caption strings -> the model's own tokens
             return self.tokenize[table](data)
+        if data.device.type != "cpu":  # decoded on the GPU already
+            if table in self.channels_last:
+                return data.contiguous(memory_format=torch.channels_last)
+            return data
         if table in self.channels_last and data.dim() == 4:
             out = data.contiguous(memory_format=torch.channels_last)
             if out.data_ptr() == data.data_ptr():  # already channels_last: still copy
@@ -69,10 +79,44 @@ class Loader:
             out = data.clone()
         return out.pin_memory() if self.pin else out
 
+    def _decoded(self, sf, table: str) -> Iterator[Any]:
+        """An encoded table's batches, decoded in worker processes (or on the GPU)."""
+        import torch
+
+        from mmcli.data.encoded import Decoder, decode_gpu
+
+        decoder = Decoder(self.tensors.spec(table), self.workers)
+        data, offsets = sf.encoded(table)
+        offsets = offsets.tolist()
+        try:
+            for start in range(0, len(offsets) - 1, self.batch_size):
+                stop = min(start + self.batch_size, len(offsets) - 1)
+                blobs = [data[offsets[r] : offsets[r + 1]].tobytes() for r in range(start, stop)]
+                if self.gpu_decode:
+                    try:
+                        x = decode_gpu(blobs, decoder.transform, self.device)
+                    except ValueError:  # not all JPEG, or a --like transform: the workers
+                        x = None
+                    except Exception as e:  # nvjpeg refused: the workers from now on
+                        log.info("GPU JPEG decoding unavailable (%s): decoding on the CPU", e)
+                        self.gpu_decode, x = False, None
+                    if x is not None:
+                        yield x
+                        continue
+                yield torch.from_numpy(decoder.decode(blobs))
+        finally:
+            decoder.close()
+
     def _batches(self) -> Iterator[Batch | EndOfShard]:
         for i in self.shards:
             sf = self.tensors.shards[i]
             for table in self.tables:
+                if sf.is_encoded(table):
+                    start = 0
+                    for x in self._decoded(sf, table):
+                        yield Batch(i, table, start, self._copy(x, table))
+                        start += len(x)
+                    continue
                 # memory-mapped (rows, ...), or the captions as given for a pretrained tokenizer
                 data = caption_rows(sf, table) if table in self.tokenize else sf.tensor(table)
                 for start in range(0, len(data), self.batch_size):

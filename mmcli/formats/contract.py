@@ -12,6 +12,9 @@ column                     contract
 ``<m>.item``               int64 ``[rows of <m>]``; every table has one
 ``<m>.<c>.bytes``          uint8 ``[bytes]``: a string column of table ``<m>`` (``text.raw``)
 ``<m>.<c>.offsets``        int64 ``[rows of <m> + 1]``; decoded like the item ids
+``image.bytes``            uint8 ``[bytes]``: an encoded image table (``--store encoded``),
+                           each row's compressed file; no ``image`` tensor then
+``image.offsets``          int64 ``[rows + 1]``: where each row's file starts
 ``<m>`` of a feature file  floating (float16 / bfloat16 / float32 / float64) ``[rows, D]``
 ``image`` after preprocess uint8 ``[rows, 3, H, W]``
 ``text`` after preprocess  int32 / int64 ``[rows, length]``
@@ -32,6 +35,7 @@ from typing import Any
 from mmcli.errors import BadInput
 from mmcli.formats import safejson
 from mmcli.formats.layout import (
+    ENCODED_TABLES,
     FORMAT_VERSION,
     ID_BYTES,
     ID_OFFSETS,
@@ -47,6 +51,7 @@ from mmcli.formats.layout import (
     STRING_BYTES,
     STRING_OFFSETS,
     TOKENIZER_VOCAB,
+    encoded_table,
     string_column,
 )
 from mmcli.formats.safetensors_io import DTYPES, FLOAT_CODES, TensorInfo
@@ -171,7 +176,9 @@ def check_columns(tensors: dict[str, TensorInfo], kind: str, where: str) -> None
         if name in RESERVED:
             continue
         if name.endswith(ITEM_SUFFIX):
-            if name[: -len(ITEM_SUFFIX)] not in tensors:
+            base = name[: -len(ITEM_SUFFIX)]
+            encoded = (base + STRING_OFFSETS, base + STRING_BYTES)
+            if base not in tensors and not any(n in tensors for n in encoded):
                 raise BadInput(
                     f"column {name} has no {name[: -len(ITEM_SUFFIX)]} table", where=where
                 )
@@ -180,7 +187,59 @@ def check_columns(tensors: dict[str, TensorInfo], kind: str, where: str) -> None
         if column is not None:
             _check_strings(column, tensors, where)
             continue
+        encoded = encoded_table(name)
+        if encoded is not None:
+            _check_encoded(encoded, tensors, kind, where)
+            continue
         _check_table(name, info, tensors, kind, where)
+
+
+def _check_encoded(table: str, tensors: dict[str, TensorInfo], kind: str, where: str) -> None:
+    """An encoded table: ``<m>.bytes`` uint8 + ``<m>.offsets`` int64 [rows + 1] +
+    ``<m>.item`` int64 [rows], and no ``<m>`` tensor (see the module docstring)."""
+    names = (table + STRING_BYTES, table + STRING_OFFSETS)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        have = names[0] if missing[0] == names[1] else names[1]
+        raise BadInput(f"column {have} without {missing[0]}", where=where)
+    if kind != TENSORS_KIND or table not in ENCODED_TABLES:
+        raise BadInput(
+            f"columns {names[0]} / {names[1]}: only preprocess's "
+            f"{', '.join(ENCODED_TABLES)} table may be stored encoded",
+            where=where,
+        )
+    if table in tensors:
+        raise BadInput(f"table {table} is stored both as pixels and encoded", where=where)
+    data, offsets = tensors[names[0]], tensors[names[1]]
+    if data.dtype != "U8" or len(data.shape) != 1:
+        raise _column_error(names[0], data, "uint8 [bytes]", where)
+    if offsets.dtype != "I64" or len(offsets.shape) != 1 or offsets.shape[0] < 1:
+        raise _column_error(names[1], offsets, "int64 [rows + 1]", where)
+    rows = offsets.shape[0] - 1
+    item = tensors.get(table + ITEM_SUFFIX)
+    if item is None:
+        raise BadInput(f"table {table} has no {table}{ITEM_SUFFIX} column", where=where)
+    if item.dtype != "I64" or item.shape != (rows,):
+        raise _column_error(
+            table + ITEM_SUFFIX, item, f"int64 [{rows}] (one per {table} row)", where
+        )
+
+
+def check_offsets(name: str, offsets: Any, size: int, where: str) -> None:
+    """The offsets of an encoded table: from 0, never back, ending at the bytes' end."""
+    import numpy as np
+
+    bad = (
+        offsets[0] != 0
+        or offsets[-1] != size
+        or (len(offsets) > 1 and bool((np.diff(offsets) < 0).any()))
+    )
+    if bad:
+        raise BadInput(
+            f"corrupt column {name} (offsets must run from 0 to {size} without going back)",
+            where=where,
+            hint="the file is corrupt; recreate it",
+        )
 
 
 def _check_strings(column: str, tensors: dict[str, TensorInfo], where: str) -> None:

@@ -68,17 +68,7 @@ def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
         shard.ids()
         for name in shard.tables:
             shard.item_index(name)
-    tables = {}
-    for name in first.tables:
-        info = first.tensors[name]
-        rows = sum(s.rows(name) for s in shards)
-        tables[name] = {
-            "rows": rows,
-            "dtype": DTYPES[info.dtype][1],
-            "shape": list(info.shape[1:]),
-            "bytes": sum(s.tensors[name].end - s.tensors[name].begin for s in shards),
-            "spec": first.specs.get(name, {}),
-        }
+    tables = {name: _describe_table(shards, name) for name in first.tables}
     extra = {
         k[len("mmcli.") :]: v
         for k, v in first.metadata.items()
@@ -112,6 +102,39 @@ def _describe_set(shards: list[ShardFile]) -> dict[str, Any]:
         "stats": stats or None,
         "metadata": {k: _maybe_json(v) for k, v in extra.items()},
     }
+
+
+def _describe_table(shards: list[ShardFile], name: str) -> dict[str, Any]:
+    first = shards[0]
+    rows = sum(s.rows(name) for s in shards)
+    spec = first.specs.get(name, {})
+    if first.is_encoded(name):  # compressed files: the decoded shape, the bytes kept
+        for s in shards:
+            s.encoded(name)  # offsets checked like every reader checks them
+        size = int(spec.get("image_size", 0)) if isinstance(spec.get("image_size"), int) else 0
+        nbytes = sum(
+            s.tensors[name + ".bytes"].end - s.tensors[name + ".bytes"].begin for s in shards
+        )
+        return {
+            "rows": rows,
+            "store": "encoded",
+            "dtype": "uint8",
+            "shape": [3, size, size],
+            "bytes": nbytes,
+            "bytes_per_image": round(nbytes / rows) if rows else 0,
+            "spec": spec,
+        }
+    info = first.tensors[name]
+    out = {
+        "rows": rows,
+        "dtype": DTYPES[info.dtype][1],
+        "shape": list(info.shape[1:]),
+        "bytes": sum(s.tensors[name].end - s.tensors[name].begin for s in shards),
+        "spec": spec,
+    }
+    if name == "image" and first.kind == "tensors":
+        out = {"rows": rows, "store": "pixels", **{k: v for k, v in out.items() if k != "rows"}}
+    return out
 
 
 def _maybe_json(v: str) -> Any:

@@ -30,6 +30,12 @@ META_LABELS = "mmcli.labels"
 META_SOURCE = "mmcli.source"
 META_SHARD = "mmcli.shard"
 
+#: an encoded table ``<m>`` (``preprocess --store encoded``): each row's compressed image
+#: file, concatenated in ``<m>.bytes`` (uint8) with ``<m>.offsets`` (int64 [rows + 1]), and
+#: no ``<m>`` tensor; its spec says ``"store": "encoded"``
+ENCODED_TABLES = ("image",)
+STORE_ENCODED = "encoded"
+
 SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 
 TABLE_ORDER = (*MODALITIES, "fused")
@@ -51,6 +57,18 @@ def string_column(name: str) -> str | None:
     for suffix in (STRING_BYTES, STRING_OFFSETS):
         if name.endswith(suffix) and "." in name[: -len(suffix)]:
             return name[: -len(suffix)]
+    return None
+
+
+def encoded_table(name: str) -> str | None:
+    """``<m>`` when ``name`` is one half of an encoded table (``image.bytes`` /
+    ``image.offsets``: no dot before the suffix), else None."""
+    if name in RESERVED:
+        return None
+    for suffix in (STRING_BYTES, STRING_OFFSETS):
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and base and "." not in base:
+            return base
     return None
 
 

@@ -15,6 +15,7 @@ from mmcli.errors import BadInput
 from mmcli.formats.atomic import read_bytes
 from mmcli.formats.contract import (
     check_columns,
+    check_offsets,
     check_values,
     parse_json_entry,
     read_metadata,
@@ -28,6 +29,7 @@ from mmcli.formats.layout import (
     STRING_BYTES,
     STRING_OFFSETS,
     decode_ids,
+    encoded_table,
     string_column,
     table_order,
 )
@@ -84,9 +86,29 @@ class ShardFile:
         names = [
             n
             for n in self.tensors
-            if n not in RESERVED and not n.endswith(ITEM_SUFFIX) and string_column(n) is None
+            if n not in RESERVED
+            and not n.endswith(ITEM_SUFFIX)
+            and string_column(n) is None
+            and encoded_table(n) is None
         ]
-        return sorted(names, key=table_order)
+        names += [encoded_table(n) for n in self.tensors if n.endswith(STRING_OFFSETS)]
+        return sorted({n for n in names if n is not None}, key=table_order)
+
+    def is_encoded(self, table: str) -> bool:
+        """Whether ``table`` holds compressed image files (``preprocess --store encoded``)."""
+        return table not in self.tensors and table + STRING_OFFSETS in self.tensors
+
+    def encoded(self, table: str):
+        """(uint8 bytes, int64 offsets [rows + 1]) of an encoded table, memory-mapped; the
+        offsets checked the first time (from 0, in order, ending at the bytes' end)."""
+        if not self.is_encoded(table):
+            raise BadInput(f"table {table} is not stored encoded", where=self.path)
+        data = self._read(table + STRING_BYTES)
+        offsets = self._read(table + STRING_OFFSETS)
+        if table + STRING_OFFSETS not in self._checked:
+            check_offsets(table + STRING_OFFSETS, offsets, len(data), self.path)
+            self._checked.add(table + STRING_OFFSETS)
+        return data, offsets
 
     def has_strings(self, name: str) -> bool:
         return name + STRING_OFFSETS in self.tensors
@@ -111,6 +133,8 @@ class ShardFile:
         return self.tensors[ID_OFFSETS].shape[0] - 1 if ID_OFFSETS in self.tensors else 0
 
     def rows(self, table: str) -> int:
+        if self.is_encoded(table):
+            return self.tensors[table + STRING_OFFSETS].shape[0] - 1
         return self._info(table).shape[0]
 
     def has_labels(self) -> bool:
@@ -175,6 +199,13 @@ class ShardFile:
         try:
             return self.tensors[name]
         except KeyError:
+            if self.is_encoded(name):
+                raise BadInput(
+                    f"the {name} table holds encoded images (preprocess --store encoded), "
+                    "which this command does not decode",
+                    where=self.path,
+                    hint="preprocess with --store pixels for it",
+                ) from None
             raise BadInput(
                 f"no tensor {name!r} (has: {', '.join(self.tables) or 'none'})", where=self.path
             ) from None
@@ -215,5 +246,6 @@ class ShardFile:
         return np.full(self.num_items, -1, dtype=np.int64)
 
     def item_index(self, table: str):
-        self._info(table)
+        if not self.is_encoded(table):
+            self._info(table)
         return self.numpy(table + ITEM_SUFFIX)

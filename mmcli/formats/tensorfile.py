@@ -128,6 +128,9 @@ class Shard:
     #: string columns beside the tables (``text.raw``: the captions as given, one per text
     #: row), stored as ``<name>.bytes`` + ``<name>.offsets`` like the item ids
     strings: dict[str, list[str]] = field(default_factory=dict)
+    #: encoded tables (``preprocess --store encoded``): per row its compressed image file,
+    #: stored as ``<m>.bytes`` + ``<m>.offsets`` (no ``<m>`` tensor); rows in ``items[m]``
+    encoded: dict[str, list[bytes]] = field(default_factory=dict)
 
 
 def _is_torch(x: Any) -> bool:
@@ -160,14 +163,23 @@ def serialize_shard(
     for name, data in shard.tables.items():
         tensors[name] = data
         tensors[name + ITEM_SUFFIX] = shard.items[name]
+    for name, blobs in shard.encoded.items():
+        if name in shard.tables or "." in name or name not in shard.items:
+            raise ValueError(f"invalid encoded table {name!r}")
+        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        tensors[name + ".bytes"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        tensors[name + ".offsets"] = offsets
+        tensors[name + ITEM_SUFFIX] = shard.items[name]
+    tables = sorted([*shard.tables, *shard.encoded], key=table_order)
     for name, values in shard.strings.items():
-        if "." not in name or name.split(".", 1)[0] not in shard.tables:
+        if "." not in name or name.split(".", 1)[0] not in tables:
             raise ValueError(f"string column {name!r} must be named <table>.<column>")
         tensors[name + ".bytes"], tensors[name + ".offsets"] = encode_ids(values)
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_KIND: kind,
-        META_TABLES: json.dumps({n: specs.get(n, {}) for n in shard.tables}, sort_keys=True),
+        META_TABLES: json.dumps({n: specs.get(n, {}) for n in tables}, sort_keys=True),
         META_LABELS: json.dumps(list(label_names), ensure_ascii=False),
         META_SHARD: json.dumps({"index": index, "count": count}),
     }

@@ -235,9 +235,13 @@ class MultimodalModel(nn.Module):
         """Table ``m`` of a tensor or feature set (:class:`~mmcli.formats.tensorfile.TensorSet`)
         must be what this model's encoder takes: raw rows, or features for a ``features``
         encoder. BadInput (one line) otherwise."""
-        info = tensors.shards[0].tensors[m]
-        kind = info.torch_dtype_name
-        shape = list(info.shape)
+        shard = tensors.shards[0]
+        if shard.is_encoded(m):  # compressed images: the shape they decode to
+            size = tensors.spec(m).get("image_size")
+            kind, shape = "uint8", [shard.rows(m), 3, size, size]
+        else:
+            info = shard.tensors[m]
+            kind, shape = info.torch_dtype_name, list(info.shape)
         where = tensors.shards[0].path
         enc = self.encoders[m]
         if self.config.encoders[m]["name"] == "features":  # fuse-train's passthrough over features

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mmcli.data.audio import AudioTransform
+from mmcli.data.encoded import store_spec
 from mmcli.data.image import ImageTransform, image_options_of, image_transform_of
 from mmcli.data.limits import MAX_IMAGE_PIXELS, check_max_pixels, check_value
 from mmcli.data.text import ByteTokenizer
@@ -19,6 +20,7 @@ SHARD_PREFIX = "data"
 STATE_FILE = PREPROCESS_RECORD  # the options, then (last of all) "complete": true and the summary
 ERRORS_FILE = "errors.jsonl"
 CHUNK = 16  # items per worker task
+STORES = ("pixels", "encoded")
 
 
 def owns(name: str) -> bool:
@@ -52,6 +54,9 @@ class PreprocessConfig:
     resize_size: int | None = None
     image_backend: str = "mmcli"
     fill: int = 0
+    #: the image table: "pixels" (uint8 [N, 3, S, S]) or "encoded" (the compressed files,
+    #: decoded by the commands that read them: mmcli.data.encoded)
+    store: str = "pixels"
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -63,6 +68,8 @@ class PreprocessConfig:
         check_value("frames", self.frames, name="--frames")
         if self.fps is not None and not 0 < self.fps <= 1000:
             raise BadInput(f"--fps must be in (0, 1000], got {self.fps}")
+        if self.store not in STORES:
+            raise BadInput(f"--store must be {' or '.join(STORES)}, got {self.store!r}")
         if self.on_error not in ("skip", "fail"):
             raise BadInput("on-error must be skip or fail")
         self.skip_limit(1)  # a bad --max-skip is refused before any work
@@ -104,8 +111,11 @@ class PreprocessConfig:
         return VideoTransform(self.frames, self.fps, self.image_transform())
 
     def specs(self) -> dict[str, dict[str, Any]]:
+        image = self.image_transform().spec()
+        if self.store == "encoded":
+            image.update(store_spec(self.image_transform()))
         return {
-            "image": self.image_transform().spec(),
+            "image": image,
             "text": self.tokenizer().spec(),
             "audio": AudioTransform(self.sample_rate, self.audio_seconds).spec(),
             "video": self.video_transform().spec(),
@@ -116,7 +126,8 @@ class PreprocessConfig:
         d = asdict(self)
         for k in ("workers", "on_error", "max_skip"):
             d.pop(k)
-        for k, default in (("frames", 8), ("fps", None), ("audio_from_video", False)):
+        defaults = (("frames", 8), ("fps", None), ("audio_from_video", False), ("store", "pixels"))
+        for k, default in defaults:
             if d[k] == default:  # runs of earlier versions (which had none) resume
                 d.pop(k)
         return image_options_of(self, d)

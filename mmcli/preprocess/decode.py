@@ -19,6 +19,7 @@ from typing import Any
 
 from mmcli.data import video
 from mmcli.data.audio import AudioDecodeError, AudioTransform
+from mmcli.data.encoded import encode_image
 from mmcli.data.image import ImageDecodeError
 from mmcli.data.video import VideoDecodeError, load_video_audio
 from mmcli.formats.manifest import Item
@@ -44,12 +45,13 @@ class ShardPlan:
 def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
     """Worker: decode the image / audio / video files of a chunk of items.
 
-    Returns (chunk id, [({modality: array} (image uint8 [3,S,S], audio float16 [N], video
+    Returns (chunk id, [({modality: array} (image uint8 [3,S,S] or, ``--store encoded``,
+    the bytes to keep; audio float16 [N], video
     uint8 [T,3,S,S]), (field, reason) | None, upsampled: the image's shorter side was below
     S)] in item order). ``files`` per item: {modality: path}; audio ``"video"``: the
     audio track of the item's video (``--audio-from-video``).
     """
-    chunk_id, files, image_tf, video_tf, sample_rate, seconds = task
+    chunk_id, files, image_tf, video_tf, sample_rate, seconds, store = task
     audio_tf = AudioTransform(sample_rate, seconds)
     out = []
     for paths in files:
@@ -58,7 +60,12 @@ def decode_chunk(task: tuple) -> tuple[int, list[tuple]]:
         sizes: list = []
         for modality, path in paths.items():
             try:
-                values[modality] = _decode_one(modality, path, image_tf, video_tf, audio_tf, sizes)
+                if modality == "image" and store == "encoded":  # the file, checked to decode
+                    values[modality] = encode_image(path, image_tf, sizes=sizes)
+                else:
+                    values[modality] = _decode_one(
+                        modality, path, image_tf, video_tf, audio_tf, sizes
+                    )
             except (ImageDecodeError, AudioDecodeError, VideoDecodeError) as e:
                 error = (modality, str(e))
             except Exception as e:  # never let one bad file kill a worker pool
@@ -161,7 +168,10 @@ def _tasks(
         for start in range(0, len(plan.items), chunk):
             files = [item_files(it, modalities, config) for it in plan.items[start : start + chunk]]
             cid = len(tasks)
-            tasks.append((cid, files, image_tf, video_tf, config.sample_rate, config.audio_seconds))
+            tasks.append(
+                (cid, files, image_tf, video_tf, config.sample_rate, config.audio_seconds,
+                 config.store)
+            )  # fmt: skip
             owner[cid] = plan
             plan.chunks += 1
     return tasks, owner

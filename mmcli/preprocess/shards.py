@@ -146,6 +146,8 @@ class ShardWriter:
             if m == "text":
                 shard.tables[m], truncated = self.tokenizer.encode_batch(rows[m])
                 shard.strings[RAW_TEXT] = rows[m]  # the captions as given (pretrained tokenizers)
+            elif m == "image" and c.store == "encoded":
+                shard.encoded[m] = rows[m]  # the compressed files (mmcli.data.encoded)
             else:
                 shard.tables[m] = np.stack(rows[m]) if rows[m] else empty[m]()
             shard.items[m] = np.asarray(row_items[m], dtype=np.int64)
@@ -163,7 +165,7 @@ class ShardWriter:
         self.truncated += truncated
         self.upsampled += self._upsampled
         for m in self.modalities:
-            self.rows[m] += len(shard.tables[m])
+            self.rows[m] += len(shard.items[m])
         kwargs = dict(
             kind="tensors",
             specs=self.specs,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mmcli.data.captions import caption_rows
+from mmcli.data.encoded import EncodedRows, pixel_spec
 from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import locate_manifest, read_manifest
@@ -32,6 +33,15 @@ class _Table:
     def __init__(self, ts: TensorSet, name: str, in_memory: bool):
         self.name = name
         self.spec = ts.spec(name)
+        self.images: EncodedRows | None = None
+        self.augment = False  # fuse-train --augment: random crops of encoded images
+        if ts.shards[0].is_encoded(name):  # compressed files, decoded per batch
+            self.images = EncodedRows(ts, name)
+            self.spec = pixel_spec(self.spec)  # a model trained on them is the same model
+            self.row_shape, self.dtype, self.bf16 = self.images.row_shape, np.dtype(np.uint8), False
+            self._shards = list(ts.shards)
+            self._strings = None
+            return
         self.arrays = [s.numpy(name) for s in ts.shards]  # memory-mapped
         sizes = [len(a) for a in self.arrays]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -62,8 +72,11 @@ class _Table:
             return encoder.tokenize(self.strings(rows))
         return self.fetch(np.asarray(rows))
 
-    def fetch(self, rows: np.ndarray) -> torch.Tensor:
-        """Rows (global indices) -> a new tensor [len(rows), ...] in the given order."""
+    def fetch(self, rows: np.ndarray, seeds=None) -> torch.Tensor:
+        """Rows (global indices) -> a new tensor [len(rows), ...] in the given order;
+        encoded images decoded (``seeds``, one per row: augmented, see ``augment``)."""
+        if self.images is not None:
+            return torch.from_numpy(self.images.fetch(np.asarray(rows), seeds))
         out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         for s in np.unique(shard):
@@ -125,6 +138,23 @@ class Dataset:
     @property
     def modalities(self) -> list[str]:
         return in_order(self.tables)
+
+    @property
+    def encoded(self) -> list[str]:
+        """The tables stored as compressed images (``preprocess --store encoded``)."""
+        return [m for m, t in self.tables.items() if t.images is not None]
+
+    def decode_images(self, workers: int, augment: bool = False) -> None:
+        """Decode encoded image tables in ``workers`` processes (0: in the loader thread);
+        ``augment``: training batches get random resized crops and flips."""
+        for m in self.encoded:
+            self.tables[m].images.workers(workers)
+            self.tables[m].augment = augment
+
+    def close(self) -> None:
+        """Stop the processes decoding encoded images."""
+        for m in self.encoded:
+            self.tables[m].images.decoder.close()
 
     def spec(self, modality: str) -> dict[str, Any]:
         return self.tables[modality].spec

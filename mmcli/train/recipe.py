@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mmcli import plots
+from mmcli.errors import BadInput
 from mmcli.formats.runs import CURVES_FILE
 from mmcli.plots.curves import training_curves
 from mmcli.progress import ProgressFactory, null_progress
@@ -103,7 +104,9 @@ class Recipe:
         overwrite: bool = False,
         progress: ProgressFactory | None = None,
         args: dict[str, Any] | None = None,
+        workers: int = 2,
     ):
+        self.workers = workers  # processes decoding encoded images (not a training argument)
         self.sources, self.val_sources = list(sources), val_sources
         self.run_dir, self.cfg, self.loop = run_dir, cfg, loop
         self.batch_size, self.device = batch_size, device
@@ -144,6 +147,20 @@ class Recipe:
             **extra,
         )
 
+    def decode_images(self, data: Data, augment: bool = False) -> None:
+        """Encoded image tables decoded in ``workers`` processes; ``augment`` (``--augment``)
+        random crops and flips of the training images, refused without encoded images."""
+        if augment and not data.dataset.encoded:
+            raise BadInput(
+                "--augment crops the full images, which only encoded image shards keep "
+                f"(this data is {'feature files' if data.dataset.kind == 'features' else 'pixels'})",
+                hint="preprocess with --store encoded, or drop --augment",
+            )
+        data.dataset.decode_images(self.workers, augment)
+        if data.val_dataset is not None and data.val_dataset is not data.dataset:
+            data.val_dataset.decode_images(self.workers)
+        self._datasets = [d for d in (data.dataset, data.val_dataset) if d is not None]
+
     def run(self) -> dict[str, Any]:
         with training_run(
             self.run_dir,
@@ -170,7 +187,10 @@ class Recipe:
             )
             if dist.is_main:
                 self.draw_curves(run)
-        return self.finish(summary, task, dev, dist, run)
+            summary = self.finish(summary, task, dev, dist, run)
+        for ds in getattr(self, "_datasets", []):
+            ds.close()
+        return summary
 
     def draw_curves(self, run: RunDir) -> None:
         """RUN/curves.png from metrics.jsonl (a note instead when matplotlib is missing)."""

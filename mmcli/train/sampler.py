@@ -17,6 +17,7 @@ import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -215,8 +216,10 @@ class BatchSampler:
                     has[j] = True
                     rows[:, j] = r[np.minimum((u[:, j] * len(r)).astype(np.int64), len(r) - 1)]
             table = self.ds.tables[m]
+            seeds = self._augment_seeds(m, epoch, step, k, len(glob), offset, len(mine))
+            fetch = table.fetch if seeds is None else partial(table.fetch, seeds=seeds)
             if has.all():
-                data[m] = table.fetch(rows.reshape(-1))
+                data[m] = fetch(rows.reshape(-1))
             else:
                 block = torch.zeros(
                     (k * len(mine), *table.row_shape),
@@ -224,7 +227,9 @@ class BatchSampler:
                 )
                 sel = np.tile(has, k)
                 if sel.any():
-                    block[torch.from_numpy(sel)] = table.fetch(rows.reshape(-1)[sel])
+                    if seeds is not None:
+                        fetch = partial(table.fetch, seeds=[x for x, on in zip(seeds, sel) if on])
+                    block[torch.from_numpy(sel)] = fetch(rows.reshape(-1)[sel])
                 data[m] = block.view(torch.bfloat16) if table.bf16 else block
             present[m] = torch.from_numpy(has)
             row_ids[m] = torch.from_numpy(np.where(np.tile(has, k), rows.reshape(-1), -1))
@@ -245,6 +250,17 @@ class BatchSampler:
         labels = torch.from_numpy(self.ds.labels[mine])
         key = int(_generator(self.seed, epoch, step).initial_seed())
         return Batch(items=items, labels=labels, data=data, present=present, key=key, rows=row_ids)
+
+    def _augment_seeds(self, m, epoch, step, k, n_glob, offset, n_mine) -> list[int] | None:
+        """With ``--augment`` (an encoded image table): a seed per row of the batch, from
+        (seed, epoch, step, the row's place in the global batch): rank-independent and
+        the same on ``--resume``."""
+        if not getattr(self.ds.tables[m], "augment", False):
+            return None
+        base = int(
+            _generator(self.seed, epoch, step, zlib.crc32(b"augment:" + m.encode())).initial_seed()
+        )
+        return [base * 1_000_003 + b * n_glob + offset + j for b in range(k) for j in range(n_mine)]
 
     def batches(
         self, epoch: int, start: int, stop: int | None = None, *, pin: bool = False

@@ -45,6 +45,7 @@ class DistillConfig:
     from_modality: str | None = None  # cross-modal: the teacher's modality A ...
     to_modality: str | None = None  # ... that the student's new encoder for B learns to match
     cache_teacher: bool = False
+    augment: bool = False  # random crops and flips of encoded images, teacher and student alike
     captions_per_item: int = 1
     train_split: str = "train"
     val_split: str | None = None  # None: "val" when the data has it
@@ -62,6 +63,12 @@ class DistillConfig:
         if unknown:
             raise BadInput(
                 f"unknown loss {unknown[0]!r}", hint=f"known losses: {', '.join(LOSSES)}"
+            )
+        if self.augment and self.cache_teacher:
+            raise BadInput(
+                "--augment with --cache-teacher: the teacher's outputs are computed once, "
+                "on the images as they are",
+                hint="drop one of them",
             )
         if any(w < 0 for w in self.losses.values()):
             raise BadInput("loss weights must be >= 0")

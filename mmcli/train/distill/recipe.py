@@ -69,6 +69,7 @@ class DistillRecipe(Recipe):
         else:
             teacher = load_teacher(cfg.teacher, dev)
         data = setup_data(self.sources, self.val_sources, cfg, teacher)
+        self.decode_images(data, augment=cfg.augment)  # teacher and student see one crop
         self.student = setup_student(data, cfg, teacher)
         sampler = self.sampler(data, dist)  # validates the batch size before anything is written
         task = DistillTask(self.student, teacher, cfg, data, cached=cfg.cache_teacher)

@@ -45,6 +45,8 @@ class FuseConfig:
     label_smoothing: float = 0.1
     #: bytes | open_clip:ARCH | hf:DIR (None: the pretrained text tower's, else bytes)
     caption_tokenizer: str | None = None
+    #: random resized crops and flips of encoded training images (mmcli.data.encoded)
+    augment: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.objectives) - set(OBJECTIVES))
@@ -63,6 +65,12 @@ class FuseConfig:
         if "match" in self.objectives and self.fusion == "none":
             raise BadInput(
                 "the match objective needs a fusion module", hint="use --fusion attention or concat"
+            )
+        if self.augment and "image" in self.freeze and self.cache_frozen:
+            raise BadInput(
+                "--augment with --freeze image: the frozen image tower's outputs are computed "
+                "once, so no augmented image would reach training",
+                hint="drop --augment, or train the image tower",
             )
         if not 0 < self.temperature < 1:
             raise BadInput("--temperature must be in (0, 1)")

@@ -19,6 +19,7 @@ class FuseRecipe(Recipe):
     def setup(self, dev, dist, run):
         cfg = self.cfg
         data = setup_data(self.sources, self.val_sources, cfg)
+        self.decode_images(data, augment=cfg.augment)
         model = init_model(data, cfg) if cfg.init else setup_model(data, cfg)
         self.sampler(data, dist, batch_with=cfg.batch_with)  # the batch size, before any cache
         # frozen towers computed once, pretrained tokenizers run once: a view of the model
