@@ -7,9 +7,11 @@
 The input is the ``video`` table as preprocess stores it, uint8 ``[B, T, 3, H, W]``. The
 image encoder (built-in or pretrained: ``IMAGE_ENCODER`` is any image encoder spec) runs
 on the ``B * T`` frames as one batch. ``pool=mean`` averages the frame features: it sees no
-order, so a motion and its reverse look the same. ``pool=attention`` adds a learnt
-position embedding per frame and runs ``depth`` transformer layers over the frames with a
-learnt query token in front, whose output is the video's feature (CLIP4Clip's "seqTransf",
+order, so a motion and its reverse look the same. ``pool=attention`` layer-normalises the
+frame features, adds a learnt position embedding per frame (initialised at half their
+scale, so that the order counts from the first step: at BERT's 0.02 it did not, on the toy
+videos), and runs ``depth`` transformer layers over the frames with a learnt query token
+in front, whose output is the video's feature (CLIP4Clip's "seqTransf",
 with the query token in place of a mean over outputs). Tokens for attention fusion are
 every frame's tokens (frames x patches), each frame's tokens given its frame's position
 embedding under ``pool=attention``.
@@ -88,8 +90,9 @@ class Frames(Encoder):
                     f"pool=attention: the frame features' {d} dimensions are not divisible "
                     f"by heads={config.heads}"
                 )
-            self.query = nn.Parameter(torch.zeros(1, 1, d))
-            self.position = nn.Parameter(torch.randn(1, config.max_frames, d) * 0.02)
+            self.query = nn.Parameter(torch.randn(1, 1, d) * d**-0.5)
+            self.position = nn.Parameter(torch.randn(1, config.max_frames, d) * 0.5)
+            self.in_norm = nn.LayerNorm(d)
             layer = nn.TransformerEncoderLayer(
                 d, config.heads, dim_feedforward=2 * d, dropout=0.0, batch_first=True,
                 norm_first=True,
@@ -119,7 +122,7 @@ class Frames(Encoder):
         if self.config.pool == "mean":
             return frames.mean(1)
         b, t, _ = frames.shape
-        h = frames + self.position[:, :t].to(frames.dtype)
+        h = self.in_norm(frames) + self.position[:, :t].to(frames.dtype)
         h = torch.cat([self.query.to(h.dtype).expand(b, -1, -1), h], dim=1)
         return self.norm(self.temporal(h)[:, 0])
 
