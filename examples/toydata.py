@@ -666,7 +666,12 @@ def generate(
 
     _remove_stale(images_dir, image_names)
     _remove_stale(audio_dir, audio_names)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out)
+    return write_rows(manifest, rows)
+
+
+def write_rows(manifest: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as the manifest (temp file + rename: all of it or none)."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for row in rows:

@@ -30,9 +30,7 @@ Needs numpy, Pillow and PyAV (``pip install av``); no torch.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from fractions import Fraction
 from itertools import product
 from pathlib import Path
@@ -244,17 +242,7 @@ def generate_videos(
     for p in videos.iterdir():
         if p.suffix == ".mp4" and p.name not in keep:
             p.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, separators=(", ", ": ")) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return manifest
+    return td.write_rows(manifest, rows)
 
 
 __all__ = ["MAX_VIDEOS", "MOTIONS", "captions", "generate_videos"]

@@ -42,6 +42,24 @@ InferencePrecision = Annotated[
         rich_help_panel="Compute",
     ),
 ]
+#: recommendation options shared by ``retrieve --like`` and ``eval --task recommend``
+Aggregate = Annotated[
+    Literal["mean", "max"],
+    typer.Option(
+        help="Recommend: an item's score is the mean or the max of its cosine to the liked "
+        "(seen) items.",
+        rich_help_panel="Recommend",
+    ),
+]
+Diversity = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Recommend: MMR's λ (0: by score alone; higher: hits less alike).",
+        rich_help_panel="Recommend",
+    ),
+]
 BatchSize = Annotated[int, typer.Option(min=1, help="Rows per batch.", rich_help_panel="Compute")]
 Seed = Annotated[int, typer.Option(help="Random seed (makes CPU runs reproducible).")]
 Resume = Annotated[

@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, InferencePrecision, Quiet, Seed, command
+from mmcli.cli.common import (
+    Aggregate,
+    BatchSize,
+    Debug,
+    Device,
+    Diversity,
+    InferencePrecision,
+    Quiet,
+    Seed,
+    command,
+)
 
 Task = Annotated[
     str,
@@ -84,22 +94,8 @@ def eval_command(
             rich_help_panel="Recommend",
         ),
     ] = None,
-    aggregate: Annotated[
-        str,
-        typer.Option(
-            help="Recommend: mean or max of an item's cosine to the seen items.",
-            rich_help_panel="Recommend",
-        ),
-    ] = "mean",
-    diversity: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Recommend: MMR's λ (0: plain ranking).",
-            rich_help_panel="Recommend",
-        ),
-    ] = 0.0,
+    aggregate: Aggregate = "mean",
+    diversity: Diversity = 0.0,
     templates: Annotated[
         str | None,
         typer.Option(

@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 import typer
 
-from mmcli.cli.common import BatchSize, Debug, Device, InferencePrecision, Quiet, command
+from mmcli.cli.common import (
+    Aggregate,
+    BatchSize,
+    Debug,
+    Device,
+    Diversity,
+    InferencePrecision,
+    Quiet,
+    command,
+)
 
 Many = list[str] | None
 
@@ -96,23 +105,8 @@ def retrieve(
             rich_help_panel="Recommend",
         ),
     ] = None,
-    aggregate: Annotated[
-        Literal["mean", "max"],
-        typer.Option(
-            help="Like queries: an item's score is the mean or the max of its cosine to the "
-            "liked items.",
-            rich_help_panel="Recommend",
-        ),
-    ] = "mean",
-    diversity: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Like queries: MMR's λ (0: by score alone; higher: hits less alike).",
-            rich_help_panel="Recommend",
-        ),
-    ] = 0.0,
+    aggregate: Aggregate = "mean",
+    diversity: Diversity = 0.0,
     include_seen: Annotated[
         bool,
         typer.Option(
