@@ -182,6 +182,20 @@ def test_a_csv_video_column(tmp_path, cli):
     assert "1 of 1 items (2 text, 1 video)" in r.stderr
 
 
+def test_a_parquet_video_column(tmp_path, cli):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    for name in ("a", "b"):
+        write_video(tmp_path / f"{name}.mp4", numbered_frames(8), fps=8)
+    table = pa.table({"clip_file": ["a.mp4", "b.mp4"], "caption": ["first clip", "second clip"]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    r = cli("preprocess", tmp_path / "t.parquet", "-o", tmp_path / "t", "--image-size", "16",
+            "--video-col", "clip_file", "--frames", "2")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "2 of 2 items (2 text, 2 video)" in r.stderr
+
+
 # ------------------------------------------------------------------------- encoders
 
 
@@ -269,8 +283,8 @@ def test_toy_videos_train_evaluate_and_answer_video_queries(tmp_path, cli):
     r = cli("preprocess", manifest, "-o", tensors, "--image-size", "32", "--frames", "4",
             "--audio-from-video", "--audio-seconds", "1")  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    r = cli("fuse-train", tensors, "-o", run, "--pairs", "video-text", "--epochs", "1",
-            "--batch-size", "16")  # fmt: skip
+    r = cli("fuse-train", tensors, "-o", run, "--pairs", "video-text,video-audio", "--epochs",
+            "1", "--batch-size", "16", "--fusion", "attention")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     from mmcli.formats.checkpoint import read_checkpoint_meta
 
