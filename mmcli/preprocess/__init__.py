@@ -143,15 +143,20 @@ def _write_shards(plans, pending, writer, config, modalities, output, progress, 
     n_items = sum(len(p.items) for p in plans)
     with progress("preprocess", total=n_items, unit="items") as bar:
         bar.update(done_items)
+        # closed on the way out, so that an exception (SIGTERM, Ctrl-C, bad input) stops the
+        # worker pool at once, not when the generator is collected at interpreter shutdown
+        # (where the pool's teardown can hang)
+        shards = contextlib.closing(decode(pending, config, modalities))
         try:
-            for plan, results in decode(pending, config, modalities):
-                data = writer.write(plan, results)
-                bar.update(len(plan.items))
-                if output is None:
-                    if len(writer.errors) == n_items:
-                        _nothing_kept(writer.errors, fmt, input, out)
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
+            with shards as decoded:
+                for plan, results in decoded:
+                    data = writer.write(plan, results)
+                    bar.update(len(plan.items))
+                    if output is None:
+                        if len(writer.errors) == n_items:
+                            _nothing_kept(writer.errors, fmt, input, out)
+                        sys.stdout.buffer.write(data)
+                        sys.stdout.buffer.flush()
         except BadInput:
             if output is not None:
                 output.discard_if_unstarted()
