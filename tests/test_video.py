@@ -382,3 +382,19 @@ def test_a_rotated_clip_is_turned_upright(tmp_path):
     assert im.size == (32, 64)  # portrait
     assert a[-4, 4, 0] > 230 and a[-4, 4, 1] < 60  # the red corner, now bottom left
     assert a[4, 4, 1] > 150
+
+
+def test_webdataset_video_members(tmp_path, cli):
+    """A tar of KEY.mp4 + KEY.txt (webdataset's layout): the clips decode from the tar."""
+    import tarfile
+
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w") as t:
+        for key in ("a", "b"):
+            clip = write_video(tmp_path / f"{key}.mp4", numbered_frames(8), fps=8)
+            t.add(clip, arcname=f"{key}.mp4")
+            (tmp_path / f"{key}.txt").write_text(f"clip {key}\n")
+            t.add(tmp_path / f"{key}.txt", arcname=f"{key}.txt")
+    r = cli("preprocess", tar, "-o", tmp_path / "t", "--image-size", "16", "--frames", "4")
+    assert r.exit_code == 0, r.stderr
+    assert "2 of 2 items (2 text, 2 video)" in r.stderr
