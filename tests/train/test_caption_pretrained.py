@@ -119,6 +119,7 @@ def _word_level(folder, words):
     return folder
 
 
+@pytest.mark.slow  # 45-60 s each on 2 cores; the tokenizers' round trips stay in the default run
 @pytest.mark.parametrize("kind", ["open_clip", "hf"])
 def test_a_pretrained_tokenizer_overfits_and_decodes_from_the_checkpoint(items, tmp_path, kind):
     if kind == "open_clip":
