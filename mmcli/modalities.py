@@ -50,8 +50,9 @@ TRAIN_ENCODERS: dict[str, str] = {
     "image": "convnet:width=16,grid=4",
     "text": "transformer:width=128,depth=2",
     "audio": "melcnn",
-    "video": "frames:convnet:width=16,grid=4:pool=attention",
 }
+#: a video's frames through the image default, then attention over them (order matters)
+TRAIN_ENCODERS["video"] = f"frames:{TRAIN_ENCODERS['image']}:pool=attention"
 
 #: the side of the default image encoder's stem output: its stride is image size / this
 STEM_SIDE = 32

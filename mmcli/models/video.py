@@ -162,13 +162,30 @@ class Frames(Encoder):
         from mmcli.models.weights import apply_state_dict, load_weights, read_state_dict
 
         path = Path(source)
-        if path.is_file():
+        if path.is_file() and self._is_own(path):
             state = read_state_dict(path, modality="video")
-            own = set(self.state_dict())
-            if state and set(state) <= own and any(k.startswith("image.") for k in state):
-                apply_state_dict(self, state, where=str(source), lenient=False)
-                return {"path": str(source), "sha256": file_sha256(path)}
+            apply_state_dict(self, state, where=str(source), lenient=False)
+            return {"path": str(source), "sha256": file_sha256(path)}
         return load_weights(self.image, source)
+
+    def _is_own(self, path) -> bool:
+        """Whether ``path`` holds a whole frames encoder (``image.*`` keys, or an mmcli
+        checkpoint's ``encoders.video.image.*``), read from a safetensors header alone (the
+        image tower's own file is then read once, by its loader)."""
+        from mmcli.models.weights import read_state_dict
+
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())  # noqa: SIM118 - safe_open API
+        except Exception:  # not safetensors (a torch file): its keys need the whole file
+            keys = list(read_state_dict(path, modality="video"))
+        prefix = "encoders.video."  # an mmcli checkpoint: its video encoder's keys
+        if any(k.startswith(prefix) for k in keys):
+            keys = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+        own = set(self.state_dict())
+        return bool(keys) and set(keys) <= own and any(k.startswith("image.") for k in keys)
 
     @property
     def weights_source(self):

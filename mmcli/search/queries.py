@@ -37,6 +37,7 @@ import torch
 from mmcli.data.audio import AudioDecodeError, audio_transform_from_spec
 from mmcli.data.image import ImageDecodeError, image_transform_from_spec
 from mmcli.data.text import tokenizer_from_spec
+from mmcli.data.video import VideoDecodeError, video_transform_from_spec
 from mmcli.errors import BadInput
 from mmcli.formats import safejson
 from mmcli.formats.features import FeatureSet
@@ -216,8 +217,6 @@ class QueryEncoder:
             elif modality == "audio":
                 self._transforms[modality] = audio_transform_from_spec(spec)
             elif modality == "video":
-                from mmcli.data.video import video_transform_from_spec
-
                 self._transforms[modality] = video_transform_from_spec(spec)
             else:
                 raise BadInput(f"cannot encode raw {modality} queries")
@@ -242,8 +241,6 @@ class QueryEncoder:
     @staticmethod
     def _load(modality: str, transform, value: str):
         path = Path(value).expanduser()
-        from mmcli.data.video import VideoDecodeError
-
         try:
             return transform(path)
         except (ImageDecodeError, AudioDecodeError, VideoDecodeError) as e:
