@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +31,11 @@ TEMP_SUFFIX = ".tmp"
 def temp_prefix(name: str) -> str:
     """How the temporary files of an output named ``name`` start (``.NAME.``)."""
     return f".{name}."
+
+
+def _random_token() -> str:
+    """Eight random hex characters, from the OS (no state shared by forked workers)."""
+    return secrets.token_hex(4)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -68,23 +73,32 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
-    try:  # entered at once: a signal (SIGTERM, Ctrl-C) from here on removes the file
-        os.close(fd)
-        tmp_path = Path(tmp)
-        yield tmp_path
-        # mkstemp creates 0600 files; give the result the usual umask-based mode.
+    # The name is chosen before the file exists, and the file is created inside the try:
+    # a signal (SIGTERM, Ctrl-C) at any point, even between the creation and the
+    # assignment, finds the name and removes the file. (tempfile.mkstemp hands the name
+    # back only after creating the file: a signal in that gap left the file behind.)
+    tmp: Path | None = None
+    try:
+        while tmp is None:
+            tmp = path.parent / f"{temp_prefix(path.name)}{_random_token()}{TEMP_SUFFIX}"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # another writer's name, not ours to remove: draw again
+                tmp = None
+        yield tmp
+        # the file was created 0600; give the result the usual umask-based mode.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if fsync:
-            fsync_file(tmp_path)
-        os.replace(tmp_path, path)
+            fsync_file(tmp)
+        os.replace(tmp, path)
         if fsync:
             fsync_dir(path.parent)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

@@ -129,3 +129,31 @@ def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
     assert synced == [False, True]  # the file before the rename, the folder after it
     atomic.atomic_write_bytes(tmp_path / "g.bin", b"data", fsync=False)
     assert len(synced) == 2 and (tmp_path / "g.bin").read_bytes() == b"data"
+
+
+def test_a_signal_right_after_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """The gap CI hit: Ctrl-C lands after the temporary file exists but before its name
+    reached the writer. The name is known before the file is, so it is removed."""
+    real_open = os.open
+
+    def open_then_interrupted(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_CREAT:
+            os.close(fd)
+            raise KeyboardInterrupt  # as the SIGINT handler raises it
+        return fd
+
+    monkeypatch.setattr(atomic.os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write_bytes(tmp_path / "f.bin", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temp_name_taken_by_another_writer_is_left_alone(tmp_path, monkeypatch):
+    taken = tmp_path / ".f.bin.aaaaaaaa.tmp"
+    taken.write_bytes(b"theirs")
+    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(atomic, "_random_token", lambda: next(draws))
+    atomic.atomic_write_bytes(tmp_path / "f.bin", b"ours")
+    assert taken.read_bytes() == b"theirs" and (tmp_path / "f.bin").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name, "f.bin"]
