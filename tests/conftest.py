@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,11 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
+
+# the files checkpoints carry (hf:DIR's config, tokenizer) are unpacked here, not in ~/.cache
+if not os.environ.get("MMCLI_CACHE_DIR"):
+    os.environ["MMCLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmcli-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMCLI_CACHE_DIR"], True)
 
 
 @pytest.fixture

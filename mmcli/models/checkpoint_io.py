@@ -23,6 +23,7 @@ bounded constants), whatever the config claims (``width = 10**9``, ``depth = 10*
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -53,17 +54,34 @@ def save_model(
 ) -> None:
     """Write weights + config (+ training args, step, metrics) atomically."""
     from mmcli.formats.checkpoint import Checkpoint, save_checkpoint
+    from mmcli.models.adapters import embedded
 
+    config, tensors = model.config_dict(), model.state_dict()
+    files = library_files(model)  # hf:DIR's config and tokenizer travel with the weights
+    config["extra"] = {k: v for k, v in config["extra"].items() if k != embedded.EXTRA_KEY}
+    if files:
+        digests = {path: embedded.digest(f) for path, f in files.items()}
+        config["extra"][embedded.EXTRA_KEY] = digests
+        tensors = {**tensors, **embedded.as_tensors({digests[p]: f for p, f in files.items()})}
     save_checkpoint(
         path,
         Checkpoint(
-            config=model.config_dict(),
-            state_dict=model.state_dict(),
+            config=config,
+            state_dict=tensors,
             train=train or {},
             state=state or {},
             metrics=metrics or {},
         ),
     )
+
+
+def library_files(model: nn.Module) -> dict[str, dict[str, bytes]]:
+    """``{hf path: its folder's files}`` of the model's transformers encoders."""
+    return {
+        m.config.path: m.hf_files
+        for m in model.modules()
+        if getattr(m, "hf_files", None) is not None
+    }
 
 
 def load_model(path: str | os.PathLike, cls: Any, device: str | torch.device = "cpu"):
@@ -72,14 +90,25 @@ def load_model(path: str | os.PathLike, cls: Any, device: str | torch.device = "
     line, for anything that does not fit."""
     from mmcli.formats.atomic import is_stdio
     from mmcli.formats.manifest import file_sha256
+    from mmcli.models.adapters import embedded
     from mmcli.models.config import ModelConfig
 
     where = str(path)
     stored, ckpt, read_tensors = _open(path)
     config = ModelConfig.from_dict(ckpt.config, where=where)
-    model = build_on_meta(cls, config, len(stored), where)
-    check_against_stored(model, stored, where)
-    model = materialize(lambda: cls(config), read_tensors(), device, where)
+    weights = {n: info for n, info in stored.items() if not n.startswith(embedded.PREFIX)}
+    state = None
+    with contextlib.ExitStack() as stack:
+        if len(weights) < len(stored) or config.extra.get(embedded.EXTRA_KEY):
+            # files the build reads (hf:DIR's config, tokenizer): read first (a read is
+            # bounded by the file's size; building is what the meta device guards)
+            state = read_tensors()
+            stack.enter_context(embedded.from_checkpoint(config.extra, state, where))
+        model = build_on_meta(cls, config, len(weights), where)
+        check_against_stored(model, weights, where)
+        model = materialize(
+            lambda: cls(config), read_tensors() if state is None else state, device, where
+        )
     model.weights.update(config.extra.get("encoder_weights", {}) or {})
     model.checkpoint = {"path": where, "sha256": None if is_stdio(path) else file_sha256(path)}
     if not is_stdio(path):  # found again from another folder (retrieve / eval without --model)

@@ -143,7 +143,8 @@ def test_init_refuses_what_it_does_not_train(data, cli, tmp_path):
 
 def test_lit_from_a_transformers_clip_folder(data, cli, tmp_path):
     """--init hf:DIR: its tokenizer's ids and attention mask feed the text tower; the locked
-    vision tower ends as it began (the checkpoint rebuilds with DIR's config and tokenizer)."""
+    vision tower ends as it began; the checkpoint rebuilds after DIR is gone (it carries
+    DIR's config and tokenizer)."""
     pytest.importorskip("transformers")
     from mmcli.models import MultimodalModel, load_model
 
@@ -160,3 +161,6 @@ def test_lit_from_a_transformers_clip_folder(data, cli, tmp_path):
     text = [k for k in end if k.startswith("encoders.text.")]
     assert image and all(torch.equal(end[k], start[k]) for k in image)
     assert sum(not torch.equal(end[k], start[k]) for k in text) > len(text) // 2
+    shutil.rmtree(folder)
+    again = MultimodalModel.from_checkpoint(tmp_path / "run" / "last.safetensors").state_dict()
+    assert all(torch.equal(again[k], end[k]) for k in end)
