@@ -149,6 +149,12 @@ def _render(s: dict) -> None:
         return None
     if s["kind"] == "model":
         console.print(f"[bold]{s['path']}[/]  model checkpoint, {s['parameters']:,} parameters")
+        if s.get("embedded_files"):
+            files = s["embedded_files"]
+            console.print(
+                f"[bold]embedded files[/]: {len(files)} ({_fmt_bytes(sum(files.values()))}: "
+                f"{', '.join(sorted(files))[:160]})"
+            )
         for key in ("model", "state", "metrics", "train"):
             if s.get(key):
                 # a long string (a caption decoder's embedded tokenizer) as its length

@@ -21,6 +21,9 @@ from mmcli.formats.safetensors_io import parse_header, read_header, save_torch
 from mmcli.formats.userfiles import read_file
 
 MODEL_KIND = "model"
+#: stored tensors that are files a model is built from (an hf:DIR folder's config and
+#: tokenizer: mmcli.models.adapters.embedded), not weights
+FILES_PREFIX = "mmcli.files/"
 
 
 @dataclass

@@ -28,13 +28,22 @@ from mmcli.formats.tensorfile import (
 def _describe_model(path: str, tensors: dict, metadata: dict[str, str]) -> dict[str, Any]:
     # buffers saved with the weights (BatchNorm statistics) are not parameters
     buffers = ("running_mean", "running_var", "num_batches_tracked")
-    params = sum(math.prod(t.shape) for k, t in tensors.items() if not k.endswith(buffers))
+    from mmcli.formats.checkpoint import FILES_PREFIX
+
+    files = {k: t for k, t in tensors.items() if k.startswith(FILES_PREFIX)}
+    params = sum(
+        math.prod(t.shape) for k, t in tensors.items() if not k.endswith(buffers) and k not in files
+    )
     out: dict[str, Any] = {
         "path": path,
         "kind": "model",
         "parameters": params,
-        "tensors": len(tensors),
+        "tensors": len(tensors) - len(files),
     }
+    if files:  # an hf:DIR folder's config and tokenizer, carried for the rebuild
+        out["embedded_files"] = {
+            k[len(FILES_PREFIX) :].partition("/")[2]: math.prod(t.shape) for k, t in files.items()
+        }
     for key in ("model", "train", "state", "metrics"):
         value = parse_json_entry(metadata, f"mmcli.{key}", None, path)
         if value is not None:

@@ -116,3 +116,17 @@ def test_the_files_are_unpacked_once_into_the_cache(tmp_path, monkeypatch):
     assert len(unpacked) == 1 and (unpacked[0] / "1_Pooling" / "config.json").is_file()
     MultimodalModel.from_checkpoint(tmp_path / "b.safetensors")
     assert list((tmp_path / "cache" / "hf").iterdir()) == unpacked
+
+
+def test_info_counts_weights_not_files(tmp_path, cli):
+    folder = pm.hf_bert(tmp_path / "bert")
+    model = load_model(f"hf:{folder}")
+    model.to_checkpoint(tmp_path / "b.safetensors")
+    r = cli("info", tmp_path / "b.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert set(info["embedded_files"]) == {
+        "config.json", "tokenizer.json", "tokenizer_config.json", "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    }  # fmt: skip

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from mmcli.errors import BadInput
+from mmcli.formats.checkpoint import FILES_PREFIX
 
-PREFIX = "mmcli.files/"
+PREFIX = FILES_PREFIX
 EXTRA_KEY = "embedded_files"
 #: weight files (the checkpoint holds the weights) and folders that are not the model
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
