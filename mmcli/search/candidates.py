@@ -38,12 +38,23 @@ def above(s, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = s.numpy() if s.dtype == torch.float32 else s.float().numpy()
     f = floor.astype(np.float32)
     f = np.where(f.astype(np.float64) > floor, np.nextafter(f, np.float32(-np.inf)), f)
+    if b and x.ndim == 2 and not x.flags.c_contiguous and x.T.flags.c_contiguous:
+        return _above_columns(x.T, f)
     hot = np.flatnonzero(x.max(1) >= f) if b else np.empty(0, np.int64)
     if len(hot) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
     r, c = _nonzero2d(x[hot] >= f[hot, None])
     qi = hot[r]
     return qi, c, x[qi, c].astype(np.float64)
+
+
+def _above_columns(xt: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`above` for scores laid out rows x queries (``xt`` is ``s.T``, contiguous):
+    the test runs in memory order, and the hits come out sorted by query then column."""
+    c, qi = _nonzero2d(xt >= f[None, :])
+    order = np.argsort(qi, kind="stable")
+    qi, c = qi[order], c[order]
+    return qi, c, xt[c, qi].astype(np.float64)
 
 
 def _nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

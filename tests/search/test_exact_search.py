@@ -151,3 +151,23 @@ def test_row_mask_restricts_hits_exactly():
         np.testing.assert_array_equal(res.scores.numpy(), scores)
     few = ExactIndex([x], row_mask=np.arange(3000) < 3).search(q, 10)
     assert (few.indices[:, :3] >= 0).all() and (few.indices[:, 3:] == -1).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_above_reads_a_transposed_score_view_like_a_contiguous_one(seed):
+    """The CPU pass scores rows x queries and hands over the transposed view: the hits,
+    their order (query, then column) and the floors' ties are those of a copy."""
+    rng = np.random.default_rng(seed)
+    s = torch.from_numpy(rng.integers(-8, 9, size=(300, 7)).astype(np.float32) / 8)
+    view = s.T  # (7 queries, 300 columns), not contiguous
+    floor = rng.integers(-4, 8, size=7) / 8.0
+    floor[seed] = 2.0  # a query with no hit
+    got = candidates_mod.above(view, floor)
+    want = candidates_mod.above(view.contiguous(), floor)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    x = view.numpy()
+    qi, ci = np.nonzero(x >= floor[:, None])
+    np.testing.assert_array_equal(got[0], qi)
+    np.testing.assert_array_equal(got[1], ci)
+    assert not view.is_contiguous() and len(qi)
