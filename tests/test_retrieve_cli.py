@@ -170,6 +170,7 @@ def test_stdin_lines_bad_lines_answered_in_place(cli, toy):
         (["--id", "it1", "--device", "gpu"], "bad device 'gpu'"),
         (["--id", "it1", "--threshold", "nan"], "--threshold must be a number"),
         (["--id", "it1", "--nprobe", "4"], "--nprobe applies to --backend faiss"),
+        (["--id", "it1", "--rescore", "40"], "--rescore applies to --backend faiss"),
     ],
 )
 def test_bad_input_one_line_exit_2(cli, toy, args, message):

@@ -183,6 +183,15 @@ def retrieve(
         int | None,
         typer.Option(min=1, help="faiss hnsw: search breadth.", rich_help_panel="Search"),
     ] = None,
+    rescore: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="faiss: candidates re-scored exactly per hit (default 2; ivfpq 10): raise it "
+            "for recall, the codes' ranking is coarse.",
+            rich_help_panel="Search",
+        ),
+    ] = None,
     rebuild_index: Annotated[
         bool,
         typer.Option(
@@ -289,6 +298,7 @@ def retrieve(
             faiss_dir=faiss_dir,
             nprobe=nprobe,
             ef_search=ef_search,
+            rescore=rescore,
             rebuild=rebuild_index,
             model=model,
             weights=weights,

@@ -51,6 +51,7 @@ class RetrieveConfig:
     faiss_dir: str | None = None
     nprobe: int | None = None
     ef_search: int | None = None
+    rescore: int | None = None  # faiss: candidates re-scored exactly per hit (2; ivfpq 10)
     rebuild: bool = False
     model: str | None = None
     weights: str | None = None  # the weights file of --model open_clip:ARCH
@@ -82,7 +83,8 @@ class Retriever:
             raise BadInput("--threshold must be a number, got nan")
         if cfg.backend == "exact":  # faiss-only options would be silently ignored
             faiss_only = (("--nprobe", cfg.nprobe), ("--ef-search", cfg.ef_search),
-                          ("--faiss-dir", cfg.faiss_dir), ("--rebuild-index", cfg.rebuild))  # fmt: skip
+                          ("--rescore", cfg.rescore), ("--faiss-dir", cfg.faiss_dir),
+                          ("--rebuild-index", cfg.rebuild))  # fmt: skip
             used = [flag for flag, value in faiss_only if value]
             if used:
                 raise BadInput(f"{used[0]} applies to --backend faiss", hint="add --backend faiss")
@@ -98,7 +100,7 @@ class Retriever:
             self.scoring = resolve_scoring(cfg.scoring, cfg.device)
             self.items = self.index.items
         elif cfg.backend == "faiss":
-            params = FaissParams(kind=cfg.faiss_index, nprobe=cfg.nprobe)
+            params = FaissParams(kind=cfg.faiss_index, nprobe=cfg.nprobe, candidates=cfg.rescore)
             if cfg.ef_search:
                 params.ef_search = cfg.ef_search
             self.index = FaissIndex.open(

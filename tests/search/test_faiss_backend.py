@@ -126,3 +126,13 @@ def test_ivfpq_compresses_and_reports_its_recall_and_size(tmp_path):
     assert check["recall@10"] == round(float(mine), 4) and mine > 0.5
     again = FaissIndex.open(fs, "image", params)
     assert not again.built and again.check == check
+    # --rescore: more candidates re-scored exactly from the same saved index, more recall
+    wider = FaissIndex.open(
+        fs, "image", FaissParams(kind="ivfpq", nlist=16, nprobe=16, candidates=40)
+    )
+    assert not wider.built
+    found = wider.search(q, 11).indices.numpy()
+    more = np.mean(
+        [len((set(t) - {r}) & (set(f) - {r})) / 10 for r, t, f in zip(rows, truth, found)]
+    )
+    assert more > mine
