@@ -1,14 +1,18 @@
 """From JPEG files to CLIP image features: ``mmcli preprocess --like`` + ``mmcli extract
 --model`` against a clip-retrieval-style loop, the same files and model, in one run.
 
-    python benchmarks/bench_jpeg_to_features.py [--images 1000] [--batch-size 64] [--keep]
+    python benchmarks/bench_jpeg_to_features.py [--images 1000] [--batch-size 64]
+        [--store pixels,encoded] [--keep]
 
 1. ``--images`` photo-like JPEGs (512x384, gradients, shapes and noise; quality 90) are
    written into a temporary folder (deleted afterwards unless ``--keep``);
 2. mmcli: ``mmcli preprocess manifest.jsonl -o T --like open_clip:ViT-B-32`` then ``mmcli extract T
    -o F --model open_clip:ViT-B-32`` (random init: the real model's cost, nothing
    downloaded), two real command lines, timed from start to end (process start-up, model
-   construction and writing the features included);
+   construction and writing the features included), once per ``--store``: ``pixels``
+   decodes and resizes every file in preprocess, then extract only computes; ``encoded``
+   keeps the JPEG files in the shards and extract decodes them in its 2 worker processes
+   while the model computes (the loop's overlap);
 3. the loop clip-retrieval runs: PIL ``Image.open`` + open_clip's own preprocess transform
    in a ``torch.utils.data.DataLoader`` with 2 workers, then ``model.encode_image`` batch by
    batch, the features saved with ``numpy.save``; timed in one process from model
@@ -72,11 +76,12 @@ def write_photos(folder: Path, n: int, seed: int = 0) -> None:
             )
 
 
-def run_mmcli(photos: Path, work: Path, batch: int) -> float:
+def run_mmcli(photos: Path, work: Path, batch: int, store: str) -> float:
     shutil.rmtree(work, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmds = [
-        ["preprocess", str(photos.parent / "manifest.jsonl"), "-o", str(work / "t"), "--like", f"open_clip:{ARCH}"],
+        ["preprocess", str(photos.parent / "manifest.jsonl"), "-o", str(work / "t"), "--like", f"open_clip:{ARCH}",
+         "--store", store],
         ["extract", str(work / "t"), "-o", str(work / "f"), "--model", f"open_clip:{ARCH}",
          "--batch-size", str(batch), "--device", "cpu"],
     ]  # fmt: skip
@@ -138,6 +143,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--store", default="pixels,encoded", help="preprocess --store values to time")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_jpeg_"))
@@ -146,14 +152,17 @@ def main() -> None:
         t0 = time.perf_counter()
         write_photos(tmp / "photos", args.images)
         log(f"  {time.perf_counter() - t0:.1f} s")
-        times: dict[str, list[float]] = {"mmcli": [], "loop": []}
+        stores = [s.strip() for s in args.store.split(",") if s.strip()]
+        names = [f"mmcli_{s}" for s in stores] + ["loop"]
+        times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.repeats):
-            order = ["mmcli", "loop"] if r % 2 == 0 else ["loop", "mmcli"]
-            for name in order:
-                if name == "mmcli":
-                    times[name].append(run_mmcli(tmp / "photos", tmp / "mmcli", args.batch_size))
-                else:
+            for name in names if r % 2 == 0 else names[::-1]:
+                if name == "loop":
                     times[name].append(run_loop(tmp / "photos", tmp / "loop", args.batch_size))
+                else:
+                    store = name.removeprefix("mmcli_")
+                    work = tmp / name
+                    times[name].append(run_mmcli(tmp / "photos", work, args.batch_size, store))
                 log(f"  {name}: {times[name][-1]:.1f} s")
         a = np.load(tmp / "loop" / "feats.npy")
         rate = {k: args.images / statistics.median(v) for k, v in times.items()}
@@ -162,12 +171,13 @@ def main() -> None:
             "image_size": "512x384 JPEG",
             "model": f"open_clip:{ARCH} (random init), fp32, batch {args.batch_size}",
             "cpus": os.cpu_count(),
-            "mmcli_preprocess_extract_images_per_s": round(rate["mmcli"], 2),
             "open_clip_dataloader_loop_images_per_s": round(rate["loop"], 2),
-            "ratio_mmcli_vs_loop": round(rate["mmcli"] / rate["loop"], 2),
-            "seconds": {k: [round(x, 1) for x in v] for k, v in times.items()},
-            "loop_features": list(a.shape),
         }
+        for s in stores:
+            out[f"mmcli_{s}_images_per_s"] = round(rate[f"mmcli_{s}"], 2)
+            out[f"ratio_mmcli_{s}_vs_loop"] = round(rate[f"mmcli_{s}"] / rate["loop"], 2)
+        out["seconds"] = {k: [round(x, 1) for x in v] for k, v in times.items()}
+        out["loop_features"] = list(a.shape)
         print(json.dumps(out, indent=2))
     finally:
         if not args.keep:
