@@ -56,14 +56,9 @@ def fast_bf16_available(device: Any = "cpu") -> bool:
         return False
     key = "cpu"
     if key not in _BF16_OK:
-        cap = torch.backends.cpu.get_cpu_capability()
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            hw = " amx_bf16" in flags or " avx512_bf16" in flags
-        except OSError:  # not Linux: trust torch's report
-            hw = cap.startswith("AVX512") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        _BF16_OK[key] = bool(hw) and _bf16_probe()
+        from mmcli.runtime import cpu_bf16_units
+
+        _BF16_OK[key] = cpu_bf16_units() and _bf16_probe()
     return _BF16_OK[key]
 
 
