@@ -17,6 +17,7 @@ stays fast; every function here takes plain strings and returns torch objects.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -108,25 +109,29 @@ def check_precision(precision: str, device, training: bool = True) -> str:
     return precision
 
 
-_CPU_BF16_UNITS: list[bool] = []  # cached: whether this CPU computes bfloat16 in hardware
-
-
+@functools.cache
 def cpu_bf16_units() -> bool:
-    """Whether this CPU has bfloat16 matrix units (AMX or AVX-512 BF16). Without them
-    torch emulates bf16 and a bfloat16 model is several times slower than fp32 (measured
-    on an AVX2-only EPYC: ViT-B-32 1.1 vs 6.9 img/s)."""
-    if not _CPU_BF16_UNITS:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            hw = " amx_bf16" in flags or " avx512_bf16" in flags
-        except OSError:  # not Linux: trust torch's report
-            import torch
+    """Whether this CPU has bfloat16 matrix units (AMX or AVX-512 BF16), read once per
+    process. Without them torch emulates bf16 and a bfloat16 model is several times slower
+    than fp32 (measured on an AVX2-only EPYC: ViT-B-32 1.1 vs 6.9 img/s)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " amx_bf16" in flags or " avx512_bf16" in flags
+    except OSError:  # not Linux: trust torch's report
+        import torch
 
-            cap = torch.backends.cpu.get_cpu_capability()
-            hw = cap.startswith("AVX512") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        _CPU_BF16_UNITS.append(bool(hw))
-    return _CPU_BF16_UNITS[0]
+        cap = torch.backends.cpu.get_cpu_capability()
+        return cap.startswith("AVX512") and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    """One warning line per process, however many models a command casts."""
+    log.warning(
+        "this CPU has no bfloat16 units (AMX / AVX-512 BF16): --precision"
+        " bf16 is emulated and several times slower than fp32 here; use --precision fp32"
+    )
 
 
 def inference_precision(precision: str, device) -> str:
@@ -136,10 +141,7 @@ def inference_precision(precision: str, device) -> str:
     fp16 on the CPU falls back to fp32 with a note."""
     if precision == "bf16" and getattr(device, "type", device) == "cpu":
         if not cpu_bf16_units():
-            log.warning(
-                "this CPU has no bfloat16 units (AMX / AVX-512 BF16): --precision"
-                " bf16 is emulated and several times slower than fp32 here; use --precision fp32"
-            )
+            _warn_emulated_bf16()
         return "bf16"
     return check_precision(precision, device, training=False)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mmcli.errors import BadInput
+from mmcli.runtime import cpu_bf16_units
 
 log = logging.getLogger("mmcli")
 
@@ -56,8 +57,6 @@ def fast_bf16_available(device: Any = "cpu") -> bool:
         return False
     key = "cpu"
     if key not in _BF16_OK:
-        from mmcli.runtime import cpu_bf16_units
-
         _BF16_OK[key] = cpu_bf16_units() and _bf16_probe()
     return _BF16_OK[key]
 
