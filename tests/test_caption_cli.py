@@ -162,6 +162,44 @@ def test_eval_captioning_from_a_captions_file_and_from_the_model(cli, cap, tmp_p
     assert res["info"]["items"] == 2
 
 
+def test_eval_captioning_scores_against_the_full_captions_not_their_byte_cut(
+    cli, toy_data, tmp_path
+):
+    """A reference longer than --context-length is the whole caption (text.raw): a
+    generated caption equal to it scores perfectly, one equal to its byte cut does not."""
+    manifest = one_caption_items(toy_data, tmp_path / "data", n=3)
+    rows = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines()]
+    full = "a large blue circle in the center of a wide and empty grey field beside 红色圆形"
+    rows[0]["text"] = [full]
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    tensors = tmp_path / "tensors"
+    r = cli("preprocess", manifest, "-o", tensors, "--image-size", 8, "--context-length", 24, "-q")
+    assert r.exit_code == 0, r.stderr
+
+    from mmcli.data.text import tokenizer_from_spec
+    from mmcli.evaluate.captioning import references_from_tensors
+    from mmcli.formats.tensorfile import open_tensors
+
+    ts = open_tensors(str(tensors))
+    refs = references_from_tensors(ts)
+    assert refs[rows[0]["id"]] == [full]
+    assert refs[rows[1]["id"]] == rows[1]["text"]
+    cut = tokenizer_from_spec(ts.spec("text")).decode(ts.shards[0].numpy("text")[0])
+    assert cut != full and full.startswith(cut)  # what the byte tokens alone would give
+    scores = {}
+    for name, caption in (("full", full), ("cut", cut)):
+        caps = tmp_path / f"{name}.jsonl"
+        caps.write_text(
+            json.dumps({"id": rows[0]["id"], "caption": caption}, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+        r = cli("eval", tensors, "--task", "captioning", "--captions", caps, "-q")
+        assert r.exit_code == 0, r.stderr
+        scores[name] = json.loads(r.stdout)["metrics"]
+    assert scores["full"]["WER"] == 0 and scores["full"]["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["cut"]["WER"] > 0.5
+
+
 def test_eval_captioning_bad_input(cli, cap, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"id": "not-an-item", "caption": "a red circle"}) + "\n")

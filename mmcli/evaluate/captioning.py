@@ -17,9 +17,11 @@ or fullwidth character is one token (so Chinese captions are scored by character
 COCO-CN does), other tokens are runs of letters and digits (an apostrophe inside a word is
 kept: "don't"); punctuation and whitespace only separate tokens.
 
-References come from tensor shards: the rows of the ``text`` table decoded with its
-tokenizer, grouped by item through the ``text.item`` column (five COCO captions, four
-toy captions: every one a reference).
+References come from tensor shards: the captions as given (the ``text.raw`` strings
+preprocess keeps beside the byte tokens, so a caption longer than ``--context-length`` is
+scored whole, not at its byte cut; shards from before mmcli kept the strings fall back to
+decoding the byte tokens, with a warning), grouped by item through the ``text.item``
+column (five COCO captions, four toy captions: every one a reference).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.data.text import tokenizer_from_spec
+from mmcli.data.captions import caption_rows
 from mmcli.errors import BadInput, MissingDependency
 from mmcli.formats.tensorfile import TensorSet, open_tensors, where_paths
 
@@ -130,21 +132,21 @@ def caption_metrics(
 
 
 def references_from_tensors(ts: TensorSet, keep: np.ndarray | None = None) -> dict[str, list[str]]:
-    """Every item's reference captions (decoded ``text`` rows, grouped by ``text.item``)."""
+    """Every item's reference captions, as given (module docstring), grouped by ``text.item``."""
     ts.require("text", hint="the references are the text table of the tensor shards")
     if ts.kind != "tensors":
         raise BadInput(
-            "captioning references are token ids in tensor shards, got feature files",
+            "captioning references are captions in tensor shards, got feature files",
             where=where_paths(ts.paths),
             hint="pass the preprocess output (tensor shards) of the items",
         )
-    tok = tokenizer_from_spec(ts.spec("text"))
     ids = ts.ids()
     refs: dict[str, list[str]] = {}
-    for _, data, items in ts.iter_table("text"):
-        for row, item in zip(data.numpy(), items.numpy()):
+    for shard, offset in zip(ts.shards, ts.item_offsets):
+        items = (shard.item_index("text") + offset).tolist()
+        for caption, item in zip(caption_rows(shard, "text"), items):
             if keep is None or keep[item]:
-                refs.setdefault(ids[item], []).append(tok.decode(row))
+                refs.setdefault(ids[item], []).append(caption)
     return refs
 
 
