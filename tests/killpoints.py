@@ -9,8 +9,8 @@ Two ways to pick the moment:
   every atomic write; the glob is matched against the destination) or ``"open"``
   (``open``/``os.open``, e.g. of a temporary file). "After the last shard, before the
   completion record" is "before the rename onto manifest.jsonl".
-* :func:`kill_when` -- from outside, as a user would: poll a condition (a file appears
-  or grows) and send a signal.
+* :func:`signal_at_event` -- a user's signal (SIGINT, SIGTERM) at such an event: the
+  process is frozen there, signalled, and continued, so the signal lands mid-run.
 
 :func:`assert_same_tensors` then compares the outputs with ``torch.equal``, tensor by
 tensor, with the metadata (paths of the output folder aside).
@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 _HOOK = r"""
@@ -99,41 +99,28 @@ def _state(pid: int) -> str:
         return "?"
 
 
-def kill_when(
+def signal_at_event(
     args: Sequence[object],
-    condition: Callable[[], bool],
     *,
-    sig: int = signal.SIGKILL,
+    sig: int,
+    event: str,
+    path: str | os.PathLike,
+    nth: int = 1,
     env: dict | None = None,
     timeout: float = 120,
-    poll: float = 0.002,
-) -> tuple[int, bytes, bool]:
-    """Run ``mmcli ARGS``; send ``sig`` as soon as ``condition()`` holds (polled).
-    Returns (returncode, stderr, whether the signal was sent before the command ended)."""
-    cmd = [sys.executable, "-m", "mmcli", *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(env))
-    deadline = time.monotonic() + timeout
-    sent = False
-    while proc.poll() is None and time.monotonic() < deadline:
-        if condition():
-            proc.send_signal(sig)
-            sent = True
-            break
-        time.sleep(poll)
+) -> tuple[int, bytes]:
+    """Freeze ``mmcli ARGS`` just before the ``nth`` ``event`` on ``path`` (as
+    :func:`run_until_event` with ``action="stop"``), send it ``sig`` while it is frozen,
+    and let it go on: the signal lands at that point, as a user's Ctrl-C or ``kill`` mid-run
+    would, however busy the machine (a signal sent when a polled file appears can arrive
+    only after the run has finished). Returns (returncode, stderr)."""
+    proc = run_until_event(
+        args, event=event, path=path, nth=nth, action="stop", env=env, timeout=timeout
+    )
+    proc.send_signal(sig)  # pending while the process is stopped
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err, sent
-
-
-def appears(pattern: str, folder: str | os.PathLike, count: int = 1) -> Callable[[], bool]:
-    """A condition: at least ``count`` files in ``folder`` match ``pattern`` (dot files too)."""
-    folder = Path(folder)
-    return lambda: folder.is_dir() and len(list(folder.glob(pattern))) >= count
-
-
-def grows(path: str | os.PathLike, size: int) -> Callable[[], bool]:
-    """A condition: ``path`` exists and holds at least ``size`` bytes."""
-    p = Path(path)
-    return lambda: p.exists() and p.stat().st_size >= size
+    return proc.returncode, err
 
 
 def temp_files(folder: str | os.PathLike) -> list[str]:

@@ -9,13 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from killpoints import (
-    appears,
-    assert_same_tensors,
-    kill_when,
-    run_until_event,
-    temp_files,
-)
+from killpoints import assert_same_tensors, run_until_event, signal_at_event, temp_files
 
 from mmcli.errors import BadInput
 from mmcli.formats.tensorfile import TensorSet
@@ -130,8 +124,8 @@ def test_killed_workers_print_nothing(toy_data, tmp_path):
 def test_a_signal_ends_preprocess_with_one_line(toy_data, tmp_path, sig, code, word):
     out = tmp_path / "o"
     args = _preprocess(toy_data, out, "--workers", "2", "--shard-size", "4")
-    rc, err, sent = kill_when(args, appears("data-*.safetensors", out, 2), sig=sig)
-    assert sent, "the run ended before the signal"
+    # the signal lands as the second shard is committed (its rename), mid-run
+    rc, err = signal_at_event(args, sig=sig, event="rename", path=f"{out}/data-*", nth=2)
     assert rc == code and _lines(err) == [
         f"error: {word}; finished work is kept (rerun with --resume where supported)"
     ], err.decode()
