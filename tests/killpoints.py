@@ -45,6 +45,9 @@ def hook(name, args):
     if seen == nth:
         os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
 sys.addaudithook(hook)
+# Ctrl-C as at a terminal: a job that a non-interactive shell started in the background
+# (`pytest ... &`, as some CI runners do) inherits SIGINT ignored, and Python keeps that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = ["mmcli", *sys.argv[5:]]
 runpy.run_module("mmcli", run_name="__main__", alter_sys=True)
 """
