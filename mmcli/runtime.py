@@ -296,6 +296,31 @@ def describe_device(device) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ worker processes
+
+
+def worker_context(preload: Iterable[str] = ()):
+    """The multiprocessing context of mmcli's decode workers (preprocess, encoded shards).
+
+    ``fork`` (fastest) while torch is not loaded; once it is, forking a process that runs
+    torch's thread pools can deadlock, so ``forkserver``: its server imports ``preload``
+    (and ``__main__``) once and forks every worker from there, already loaded. (Without
+    it each worker imports what it needs by itself: torch and torchvision for a library's
+    transform took 4.7 s per worker on a 2-core EPYC, paid by every pool.) The preload
+    takes effect when the server starts, i.e. with the first forkserver pool of the process.
+    """
+    import multiprocessing as mp
+    import sys
+
+    if sys.platform == "win32":
+        return mp.get_context("spawn")
+    if "torch" not in sys.modules:
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *dict.fromkeys(preload)])
+    return ctx
+
+
 # --------------------------------------------------------------------------- prefetch
 
 T = TypeVar("T")

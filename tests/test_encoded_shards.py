@@ -142,6 +142,42 @@ def test_decoding_in_worker_processes_is_the_same_and_in_order(data):
         en.close()
 
 
+def test_one_worker_pool_serves_every_shard_through_a_shared_buffer(data):
+    """extract's loader starts the decode workers once (before the model is built) and
+    keeps them for every shard; the pixels come back through shared memory, the same as
+    decoded in this thread, and the buffer is gone after close."""
+    from pathlib import Path
+
+    from mmcli.data.decodepool import Decoder
+    from mmcli.extract.loader import Batch, Loader, start_decoders
+
+    _, _, out = data
+    ts = TensorSet(out["encoded"])
+    assert len(ts.shards) == 3
+    cpu = torch.device("cpu")
+    decoders = start_decoders(ts, ts.tables, 2, cpu)
+    assert list(decoders) == ["image"]
+    loader = Loader(ts, range(3), ["image"], 3, cpu, 2, decoders=decoders)
+    workers, buffers, got = set(), set(), {}
+    try:
+        for msg in loader:
+            if isinstance(msg, Batch):
+                got.setdefault(msg.shard, []).append(msg.data)
+                pool = decoders["image"]._pool
+                workers.add(tuple(sorted(p.pid for p in pool._pool)))
+                if decoders["image"]._shm is not None:
+                    buffers.add(decoders["image"]._shm.name)
+    finally:
+        loader.close()
+    assert len(workers) == 1 and len(next(iter(workers))) == 2  # one pool for the 3 shards
+    assert buffers and not any((Path("/dev/shm") / b.lstrip("/")).exists() for b in buffers)
+    alone = Decoder(ts.spec("image"), 0)
+    for i, sf in enumerate(ts.shards):
+        data_, offsets = sf.encoded("image")
+        blobs = [data_[offsets[r] : offsets[r + 1]].tobytes() for r in range(len(offsets) - 1)]
+        assert torch.equal(torch.cat(got[i]), torch.from_numpy(alone.decode(blobs))), i
+
+
 def test_a_corrupt_image_is_skipped_and_listed_at_preprocess(data):
     _, _, out = data
     listed = {}

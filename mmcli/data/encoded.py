@@ -20,7 +20,7 @@ Every kept file is decoded once at preprocess time (a JPEG at 1/8 scale: every
 entropy-coded block is still read, only the inverse DCT is smaller; then converted to
 RGB), so a training run never meets an undecodable row.
 
-Decoding in training and ``extract`` (:class:`Decoder`): rows are split over worker
+Decoding in training and ``extract`` (:class:`mmcli.data.decodepool.Decoder`): rows are split over worker
 processes in order (``--workers``; 0 = in the calling thread), each decodes its part
 with the table's transform, or, with ``augment``, a random resized crop (open_clip's
 training default: scale (0.9, 1.0), torchvision's aspect ratios (3/4, 4/3), bicubic)
@@ -35,12 +35,8 @@ warning is silenced here.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import multiprocessing as mp
-import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -185,52 +181,6 @@ def transform_of(spec: dict[str, Any]) -> ImageTransform:
     return replace(image_transform_from_spec(spec), max_pixels=0)
 
 
-def _init_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-class Decoder:
-    """Decodes rows of an encoded table, in ``workers`` processes (0: in this thread),
-    the rows split in order (deterministic). ``close()`` stops the processes."""
-
-    def __init__(self, spec: dict[str, Any], workers: int = 0):
-        self.transform = transform_of(spec)
-        self.workers = workers
-        self._pool = None
-
-    def _pool_or_none(self):
-        if self.workers > 0 and self._pool is None:
-            method = "forkserver" if sys.platform != "win32" else "spawn"
-            if "torch" not in sys.modules and sys.platform != "win32":
-                method = "fork"
-            self._pool = mp.get_context(method).Pool(self.workers, initializer=_init_worker)
-        return self._pool
-
-    def decode(self, blobs: Sequence[bytes], seeds: Sequence[int] | None = None) -> np.ndarray:
-        """uint8 [len(blobs), 3, S, S]; ``seeds`` (one per row): augmented rows."""
-        t = self.transform
-        pool = self._pool_or_none() if len(blobs) > 1 else None
-        if pool is None:
-            return decode_batch((list(blobs), t, seeds))
-        n = min(self.workers, len(blobs))
-        bounds = np.linspace(0, len(blobs), n + 1).astype(int)
-        parts = [
-            (list(blobs[a:b]), t, None if seeds is None else list(seeds[a:b]))
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ]
-        return np.concatenate(pool.map(decode_batch, parts))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
-
 def is_jpeg(blob: bytes) -> bool:
     return bytes(blob[:3]) == b"\xff\xd8\xff"
 
@@ -272,36 +222,3 @@ def pixel_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """An encoded table's spec without its storage keys: the spec of the pixels its rows
     decode to (what a model trained on them records)."""
     return {k: v for k, v in spec.items() if k not in store_spec(ImageTransform())}
-
-
-class EncodedRows:
-    """The rows of an encoded table across a set of shards (memory-mapped), fetched by
-    global row index and decoded by a :class:`Decoder`."""
-
-    def __init__(self, ts: Any, name: str):
-        parts = [s.encoded(name) for s in ts.shards]
-        self.data = [p[0] for p in parts]
-        self.offsets = [np.asarray(p[1]) for p in parts]
-        sizes = [len(o) - 1 for o in self.offsets]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.decoder = Decoder(ts.spec(name))
-        size = self.decoder.transform.size
-        self.row_shape = (3, size, size)
-
-    def workers(self, n: int) -> None:
-        self.decoder.close()
-        self.decoder.workers = n
-
-    def blobs(self, rows: np.ndarray) -> list[bytes]:
-        shard = np.searchsorted(self.starts, rows, side="right") - 1
-        out = []
-        for s, r in zip(shard.tolist(), rows.tolist()):
-            local = r - int(self.starts[s])
-            a, b = int(self.offsets[s][local]), int(self.offsets[s][local + 1])
-            out.append(self.data[s][a:b].tobytes())
-        return out
-
-    def fetch(self, rows: np.ndarray, seeds: Sequence[int] | None = None) -> np.ndarray:
-        if not len(rows):
-            return np.zeros((0, *self.row_shape), dtype=np.uint8)
-        return self.decoder.decode(self.blobs(rows), seeds)

@@ -189,6 +189,15 @@ class ImageTransform:
         settings = (self.resize_mode, self.interpolation, self.resize_size, self.fill)
         return settings == ("shortest", "bicubic", None, 0) and self.backend in ("mmcli",)
 
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules decoding with this transform imports beyond PIL and numpy (what a
+        worker pool preloads, :func:`mmcli.runtime.worker_context`)."""
+        if self.default:
+            return ()
+        extra = ("torchvision.transforms.v2.functional",) if self.backend == "hf" else ()
+        return ("torch", "torchvision.transforms.functional", *extra)
+
     def __call__(self, path: str | os.PathLike, sizes: list | None = None):
         """``sizes``, when given, receives the decoded image's (width, height)."""
         if self.default:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.errors import BadInput
-from mmcli.extract.loader import EndOfShard, Loader
+from mmcli.extract.loader import EndOfShard, Loader, close_decoders, start_decoders
 from mmcli.extract.model import note_random_weights, run_id, setup_model, specs, text_tokenizers
 from mmcli.extract.output import (
     FEATURES_KIND,
@@ -112,12 +112,28 @@ def extract(
     # rank 0 locks OUT before it joins the process group: no other rank gets past that
     # (and touches OUT) unless rank 0 holds the lock
     locked = dist.is_main and not is_stdio(out)
-    with OutputLock(out, "extract") if locked else contextlib.nullcontext() as lock:
+    with (
+        OutputLock(out, "extract") if locked else contextlib.nullcontext() as lock,
+        _decoders(tensors, workers, device) as decoders,
+    ):
         return _extract(
             tensors, out, outputs, model, encoders, weights, device, precision, batch_size,
-            dtype, normalize, resume, overwrite, seed, channels_last, (prefetch, workers),
+            dtype, normalize, resume, overwrite, seed, channels_last, (prefetch, decoders),
             progress, lock,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _decoders(tensors: TensorSet, workers: int, device: str):
+    """The decode workers of encoded image tables, started before the model is built (they
+    start up meanwhile), stopped at the end."""
+    from mmcli import runtime
+
+    decoders = start_decoders(tensors, tensors.tables, workers, runtime.resolve_device(device))
+    try:
+        yield decoders
+    finally:
+        close_decoders(decoders)
 
 
 def _extract(
@@ -166,9 +182,9 @@ def _extract(
         run.source = source
         cl_tables = {"image"} if channels_last and "image" in modalities else set()
         tokenize = text_tokenizers(model, modalities)  # pretrained text: its own tokenizer
-        prefetch, workers = prefetch
+        prefetch, decoders = prefetch
         loader = Loader(tensors, todo, modalities, batch_size, dev, prefetch, cl_tables, tokenize,
-                        workers=workers)  # fmt: skip
+                        decoders=decoders)  # fmt: skip
         rows, truncated = run.compute(loader, todo, normalize, progress, tokenize)
         counts = runtime.all_reduce_sum(
             [len(todo), len(skipped), *rows.values(), *truncated.values()], dev

@@ -49,6 +49,7 @@ class Loader:
         channels_last=(),
         tokenize=None,
         workers: int = 2,
+        decoders=None,
     ):
         self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
         self.device, self.workers = device, workers
@@ -58,6 +59,9 @@ class Loader:
         self.channels_last = set(channels_last)
         #: table -> a pretrained encoder's tokenize(captions): those tables are read as strings
         self.tokenize: dict[str, Any] = dict(tokenize or {})
+        #: encoded table -> its Decoder, one for the whole run (its worker processes serve
+        #: every shard; :func:`start_decoders` starts them before the model is built)
+        self.decoders: dict[str, Any] = dict(decoders or {})
         self.feed = Prefetch(self._batches, depth=prefetch, name="mmcli-extract-loader")
 
     def _copy(self, data, table: str):
@@ -83,29 +87,29 @@ class Loader:
         """An encoded table's batches, decoded in worker processes (or on the GPU)."""
         import torch
 
-        from mmcli.data.encoded import Decoder, decode_gpu
+        from mmcli.data.decodepool import Decoder
+        from mmcli.data.encoded import decode_gpu
 
-        decoder = Decoder(self.tensors.spec(table), self.workers)
+        if table not in self.decoders:
+            self.decoders[table] = Decoder(self.tensors.spec(table), self.workers)
+        decoder = self.decoders[table]
         data, offsets = sf.encoded(table)
         offsets = offsets.tolist()
-        try:
-            for start in range(0, len(offsets) - 1, self.batch_size):
-                stop = min(start + self.batch_size, len(offsets) - 1)
-                blobs = [data[offsets[r] : offsets[r + 1]].tobytes() for r in range(start, stop)]
-                if self.gpu_decode:
-                    try:
-                        x = decode_gpu(blobs, decoder.transform, self.device)
-                    except ValueError:  # not all JPEG, or a --like transform: the workers
-                        x = None
-                    except Exception as e:  # nvjpeg refused: the workers from now on
-                        log.info("GPU JPEG decoding unavailable (%s): decoding on the CPU", e)
-                        self.gpu_decode, x = False, None
-                    if x is not None:
-                        yield x
-                        continue
-                yield torch.from_numpy(decoder.decode(blobs))
-        finally:
-            decoder.close()
+        for start in range(0, len(offsets) - 1, self.batch_size):
+            stop = min(start + self.batch_size, len(offsets) - 1)
+            blobs = [data[offsets[r] : offsets[r + 1]].tobytes() for r in range(start, stop)]
+            if self.gpu_decode:
+                try:
+                    x = decode_gpu(blobs, decoder.transform, self.device)
+                except ValueError:  # not all JPEG, or a --like transform: the workers
+                    x = None
+                except Exception as e:  # nvjpeg refused: the workers from now on
+                    log.info("GPU JPEG decoding unavailable (%s): decoding on the CPU", e)
+                    self.gpu_decode, x = False, None
+                if x is not None:
+                    yield x
+                    continue
+            yield torch.from_numpy(decoder.decode(blobs))
 
     def _batches(self) -> Iterator[Batch | EndOfShard]:
         for i in self.shards:
@@ -131,3 +135,29 @@ class Loader:
 
     def close(self) -> None:
         self.feed.close()
+        close_decoders(self.decoders)
+
+
+def start_decoders(tensors: TensorSet, tables, workers: int, device) -> dict[str, Any]:
+    """The Decoders of the encoded ``tables``, their worker processes started now, so that
+    they start up while the model is built (forkserver workers that import torch and
+    torchvision for a library's transform took seconds). None where the GPU decodes."""
+    from mmcli.data.decodepool import Decoder
+
+    out: dict[str, Any] = {}
+    encoded = [t for t in tables if tensors.shards and tensors.shards[0].is_encoded(t)]
+    try:
+        for table in encoded:
+            decoder = Decoder(tensors.spec(table), workers)
+            if device.type != "cuda" or not decoder.transform.default:  # else nvjpeg first
+                decoder.start()
+            out[table] = decoder
+    except BaseException:
+        close_decoders(out)
+        raise
+    return out
+
+
+def close_decoders(decoders: dict[str, Any]) -> None:
+    for decoder in decoders.values():
+        decoder.close()

@@ -9,7 +9,6 @@ per worker after a kill -9) is not shown: stderr stays the parent's one line.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -134,14 +133,6 @@ def init_worker() -> None:
     sys.stderr = _QuietWhenOrphaned(sys.stderr, os.getppid())
 
 
-def _pool_context() -> mp.context.BaseContext:
-    # fork is fastest, but forking a process that already runs torch's thread pools
-    # (e.g. inside a test session) can deadlock: use forkserver then.
-    if sys.platform != "win32" and "torch" not in sys.modules:
-        return mp.get_context("fork")
-    return mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-
-
 def item_files(item: Item, modalities: list[str], config: PreprocessConfig) -> dict[str, str]:
     """The files to decode of ``item``: {modality: path} (audio from the video's track
     with ``--audio-from-video`` when the item has no audio file)."""
@@ -187,7 +178,10 @@ def decode(
         return
     tasks, owner = _tasks(pending, config, modalities)
     if config.workers > 0 and len(tasks) > 1:
-        pool = _pool_context().Pool(config.workers, initializer=init_worker)
+        from mmcli.runtime import worker_context
+
+        preload = ["mmcli.preprocess.decode", *config.image_transform().modules]
+        pool = worker_context(preload).Pool(config.workers, initializer=init_worker)
         results = pool.imap(decode_chunk, tasks)
     else:
         pool = None

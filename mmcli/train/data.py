@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from mmcli.data.captions import caption_rows
-from mmcli.data.encoded import EncodedRows, pixel_spec
+from mmcli.data.decodepool import EncodedRows
+from mmcli.data.encoded import pixel_spec
 from mmcli.data.text import tokenizer_from_spec
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import locate_manifest, read_manifest
