@@ -69,6 +69,11 @@ class Decoder:
         if self.workers > 0 and self._pool is None and self._starting is None:
             ctx = self._context()
             if ctx.get_start_method() == "fork":  # fast; and no fork beside a busy thread
+                from multiprocessing import resource_tracker
+
+                # the workers must share this process's tracker of the shared buffer: one
+                # of their own would unlink it, as leaked, when the worker exits
+                resource_tracker.ensure_running()
                 self._pool = ctx.Pool(self.workers, initializer=_init_worker)
             else:
                 self._starting = threading.Thread(

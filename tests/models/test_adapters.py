@@ -55,6 +55,28 @@ def pixels(spec: dict, paths) -> torch.Tensor:
     return torch.from_numpy(np.stack([t(p) for p in paths]))
 
 
+def test_like_open_clip_reads_its_files_the_same_as_importing_it():
+    """--like open_clip:ARCH (no tag) reads the transform from open_clip's files without
+    importing open_clip (8 s); for every architecture open_clip ships it equals what the
+    import gives, and a fresh process is left without open_clip."""
+    import subprocess
+
+    from mmcli.models.adapters.open_clip import open_clip_transform
+    from mmcli.models.adapters.transforms import open_clip_files_like
+
+    names = open_clip.list_models()
+    assert len(names) > 100
+    assert [n for n in names if open_clip_files_like(n) != open_clip_transform(n)] == []
+    assert open_clip_files_like("no-such-arch") is None
+    assert open_clip_files_like("../model_configs/ViT-B-32") is None  # names only, no paths
+    code = (
+        "import sys; from mmcli.models.adapters.like import like; "
+        "print(like('open_clip:ViT-B-32')['image_size'], 'open_clip' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["224", "False"]
+
+
 def test_open_clip_towers_equal_open_clip(files):
     from PIL import Image
 

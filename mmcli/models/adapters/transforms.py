@@ -12,7 +12,11 @@ normalisation (mean / std) is not part of them: the encoder does it on its devic
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from mmcli.errors import BadInput
@@ -33,6 +37,51 @@ def open_clip_like(pp: dict[str, Any]) -> dict[str, Any]:
         "backend": "torchvision-pil",
         "fill": int(pp.get("fill_color", 0) or 0),
     }
+
+
+def open_clip_files_like(arch: str) -> dict[str, Any] | None:
+    """:func:`open_clip_like` of a built-in open_clip architecture without a pretrained tag,
+    read from open_clip's own files instead of importing it: the model config JSON
+    (``vision_cfg.image_size``) and ``PreprocessCfg``'s defaults in its ``transform.py``
+    (parsed with :mod:`ast`, not run; constants from its ``constants.py``), as
+    ``create_model_and_transforms`` combines them. Importing open_clip took 8 s on a 2-core
+    EPYC (it imports torchvision, transformers and timm), and preprocess needs four values.
+    None when anything is not as expected (not installed, a custom config, a tag, another
+    layout of those files): then the caller imports open_clip. A test compares both ways
+    for every architecture open_clip ships."""
+    spec = importlib.util.find_spec("open_clip")  # finds the package, does not import it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    config = root / "model_configs" / f"{arch}.json"
+    if Path(arch).name != arch or not config.is_file():
+        return None
+    try:
+        constants = {
+            t.id: ast.literal_eval(node.value)
+            for node in ast.parse((root / "constants.py").read_text(encoding="utf-8")).body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        tree = ast.parse((root / "transform.py").read_text(encoding="utf-8"))
+        cls = next(
+            n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PreprocessCfg"
+        )
+        pp = {}
+        for node in cls.body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+                value = node.value
+                pp[node.target.id] = (
+                    constants[value.id] if isinstance(value, ast.Name) else ast.literal_eval(value)
+                )
+        vision = json.loads(config.read_text(encoding="utf-8")).get("vision_cfg") or {}
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, StopIteration):
+        return None
+    if not {"size", "interpolation", "resize_mode", "fill_color"} <= pp.keys():
+        return None
+    pp["size"] = vision.get("image_size", 224)
+    return open_clip_like(pp)
 
 
 # ---------------------------------------------------------------- transformers
