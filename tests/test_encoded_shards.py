@@ -149,13 +149,13 @@ def test_one_worker_pool_serves_every_shard_through_a_shared_buffer(data):
     from pathlib import Path
 
     from mmcli.data.decodepool import Decoder
-    from mmcli.extract.loader import Batch, Loader, start_decoders
+    from mmcli.extract.loader import Batch, Loader, close_decoders, start_decoders
 
     _, _, out = data
     ts = TensorSet(out["encoded"])
     assert len(ts.shards) == 3
     cpu = torch.device("cpu")
-    decoders = start_decoders(ts, ts.tables, 2, cpu)
+    decoders = start_decoders(ts, 2, cpu)
     assert list(decoders) == ["image"]
     loader = Loader(ts, range(3), ["image"], 3, cpu, 2, decoders=decoders)
     workers, buffers, got = set(), set(), {}
@@ -169,6 +169,7 @@ def test_one_worker_pool_serves_every_shard_through_a_shared_buffer(data):
                     buffers.add(decoders["image"]._shm.name)
     finally:
         loader.close()
+        close_decoders(decoders)
     assert len(workers) == 1 and len(next(iter(workers))) == 2  # one pool for the 3 shards
     assert buffers and not any((Path("/dev/shm") / b.lstrip("/")).exists() for b in buffers)
     alone = Decoder(ts.spec("image"), 0)

@@ -17,11 +17,13 @@ import contextlib
 import math
 import signal
 from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import numpy as np
 
 from mmcli.data.encoded import decode_batch, transform_of
+from mmcli.runtime import worker_context
 
 
 def _init_worker() -> None:
@@ -35,8 +37,6 @@ def decode_into(task: tuple) -> None:
     """Worker: decode (blobs, transform, seeds or None) into rows ``start:`` of the shared
     buffer ``name`` holding uint8 ``shape``; only this small task and ``None`` cross the
     pipe, not the pixels."""
-    from multiprocessing import shared_memory
-
     blobs, t, seeds, name, shape, start = task
     if name not in _ATTACHED:
         for old in _ATTACHED.values():  # the Decoder grew its buffer: let the old one go
@@ -69,22 +69,24 @@ class Decoder:
         if self.workers > 0 and self._pool is None and self._starting is None:
             ctx = self._context()
             if ctx.get_start_method() == "fork":  # fast; and no fork beside a busy thread
-                from multiprocessing import resource_tracker
-
-                # the workers must share this process's tracker of the shared buffer: one
-                # of their own would unlink it, as leaked, when the worker exits
-                resource_tracker.ensure_running()
-                self._pool = ctx.Pool(self.workers, initializer=_init_worker)
+                self._pool = self._new_pool(ctx)
             else:
                 self._starting = threading.Thread(
-                    target=self._create, args=(ctx,), name="mmcli-decoder-start", daemon=True
-                )
+                    target=self._start_in_background, args=(ctx,), daemon=True,
+                    name="mmcli-decoder-start",
+                )  # fmt: skip
                 self._starting.start()
         return self
 
-    def _create(self, ctx) -> None:
+    def _new_pool(self, ctx):
+        # the workers share this process's tracker of the shared buffer (one of their own
+        # would unlink it, as leaked, when a worker exits)
+        resource_tracker.ensure_running()
+        return ctx.Pool(self.workers, initializer=_init_worker)
+
+    def _start_in_background(self, ctx) -> None:
         with contextlib.suppress(Exception):  # (if it fails, _pool_or_none retries and raises)
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker)
+            self._pool = self._new_pool(ctx)
 
     def _pool_or_none(self):
         self.start()
@@ -92,18 +94,14 @@ class Decoder:
             self._starting.join()
             self._starting = None
         if self._pool is None and self.workers > 0:  # the background start failed: say why
-            self._pool = self._context().Pool(self.workers, initializer=_init_worker)
+            self._pool = self._new_pool(self._context())
         return self._pool
 
     def _context(self):
-        from mmcli.runtime import worker_context
-
         return worker_context([__name__, *self.transform.modules])
 
     def _buffer(self, nbytes: int):
         """The shared output buffer, at least ``nbytes`` (grown by replacing it)."""
-        from multiprocessing import shared_memory
-
         if self._shm is None or self._shm.size < nbytes:
             self._free_buffer()
             self._shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))

@@ -112,24 +112,23 @@ def extract(
     # rank 0 locks OUT before it joins the process group: no other rank gets past that
     # (and touches OUT) unless rank 0 holds the lock
     locked = dist.is_main and not is_stdio(out)
+    dev = runtime.resolve_device(device)
     with (
         OutputLock(out, "extract") if locked else contextlib.nullcontext() as lock,
-        _decoders(tensors, workers, device) as decoders,
+        _decoders(tensors, workers, dev) as decoders,
     ):
         return _extract(
-            tensors, out, outputs, model, encoders, weights, device, precision, batch_size,
+            tensors, out, outputs, model, encoders, weights, dev, precision, batch_size,
             dtype, normalize, resume, overwrite, seed, channels_last, (prefetch, decoders),
             progress, lock,
         )  # fmt: skip
 
 
 @contextlib.contextmanager
-def _decoders(tensors: TensorSet, workers: int, device: str):
+def _decoders(tensors: TensorSet, workers: int, dev):
     """The decode workers of encoded image tables, started before the model is built (they
     start up meanwhile), stopped at the end."""
-    from mmcli import runtime
-
-    decoders = start_decoders(tensors, tensors.tables, workers, runtime.resolve_device(device))
+    decoders = start_decoders(tensors, workers, dev)
     try:
         yield decoders
     finally:
@@ -137,14 +136,13 @@ def _decoders(tensors: TensorSet, workers: int, device: str):
 
 
 def _extract(
-    tensors, out, outputs, model, encoders, weights, device, precision, batch_size, dtype,
+    tensors, out, outputs, model, encoders, weights, dev, precision, batch_size, dtype,
     normalize, resume, overwrite, seed, channels_last, prefetch, progress, lock,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
     from mmcli import runtime
 
-    dev = runtime.resolve_device(device)
     resume = resume and not overwrite
     folder_out = not single_output(out)
     if folder_out:

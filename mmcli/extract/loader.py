@@ -48,19 +48,18 @@ class Loader:
         prefetch: int,
         channels_last=(),
         tokenize=None,
-        workers: int = 2,
         decoders=None,
     ):
         self.tensors, self.shards, self.tables = tensors, list(shards), list(tables)
-        self.device, self.workers = device, workers
+        self.device = device
         self.gpu_decode = device.type == "cuda"  # JPEG rows on the GPU (mmcli.data.encoded)
         self.batch_size = batch_size
         self.pin = device.type == "cuda"
         self.channels_last = set(channels_last)
         #: table -> a pretrained encoder's tokenize(captions): those tables are read as strings
         self.tokenize: dict[str, Any] = dict(tokenize or {})
-        #: encoded table -> its Decoder, one for the whole run (its worker processes serve
-        #: every shard; :func:`start_decoders` starts them before the model is built)
+        #: encoded table -> its Decoder (:func:`start_decoders`; the caller closes them), one
+        #: for the whole run: its worker processes serve every shard
         self.decoders: dict[str, Any] = dict(decoders or {})
         self.feed = Prefetch(self._batches, depth=prefetch, name="mmcli-extract-loader")
 
@@ -87,11 +86,8 @@ class Loader:
         """An encoded table's batches, decoded in worker processes (or on the GPU)."""
         import torch
 
-        from mmcli.data.decodepool import Decoder
         from mmcli.data.encoded import decode_gpu
 
-        if table not in self.decoders:
-            self.decoders[table] = Decoder(self.tensors.spec(table), self.workers)
         decoder = self.decoders[table]
         data, offsets = sf.encoded(table)
         offsets = offsets.tolist()
@@ -135,21 +131,22 @@ class Loader:
 
     def close(self) -> None:
         self.feed.close()
-        close_decoders(self.decoders)
 
 
-def start_decoders(tensors: TensorSet, tables, workers: int, device) -> dict[str, Any]:
-    """The Decoders of the encoded ``tables``, their worker processes started now, so that
-    they start up while the model is built (forkserver workers that import torch and
-    torchvision for a library's transform took seconds). None where the GPU decodes."""
+def start_decoders(tensors: TensorSet, workers: int, device) -> dict[str, Any]:
+    """The Decoders of the encoded tables of ``tensors``, their worker processes started
+    now, so that they start up while the model is built (forkserver workers that import
+    torch and torchvision for a library's transform took seconds); on CUDA, those of
+    mmcli's own transform start only if the GPU cannot decode (nvjpeg first). The caller
+    closes them (:func:`close_decoders`)."""
     from mmcli.data.decodepool import Decoder
 
     out: dict[str, Any] = {}
-    encoded = [t for t in tables if tensors.shards and tensors.shards[0].is_encoded(t)]
+    encoded = [t for t in tensors.tables if any(sf.is_encoded(t) for sf in tensors.shards)]
     try:
         for table in encoded:
             decoder = Decoder(tensors.spec(table), workers)
-            if device.type != "cuda" or not decoder.transform.default:  # else nvjpeg first
+            if device.type != "cuda" or not decoder.transform.default:
                 decoder.start()
             out[table] = decoder
     except BaseException:
