@@ -12,7 +12,12 @@ captions (the same batch for both precisions). Models:
 * ``mid``: ``resnet18`` on 128 px and ``transformer:width=256,depth=4``.
 
 Median steps/s of ``--repeats`` interleaved runs of ``--steps`` steps (after a warm-up
-step each), and the ratio bf16 / fp32. Prints one JSON object on stdout.
+step each), and the ratio bf16 / fp32. ``--fuse-train N`` also times the real thing:
+``fuse_train`` (the library call behind ``mmcli fuse-train``) over toy data of N items
+(examples/toydata.py, preprocessed once at each model's image size) for ``--steps`` steps
+per run, ``--precision fp32`` against ``bf16`` (autocast where the CPU has AMX; fp32 with
+a note elsewhere), interleaved, median samples/s of its own summary. Prints one JSON object
+on stdout.
 """
 
 from __future__ import annotations
@@ -103,12 +108,60 @@ def measure(name: str, steps: int, repeats: int, batch: int) -> dict:
     }
 
 
+def measure_fuse_train(name: str, items: int, steps: int, repeats: int, batch: int) -> dict:
+    import logging
+    import shutil
+    import subprocess
+    import tempfile
+
+    from mmcli.preprocess import PreprocessConfig, preprocess
+    from mmcli.runtime import cpu_amx
+    from mmcli.train.fuse import FuseConfig, fuse_train
+    from mmcli.train.loop import LoopConfig
+
+    logging.getLogger("mmcli").setLevel(logging.WARNING)
+    encoders, size = MODELS[name]
+    work = Path(tempfile.mkdtemp(prefix="bench-train-bf16-"))
+    try:
+        toy = [sys.executable, str(ROOT / "examples" / "toydata.py"), str(work / "data")]
+        toy += ["--items", str(items), "--no-audio", "--quiet"]
+        subprocess.run(toy, check=True, stdout=subprocess.DEVNULL)
+        tensors = work / "tensors"
+        preprocess(str(work / "data" / "manifest.jsonl"), str(tensors),
+                   config=PreprocessConfig(image_size=size, workers=2))  # fmt: skip
+        cfg = FuseConfig(pairs=[("image", "text")], encoders=dict(encoders), val_split="none")
+        rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for _ in range(repeats):
+            for prec in rates:
+                loop = LoopConfig(max_steps=steps, lr=1e-4, log_every=10**6, eval_every=10**6,
+                                  precision=prec)  # fmt: skip
+                summary = fuse_train([str(tensors)], str(work / "run"), cfg, loop,
+                                     batch_size=batch, device="cpu", overwrite=True)  # fmt: skip
+                rates[prec].append(summary["samples_per_s"])
+        med = {p: statistics.median(r) for p, r in rates.items()}
+        return {
+            "encoders": encoders,
+            "image_px": size,
+            "items": items,
+            "steps": steps,
+            "bf16_autocast": cpu_amx(),
+            "fp32_samples_per_s": med["fp32"],
+            "bf16_samples_per_s": med["bf16"],
+            "bf16_vs_fp32": round(med["bf16"] / med["fp32"], 2),
+            "runs": rates,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--models", default="small,mid")
+    ap.add_argument("--fuse-train", type=int, default=0, metavar="ITEMS",
+                    help="also time fuse_train itself over toy data of ITEMS items")  # fmt: skip
     args = ap.parse_args()
     out = {
         "torch": torch.__version__,
@@ -122,6 +175,12 @@ def main() -> None:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         out[name] = measure(name, args.steps, args.repeats, args.batch_size)
         print(json.dumps(out[name]), file=sys.stderr, flush=True)
+        if args.fuse_train:
+            print(f"fuse_train {name} ...", file=sys.stderr, flush=True)
+            out[f"{name}_fuse_train"] = measure_fuse_train(
+                name, args.fuse_train, args.steps, args.repeats, args.batch_size
+            )
+            print(json.dumps(out[f"{name}_fuse_train"]), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=2))
 
 

@@ -4,7 +4,7 @@ Shared by ``extract``, ``fuse-train`` and ``distill``. Imports torch lazily so t
 stays fast; every function here takes plain strings and returns torch objects.
 
     device = resolve_device("auto")                 # cuda:LOCAL_RANK when available, else cpu
-    with autocast(device, "bf16"):                  # no-op on the CPU and for fp32
+    with autocast(device, "bf16", training=True):   # CUDA; the CPU only for training
         y = model(x)
     model = cast_for_inference(model, inference_precision("bf16", device), device)  # CPU: bf16 weights
     dist = dist_info()                              # rank / world size from torchrun's env
@@ -83,25 +83,30 @@ def resolve_device(spec: str = "auto", *, local_rank: int | None = None):
 
 
 def check_precision(precision: str, device, training: bool = True) -> str:
-    """The precision that will really be used on ``device`` (bf16/fp16 are CUDA-only here)."""
+    """The precision that will really be used on ``device``: bf16 / fp16 autocast on CUDA;
+    for training on the CPU, bf16 autocast (fp32 master weights) only where the CPU has AMX
+    tiles (measured 1.5-1.7x fp32 there, 0.12-0.14x on a CPU with AVX-512 BF16 but no AMX:
+    benchmarks/bench_train_bf16.py); fp32 otherwise, with a note saying why."""
     if precision not in PRECISIONS:
         raise BadInput(f"bad precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and device.type != "cuda":
-        # training: bf16 autocast with fp32 master weights measured slower than fp32 on the
-        # CPU (benchmarks/bench_train_bf16.py), so it is not offered there
+        if training and precision == "bf16" and cpu_amx():
+            log.info("bf16 autocast on the cpu (AMX), fp32 master weights")
+            return "bf16"
         why = (
-            " (bf16 autocast measured slower than fp32 there)"
+            " (bf16 autocast measured slower than fp32 on CPUs without AMX)"
             if training and precision == "bf16"
             else ""
         )
         log.info(
-            "note: --precision %s applies on CUDA; running fp32 on %s%s",
+            "note: --precision %s applies on CUDA%s; running fp32 on %s%s",
             precision,
+            " and AMX CPUs" if training and precision == "bf16" else "",
             device.type,
             why,
         )
         return "fp32"
-    if precision == "bf16":
+    if precision == "bf16" and device.type == "cuda":
         import torch
 
         if not torch.cuda.is_bf16_supported():
@@ -109,20 +114,34 @@ def check_precision(precision: str, device, training: bool = True) -> str:
     return precision
 
 
+def _cpu_flags() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+@functools.cache
+def cpu_amx() -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (read once per process), where bf16 autocast
+    makes CPU training faster than fp32."""
+    flags = _cpu_flags()
+    return flags is not None and " amx_bf16" in flags  # elsewhere: no check, training fp32
+
+
 @functools.cache
 def cpu_bf16_units() -> bool:
     """Whether this CPU has bfloat16 matrix units (AMX or AVX-512 BF16), read once per
     process. Without them torch emulates bf16 and a bfloat16 model is several times slower
     than fp32 (measured on an AVX2-only EPYC: ViT-B-32 1.1 vs 6.9 img/s)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+    flags = _cpu_flags()
+    if flags is not None:
         return " amx_bf16" in flags or " avx512_bf16" in flags
-    except OSError:  # not Linux: trust torch's report
-        import torch
+    import torch  # not Linux: trust torch's report
 
-        cap = torch.backends.cpu.get_cpu_capability()
-        return cap.startswith("AVX512") and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap.startswith("AVX512") and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @functools.cache
@@ -180,11 +199,18 @@ def cast_for_inference(model, precision: str, device):
     return model
 
 
-def autocast(device, precision: str):
-    """An autocast context for ``precision`` on ``device`` (a null context for fp32 / CPU)."""
+def autocast(device, precision: str, training: bool = False):
+    """An autocast context for ``precision`` on ``device``: bf16 / fp16 on CUDA; bf16 on the
+    CPU for ``training`` only (:func:`check_precision` allows it where the CPU has AMX; CPU
+    inference casts the model to bfloat16 instead, :func:`cast_for_inference`); a null
+    context otherwise."""
     import torch
 
-    if precision == "fp32" or device.type != "cuda":
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        if training and precision == "bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)

@@ -99,11 +99,11 @@ class GradCache:
         states, reps = [], []
         for b in batches:
             states.append(_rng_state(dev))
-            with torch.no_grad(), autocast(dev, self.precision):
+            with torch.no_grad(), autocast(dev, self.precision, training=True):
                 reps.append(task.represent(b))
         after = _rng_state(dev)
         leaves, whole = _merge(reps, sizes)
-        with autocast(dev, self.precision):
+        with autocast(dev, self.precision, training=True):
             loss, logs = task.batch_loss(Batch.cat(batches), whole)
         total = 0.0
         if loss is not None:
@@ -132,7 +132,7 @@ class GradCache:
         """One micro-batch encoded again with its graph; backward of its slice of the cached
         gradient and of its per-row losses / N."""
         task = self.task
-        with kept_running_stats(task), autocast(self.device, self.precision):
+        with kept_running_stats(task), autocast(self.device, self.precision, training=True):
             rep = task.represent(batch, cached=cached)
             row, logs = task.row_loss(batch, rep)
         terms: list[torch.Tensor] = []

@@ -205,6 +205,7 @@ class _Fit:
         metrics: dict[str, float] = {}
         if self.dist.is_main:
             self.task.eval()
+            # (CUDA: autocast; the CPU validates in fp32: its scores and ranks stay exact)
             with torch.no_grad(), autocast(self.device, self.cfg.precision):
                 metrics = self.task.evaluate()
             self.task.train()
@@ -315,7 +316,7 @@ class _Fit:
             else self.module.no_sync()
         )
         with sync:
-            with autocast(self.device, self.cfg.precision):
+            with autocast(self.device, self.cfg.precision, training=True):
                 loss, logs = self.module(batch)
             self.scaler.scale(loss / n).backward()
         for k, v in logs.items():
