@@ -17,7 +17,6 @@ stays fast; every function here takes plain strings and returns torch objects.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import queue
@@ -28,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from mmcli.cpu import _warn_emulated_bf16, cpu_amx, cpu_bf16_units  # noqa: F401
 from mmcli.errors import BadInput
 
 log = logging.getLogger("mmcli")
@@ -112,45 +112,6 @@ def check_precision(precision: str, device, training: bool = True) -> str:
         if not torch.cuda.is_bf16_supported():
             raise BadInput("this GPU does not support bf16", hint="use --precision fp16")
     return precision
-
-
-def _cpu_flags() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-@functools.cache
-def cpu_amx() -> bool:
-    """Whether this CPU has AMX bfloat16 tiles (read once per process), where bf16 autocast
-    makes CPU training faster than fp32."""
-    flags = _cpu_flags()
-    return flags is not None and " amx_bf16" in flags  # elsewhere: no check, training fp32
-
-
-@functools.cache
-def cpu_bf16_units() -> bool:
-    """Whether this CPU has bfloat16 matrix units (AMX or AVX-512 BF16), read once per
-    process. Without them torch emulates bf16 and a bfloat16 model is several times slower
-    than fp32 (measured on an AVX2-only EPYC: ViT-B-32 1.1 vs 6.9 img/s)."""
-    flags = _cpu_flags()
-    if flags is not None:
-        return " amx_bf16" in flags or " avx512_bf16" in flags
-    import torch  # not Linux: trust torch's report
-
-    cap = torch.backends.cpu.get_cpu_capability()
-    return cap.startswith("AVX512") and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-@functools.cache
-def _warn_emulated_bf16() -> None:
-    """One warning line per process, however many models a command casts."""
-    log.warning(
-        "this CPU has no bfloat16 units (AMX / AVX-512 BF16): --precision"
-        " bf16 is emulated and several times slower than fp32 here; use --precision fp32"
-    )
 
 
 def inference_precision(precision: str, device) -> str:
