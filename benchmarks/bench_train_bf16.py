@@ -36,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmcli.cpu import cpu_amx  # noqa: E402
 from mmcli.models.multimodal import ModelConfig, MultimodalModel  # noqa: E402
 from mmcli.models.registry import config_to_dict, make_config, parse_encoder_spec  # noqa: E402
 
@@ -115,7 +116,6 @@ def measure_fuse_train(name: str, items: int, steps: int, repeats: int, batch: i
     import tempfile
 
     from mmcli.preprocess import PreprocessConfig, preprocess
-    from mmcli.runtime import cpu_amx
     from mmcli.train.fuse import FuseConfig, fuse_train
     from mmcli.train.loop import LoopConfig
 
@@ -167,9 +167,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
-        "amx_bf16": "amx_bf16" in Path("/proc/cpuinfo").read_text()
-        if Path("/proc/cpuinfo").exists()
-        else None,
+        "amx_bf16": cpu_amx(),
     }
     for name in args.models.split(","):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)

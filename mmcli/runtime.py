@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from mmcli.cpu import _warn_emulated_bf16, cpu_amx, cpu_bf16_units  # noqa: F401
+from mmcli.cpu import _warn_emulated_bf16, cpu_amx, cpu_bf16_units
 from mmcli.errors import BadInput
 
 log = logging.getLogger("mmcli")
@@ -85,28 +85,26 @@ def resolve_device(spec: str = "auto", *, local_rank: int | None = None):
 def check_precision(precision: str, device, training: bool = True) -> str:
     """The precision that will really be used on ``device``: bf16 / fp16 autocast on CUDA;
     for training on the CPU, bf16 autocast (fp32 master weights) only where the CPU has AMX
-    tiles (measured 1.5-1.7x fp32 there, 0.12-0.14x on a CPU with AVX-512 BF16 but no AMX:
-    benchmarks/bench_train_bf16.py); fp32 otherwise, with a note saying why."""
+    tiles (fuse_train measured 1.37-1.48x fp32 there, 0.12-0.14x on a CPU with AVX-512 BF16
+    but no AMX: benchmarks/bench_train_bf16.py); fp32 otherwise, with a note saying why."""
     if precision not in PRECISIONS:
         raise BadInput(f"bad precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and device.type != "cuda":
-        if training and precision == "bf16" and cpu_amx():
+        bf16_training = training and precision == "bf16"
+        if bf16_training and cpu_amx():
             log.info("bf16 autocast on the cpu (AMX), fp32 master weights")
             return "bf16"
-        why = (
-            " (bf16 autocast measured slower than fp32 on CPUs without AMX)"
-            if training and precision == "bf16"
-            else ""
-        )
         log.info(
             "note: --precision %s applies on CUDA%s; running fp32 on %s%s",
             precision,
-            " and AMX CPUs" if training and precision == "bf16" else "",
+            " and AMX CPUs" if bf16_training else "",
             device.type,
-            why,
+            " (bf16 autocast measured slower than fp32 on CPUs without AMX)"
+            if bf16_training
+            else "",
         )
         return "fp32"
-    if precision == "bf16" and device.type == "cuda":
+    if precision == "bf16":  # (on CUDA: the CPU's cases returned above)
         import torch
 
         if not torch.cuda.is_bf16_supported():
@@ -169,12 +167,12 @@ def autocast(device, precision: str, training: bool = False):
 
     if precision == "fp32":
         return contextlib.nullcontext()
-    if device.type != "cuda":
-        if training and precision == "bf16":
-            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    if training and precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
