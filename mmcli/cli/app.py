@@ -50,6 +50,10 @@ app.command("caption")(caption.caption)
 def main() -> None:
     from typer.exceptions import TyperException
 
+    from mmcli.cpu import tune_malloc
+
+    tune_malloc()  # before torch allocates anything (see its docstring)
+
     try:
         code = app(prog_name="mmcli", standalone_mode=False)
     except KeyboardInterrupt:

@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.cpu import tune_malloc
 from mmcli.data.encoded import decode_batch, transform_of
 from mmcli.runtime import worker_context
 
 
 def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    tune_malloc()  # a forkserver's worker does not inherit the command's setting
 
 
 _ATTACHED: dict[str, Any] = {}  # in a worker: the Decoder's output buffer, by name

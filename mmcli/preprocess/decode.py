@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmcli.cpu import tune_malloc
 from mmcli.data import video
 from mmcli.data.audio import AudioDecodeError, AudioTransform
 from mmcli.data.encoded import encode_image
@@ -129,6 +130,7 @@ def init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
     video.DECODE_THREADS = 1  # the pool is the parallelism
+    tune_malloc()  # a forkserver's worker does not inherit the command's setting
     _die_with_parent()
     sys.stderr = _QuietWhenOrphaned(sys.stderr, os.getppid())
 
