@@ -193,10 +193,9 @@ class ImageTransform:
     def modules(self) -> tuple[str, ...]:
         """The modules decoding with this transform imports beyond PIL and numpy (what a
         worker pool preloads, :func:`mmcli.runtime.worker_context`)."""
-        if self.default:
+        if self.backend != "hf":  # PIL's calls only (transform_rgb)
             return ()
-        extra = ("torchvision.transforms.v2.functional",) if self.backend == "hf" else ()
-        return ("torch", "torchvision.transforms.functional", *extra)
+        return ("torch", "torchvision.transforms.functional", "torchvision.transforms.v2.functional")
 
     def __call__(self, path: str | os.PathLike, sizes: list | None = None):
         """``sizes``, when given, receives the decoded image's (width, height)."""
@@ -350,37 +349,51 @@ def load_image_like(path: str | os.PathLike, t: Any, sizes: list | None = None):
     return transform_rgb(im, t)
 
 
-def transform_rgb(im, t: Any):
-    """An RGB PIL image -> uint8 numpy [3, size, size] as the transform ``t`` makes it."""
-    import torch
-    import torchvision.transforms.functional as F
+#: torchvision's ``pil_modes_mapping``: an interpolation's name -> PIL's resampling filter
+_PIL_FILTERS = {"nearest": 0, "nearest-exact": 0, "bilinear": 2, "bicubic": 3, "box": 4,
+                "hamming": 5, "lanczos": 1}  # fmt: skip
 
+
+def transform_rgb(im, t: Any):
+    """An RGB PIL image -> uint8 numpy [3, size, size] as the transform ``t`` makes it.
+
+    open_clip's and timm's transforms run torchvision's functional ops on the PIL image,
+    which call PIL itself: the same PIL calls are made here without torch, so that a
+    decode worker does not import torch and torchvision (2.4 s of CPU each on a 2-vCPU
+    Xeon, taken from the model's own start-up). transformers' run torchvision's v2
+    kernels on a uint8 tensor: that path needs torch."""
     h, w = target_size(im.width, im.height, t)
     if t.backend == "hf":  # transformers calls torchvision's v2 kernels on uint8 tensors
+        import torch
+        import torchvision.transforms.functional as F
         import torchvision.transforms.v2.functional as F2
 
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
         x = F2.resize(x, [h, w], interpolation=_mode(t.interpolation), antialias=True)
-        x = _crop_or_pad(x, t.size, t.fill, floor=True)
-        return np.ascontiguousarray(x.numpy())
-    im = F.resize(im, [h, w], interpolation=_mode(t.interpolation))
-    im = _crop_or_pad(im, t.size, t.fill, floor=False)
+        pad, top, left = _crop_box(x.shape[-1], x.shape[-2], t.size, floor=True)
+        if pad:
+            x = F.pad(x, pad, fill=t.fill)
+        return np.ascontiguousarray(F.crop(x, top, left, t.size, t.size).numpy())
+    if (h, w) != (im.height, im.width):  # (torchvision returns the image itself)
+        im = im.resize((w, h), _PIL_FILTERS[t.interpolation])
+    pad, top, left = _crop_box(im.width, im.height, t.size, floor=False)
+    if pad:  # torchvision's pad of a PIL image
+        from PIL import ImageOps
+
+        im = ImageOps.expand(im, border=tuple(pad), fill=(int(t.fill),) * 3)
+    im = im.crop((left, top, left + t.size, top + t.size))
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def _crop_or_pad(img, size: int, fill: int, floor: bool):
-    """Center crop to size x size, padding first where the image is smaller (open_clip's
-    ``center_crop_or_pad``); the offset rounded (torchvision) or rounded down (transformers)."""
-    import torchvision.transforms.functional as F
-
-    _, height, width = F.get_dimensions(img)
+def _crop_box(width: int, height: int, size: int, floor: bool):
+    """open_clip's ``center_crop_or_pad`` of a width x height image to size x size: the
+    padding first where it is smaller (left, top, right, bottom; None: none), then the
+    crop's top and left offsets, rounded (torchvision) or rounded down (transformers)."""
+    pad = None
     if size > width or size > height:
         pad = [max(size - width, 0) // 2, max(size - height, 0) // 2,
                (max(size - width, 0) + 1) // 2, (max(size - height, 0) + 1) // 2]  # fmt: skip
-        img = F.pad(img, pad, fill=fill)
-        _, height, width = F.get_dimensions(img)
+        width, height = width + pad[0] + pad[2], height + pad[1] + pad[3]
     if floor:
-        top, left = int((height - size) / 2.0), int((width - size) / 2.0)
-    else:
-        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return F.crop(img, top, left, size, size)
+        return pad, int((height - size) / 2.0), int((width - size) / 2.0)
+    return pad, int(round((height - size) / 2.0)), int(round((width - size) / 2.0))

@@ -183,3 +183,56 @@ def test_like_transforms_resize_as_torchvision_does(tmp_path):
         assert torch.equal(torch.from_numpy(t(path)), want)
     longest = ImageTransform(32, resize_mode="longest", fill=7, backend="torchvision-pil")(path)
     assert longest.shape == (3, 32, 32) and (longest[:, 0] == 7).all()  # padded rows
+
+
+@pytest.mark.parametrize(
+    "interpolation", ["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
+)
+def test_pil_transforms_equal_torchvision_and_open_clip_ops(tmp_path, interpolation):
+    """The torchvision-pil backend makes PIL's calls without torch (mmcli.data.image.transform_rgb):
+    its pixels equal torchvision's and open_clip's own ops on the same PIL image, for every
+    interpolation, an odd crop offset, padding (an image smaller than the crop, and
+    open_clip's longest-side resize) and an image already at the target size."""
+    import torch
+    import torchvision.transforms as T
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+
+    from mmcli.data.image import ImageTransform
+
+    mode = T.InterpolationMode(interpolation)
+    rng = np.random.default_rng(1)
+    cases = []
+    for w, h in [(71, 45), (45, 71), (20, 13), (32, 32)]:
+        path = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        cases += [
+            (path, dict(resize_size=38), T.Compose([T.Resize(38, mode), T.CenterCrop(32)])),
+            (path, dict(resize_mode="squash"), T.Resize((32, 32), mode)),
+            (path, dict(resize_mode="longest", fill=9),
+             T.Compose([ResizeKeepRatio(32, interpolation=mode, longest=1),
+                        CenterCropOrPad(32, fill=9)])),
+        ]  # fmt: skip
+    for path, options, ref in cases:
+        t = ImageTransform(32, interpolation=interpolation, backend="torchvision-pil", **options)
+        want = np.asarray(ref(Image.open(path).convert("RGB"))).transpose(2, 0, 1)
+        got = t(path)
+        assert got.shape == (3, 32, 32) and got.dtype == np.uint8
+        assert torch.equal(torch.from_numpy(got), torch.from_numpy(want.copy())), (path, options)
+
+
+def test_pil_transforms_decode_without_importing_torch(tmp_path):
+    """A decode worker of a --like open_clip / timm transform needs no torch (its start-up
+    would take the CPU from the model's); transformers' needs it (v2 kernels)."""
+    import subprocess
+    import sys
+
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "a.jpg")
+    code = (
+        "import sys; from mmcli.data.image import ImageTransform as T; "
+        "t = T(32, resize_size=36, backend='torchvision-pil'); "
+        "x = t(sys.argv[1]); print(x.shape, 'torch' in sys.modules, t.modules, "
+        "T(32, backend='hf').modules[0])"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.jpg")], capture_output=True,
+                       text=True, check=True)  # fmt: skip
+    assert r.stdout.split() == ["(3,", "32,", "32)", "False", "()", "torch"]
