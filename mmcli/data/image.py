@@ -195,7 +195,11 @@ class ImageTransform:
         worker pool preloads, :func:`mmcli.runtime.worker_context`)."""
         if self.backend != "hf":  # PIL's calls only (transform_rgb)
             return ()
-        return ("torch", "torchvision.transforms.functional", "torchvision.transforms.v2.functional")
+        return (
+            "torch",
+            "torchvision.transforms.functional",
+            "torchvision.transforms.v2.functional",
+        )
 
     def __call__(self, path: str | os.PathLike, sizes: list | None = None):
         """``sizes``, when given, receives the decoded image's (width, height)."""
