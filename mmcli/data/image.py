@@ -193,13 +193,8 @@ class ImageTransform:
     def modules(self) -> tuple[str, ...]:
         """The modules decoding with this transform imports beyond PIL and numpy (what a
         worker pool preloads, :func:`mmcli.runtime.worker_context`)."""
-        if self.backend != "hf":  # PIL's calls only (transform_rgb)
-            return ()
-        return (
-            "torch",
-            "torchvision.transforms.functional",
-            "torchvision.transforms.v2.functional",
-        )
+        tv = "torchvision.transforms"  # transformers' path only (PIL's calls otherwise)
+        return ("torch", f"{tv}.functional", f"{tv}.v2.functional") if self.backend == "hf" else ()
 
     def __call__(self, path: str | os.PathLike, sizes: list | None = None):
         """``sizes``, when given, receives the decoded image's (width, height)."""
