@@ -50,8 +50,8 @@ def log(msg: str) -> None:
 def make_shards(out: Path, n: int, seed: int = 0) -> None:
     """n synthetic 224 px uint8 images (gradients + noise) in ``out/images`` and a caption
     each in ``out/texts`` (separate sets: extract encodes every table it finds)."""
+    from mmcli.data.model_transforms import open_clip_like
     from mmcli.data.text import ByteTokenizer
-    from mmcli.models.adapters.transforms import open_clip_like
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:224, 0:224].astype(np.float32)

@@ -62,8 +62,8 @@ def test_like_open_clip_reads_its_files_the_same_as_importing_it():
     import gives, and a fresh process is left without open_clip."""
     import subprocess
 
+    from mmcli.data.model_transforms import open_clip_files_like
     from mmcli.models.adapters.open_clip import open_clip_transform
-    from mmcli.models.adapters.transforms import open_clip_files_like
 
     shipped = Path(open_clip.__file__).parent / "model_configs"  # not configs other tests add
     names = [n for n in open_clip.list_models() if (shipped / f"{n}.json").exists()]
@@ -77,6 +77,36 @@ def test_like_open_clip_reads_its_files_the_same_as_importing_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["224", "False"]
+
+
+def test_preprocess_like_open_clip_imports_no_torch(tmp_path):
+    """preprocess --like open_clip:ARCH takes the settings from open_clip's files: the
+    command imports neither torch nor open_clip (its pool then forks, not a forkserver),
+    and writes the same settings like() gives."""
+    import json
+    import subprocess
+
+    from PIL import Image
+
+    from mmcli.models.adapters.like import like
+
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "a.jpg")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "image": "a.jpg"}) + "\n")
+    code = (
+        "import sys\nfrom mmcli.cli.app import main\n"
+        f"sys.argv = ['mmcli', 'preprocess', {str(tmp_path / 'm.jsonl')!r}, '-o',"
+        f" {str(tmp_path / 't')!r}, '--like', 'open_clip:ViT-B-32', '-q']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, 'torch' in sys.modules, 'open_clip' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["0", "False", "False"], r.stderr
+    from mmcli.formats.tensorfile import TensorSet
+
+    spec = TensorSet(tmp_path / "t").spec("image")
+    want = like("open_clip:ViT-B-32")
+    assert spec["image_size"] == want["image_size"] == 224
+    assert spec["interpolation"] == want["interpolation"]
 
 
 def test_open_clip_towers_equal_open_clip(files):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from mmcli.data.model_transforms import hf_like
 from mmcli.errors import BadInput
 from mmcli.models.adapters.common import (
     TextBatch,
@@ -46,7 +47,6 @@ from mmcli.models.adapters.hf_library import (  # noqa: F401  (re-exported)
     weights_file,
 )
 from mmcli.models.adapters.pooling import pool, poolings
-from mmcli.models.adapters.transforms import hf_like
 from mmcli.models.base import AudioEncoder, ImageEncoder, TextEncoder
 from mmcli.models.registry import register
 

@@ -24,7 +24,7 @@ def like(spec: str) -> dict[str, Any]:
         )
     _, options = parse_encoder_spec(f"{lib}:{rest}", modality="image")
     if lib == "open_clip":
-        from mmcli.models.adapters.transforms import open_clip_files_like
+        from mmcli.data.model_transforms import open_clip_files_like
 
         if not options.get("pretrained") and options.get("arch"):
             settings = open_clip_files_like(options["arch"])  # without importing open_clip

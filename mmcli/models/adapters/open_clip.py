@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mmcli.data.model_transforms import open_clip_like
 from mmcli.errors import BadInput
 from mmcli.models.adapters.common import (
     TextBatch,
@@ -46,7 +47,6 @@ from mmcli.models.adapters.common import (
     weights_info,
 )
 from mmcli.models.adapters.shared import shared_build
-from mmcli.models.adapters.transforms import open_clip_like
 from mmcli.models.base import ImageEncoder, TextEncoder
 from mmcli.models.registry import register
 

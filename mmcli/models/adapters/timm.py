@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mmcli.data.model_transforms import timm_like
 from mmcli.errors import BadInput
 from mmcli.models.adapters.common import (
     check_image_size,
@@ -25,7 +26,6 @@ from mmcli.models.adapters.common import (
     require,
     weights_info,
 )
-from mmcli.models.adapters.transforms import timm_like
 from mmcli.models.base import ImageEncoder, grid_tokens
 from mmcli.models.registry import register
 

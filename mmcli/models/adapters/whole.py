@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mmcli.data.model_transforms import open_clip_like
 from mmcli.errors import BadInput
 from mmcli.models.adapters.common import (
     library_version,
@@ -23,7 +24,6 @@ from mmcli.models.adapters.common import (
 )
 from mmcli.models.adapters.open_clip import TOWER_PARAMS, library_model
 from mmcli.models.adapters.shared import shared_models
-from mmcli.models.adapters.transforms import open_clip_like
 
 # -------------------------------------------------------------------- open_clip
 
