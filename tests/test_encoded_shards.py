@@ -164,7 +164,7 @@ def test_one_worker_pool_serves_every_shard_through_a_shared_buffer(data):
             if isinstance(msg, Batch):
                 got.setdefault(msg.shard, []).append(msg.data)
                 pool = decoders["image"]._pool
-                workers.add(tuple(sorted(p.pid for p in pool._pool)))
+                workers.add(tuple(sorted(pool.pids)))
                 if decoders["image"]._shm is not None:
                     buffers.add(decoders["image"]._shm.name)
     finally:

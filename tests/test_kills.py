@@ -271,3 +271,18 @@ def test_eval_output(clean_features, tmp_path, cli, run_mmcli):
     assert r.returncode == -signal.SIGKILL and temp_files(tmp_path) and not out.exists()
     assert cli("eval", clean_features, "-o", out).exit_code == 0
     assert temp_files(tmp_path) == [] and "metrics" in json.loads(out.read_text())
+
+
+def test_a_killed_decode_worker_ends_preprocess_with_one_line(toy_data, tmp_path):
+    """A worker the kernel kills (out of memory) as it opens an image: the run stops with
+    one line naming it, instead of waiting forever for the worker's answer."""
+    out = tmp_path / "o"
+    args = _preprocess(toy_data, out, "--workers", "2", "--shard-size", "8")
+    r = run_until_event(args, event="open", path="*/images/toy-00050.*")  # in a worker
+    lines = _lines(r.stderr)
+    assert r.returncode == 1 and len(lines) == 1, r.stderr.decode()
+    assert "error: a worker process (pid " in lines[0]
+    assert (
+        "was killed by signal 9 mid-task; if it ran out of memory, use fewer --workers" in lines[0]
+    )
+    assert temp_files(out) == []

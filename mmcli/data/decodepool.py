@@ -25,6 +25,7 @@ import numpy as np
 from mmcli.cpu import tune_malloc
 from mmcli.data.encoded import decode_batch, transform_of
 from mmcli.runtime import worker_context
+from mmcli.workerpool import WorkerPool
 
 
 def _init_worker() -> None:
@@ -84,7 +85,7 @@ class Decoder:
         # the workers share this process's tracker of the shared buffer (one of their own
         # would unlink it, as leaked, when a worker exits)
         resource_tracker.ensure_running()
-        return ctx.Pool(self.workers, initializer=_init_worker)
+        return WorkerPool(ctx, self.workers, initializer=_init_worker)
 
     def _start_in_background(self, ctx) -> None:
         with contextlib.suppress(Exception):  # (if it fails, _pool_or_none retries and raises)
@@ -138,8 +139,7 @@ class Decoder:
             self._starting.join()
             self._starting = None
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.close()
             self._pool = None
         self._free_buffer()
 

@@ -181,9 +181,10 @@ def decode(
     tasks, owner = _tasks(pending, config, modalities)
     if config.workers > 0 and len(tasks) > 1:
         from mmcli.runtime import worker_context
+        from mmcli.workerpool import WorkerPool
 
         preload = ["mmcli.preprocess.decode", *config.image_transform().modules]
-        pool = worker_context(preload).Pool(config.workers, initializer=init_worker)
+        pool = WorkerPool(worker_context(preload), config.workers, initializer=init_worker)
         results = pool.imap(decode_chunk, tasks)
     else:
         pool = None
@@ -198,5 +199,4 @@ def decode(
                 yield plan, flat
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close()
