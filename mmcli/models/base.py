@@ -96,8 +96,9 @@ class ImageEncoder(Encoder):
         dtype, compute = self.mean.dtype, self.compute_dtype  # fp32; the weights' dtype
         if x.dtype == torch.uint8:
             # one fused pass: (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std
-            scale = 1.0 / (255.0 * self.std)
-            out = torch.addcmul(-self.mean / self.std, x.to(dtype), scale)
+            # in place on the new float tensor: one 4-byte pass fewer than out-of-place
+            scale, out = 1.0 / (255.0 * self.std), x.to(dtype)
+            out = torch.addcmul(-self.mean / self.std, out, scale, out=out)
         else:
             out = (x.to(dtype) - self.mean) / self.std
         return out if compute == dtype else out.to(compute)  # bf16 weights: cast once
