@@ -474,3 +474,27 @@ def test_bad_inputs(cli, toy_tensors, teacher, tmp_path):
     r = cli("distill", tmp_path / "feats", *t, "-o", tmp_path / "r", "--max-steps", "1")
     assert r.exit_code == 2 and "the image encoder takes uint8 [rows, 3, H, W]" in r.stderr
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_bf16_throughput_on_the_cpu_times_bfloat16_copies(toy_tensors, teacher):
+    """The report's encode speed at --precision bf16 on the CPU is that of the models cast
+    to bfloat16 (what extract runs), not fp32 under a no-op context; the models given stay
+    float32."""
+    from mmcli.train.data import load_dataset
+
+    model = MultimodalModel.from_checkpoint(teacher)
+    ds = load_dataset([str(toy_tensors)])
+    seen = []
+    model.encoders["image"].register_forward_hook(
+        lambda mod, args, out: seen.append(next(mod.parameters()).dtype)
+    )
+    items = np.arange(8)
+    cpu = torch.device("cpu")
+    kw = dict(batch_size=4, max_rows=8, repeats=1, device=cpu)
+    rates = D.encode_throughput({"m": model}, {"m": "image"}, ds, items, **kw, precision="bf16")
+    assert set(seen) == {torch.bfloat16} and len(seen) == 3  # warm-up + 2 batches
+    assert rates["m"]["precision"] == "bf16" and rates["m"]["rows"] == 8
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    seen.clear()
+    D.encode_throughput({"m": model}, {"m": "image"}, ds, items, **kw, precision="fp32")
+    assert set(seen) == {torch.float32}

@@ -9,6 +9,7 @@ modality's recall against the teacher's other modalities.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 
 from mmcli.modalities import PAIR_ORDER
 from mmcli.models.multimodal import MultimodalModel
-from mmcli.runtime import autocast
+from mmcli.runtime import autocast, cast_for_inference, cpu_cast
 from mmcli.train.data import Dataset
 from mmcli.train.distill.config import DistillConfig
 from mmcli.train.distill.data import DistillData
@@ -48,8 +49,17 @@ def encode_throughput(
     """Rows/s of ``model.encode`` over the rows of ``items`` (at most ``max_rows`` per
     modality), each named model with its modality (``modalities[name]``), batches read
     beforehand, the same batch size for all, models interleaved, median of ``repeats``.
-    Per model: ``{modality: rows/s, "all": rows / total seconds}``."""
+    Per model: ``{modality: rows/s, "all": rows / total seconds}``.
+
+    Timed at ``precision`` as inference runs it: bf16 on the CPU on bfloat16 copies of the
+    models (what ``extract --precision bf16`` does; autocast there is for training only),
+    autocast on CUDA; the models given are left as they are."""
     out: dict[str, dict[str, float]] = {}
+    if cpu_cast(precision, device):  # one copy per distinct model
+        cast = {
+            id(m): cast_for_inference(copy.deepcopy(m), precision, device) for m in models.values()
+        }
+        models = {name: cast[id(m)] for name, m in models.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
     batches: dict[str, list] = {}  # per model: the same rows, as its encoder takes them
     read: dict[tuple, list] = {}
@@ -81,7 +91,8 @@ def encode_throughput(
     for name in models:
         m = modalities[name]
         n = sum(len(x) for x in batches[name])
-        out[name] = {"modality": m, "rows": n, "rows_per_s": n / statistics.median(times[name])}
+        out[name] = {"modality": m, "rows": n, "rows_per_s": n / statistics.median(times[name]),
+                     "precision": precision}  # fmt: skip
     return out
 
 
@@ -116,6 +127,7 @@ def final_report(
         report["student"]["parameters"] / max(1, report["teacher"]["parameters"]), 4
     )
     report["speedup"] = _speedup(report, student)
+    report["throughput_precision"] = precision  # bf16 on the CPU: bfloat16 copies, as extract
     shared = [
         k
         for k in metrics["student"]
