@@ -171,3 +171,22 @@ def test_above_reads_a_transposed_score_view_like_a_contiguous_one(seed):
     np.testing.assert_array_equal(got[0], qi)
     np.testing.assert_array_equal(got[1], ci)
     assert not view.is_contiguous() and len(qi)
+
+
+def test_bfloat16_rounding_through_the_reused_buffers_equals_torchs():
+    """The bf16 pass rounds 16- and 32-bit rows through reused buffers (a float32 scratch
+    of PIECE rows): the same bits as ``x.to(torch.bfloat16)``, for chunks longer and
+    shorter than the scratch, one after another, subnormals and extremes included."""
+    g = torch.Generator().manual_seed(0)
+    q = normalized(4, 48, 1)
+    sp = bounds_mod.ScoringPass.prepare(q, q.double(), "bf16", 48, torch.device("cpu"))
+    specials = torch.tensor([6.0e-8, -6.0e-8, 1.0e-5, 65504.0, -65504.0, 0.0, -0.0, 1 / 3])
+    for n, dtype in [(2500, torch.float16), (300, torch.float16), (1024, torch.float32)]:
+        x = torch.randn(n, 48, generator=g) * torch.logspace(-7, 4, 48)
+        x = x.clamp(-65504, 65504).to(dtype)
+        x[0, : len(specials)] = specials.to(dtype)
+        got = sp._bfloat16(x)
+        want = x.to(torch.bfloat16)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (n, dtype)
+    x = normalized(5000, 48, 2).half()  # chunks of 2,000 rows: longer than the scratch
+    assert_exact([x], q, 10, chunk_rows=2000)
