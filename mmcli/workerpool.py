@@ -22,6 +22,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from mmcli.errors import RunFailure
@@ -34,10 +35,18 @@ class WorkerDied(RunFailure):
     """A worker process ended while it had work (killed by a signal: out of memory?)."""
 
 
-def _serve(conn: Any, initializer: Callable[[], None] | None) -> None:
-    """A worker: run ``(fn, task)`` jobs from ``conn`` in order, answer ``(ok, value)``."""
-    if initializer is not None:
-        initializer()
+def _serve(conn: Any, initializer: Callable[[], None] | None, inherited: list) -> None:
+    """A worker: run ``(fn, task)`` jobs from ``conn`` in order, answer ``(ok, value)``.
+    ``inherited``: (fork) the parent's ends of the pipes, closed first, or the parent's
+    death would never reach the reader as the end of its pipe."""
+    for c in inherited:
+        c.close()
+    failed = None  # an initializer that raised: every job is answered with its error
+    try:
+        if initializer is not None:
+            initializer()
+    except Exception as e:
+        failed = _portable(e)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:
@@ -50,23 +59,26 @@ def _serve(conn: Any, initializer: Callable[[], None] | None) -> None:
     while (job := inbox.get()) is not None:
         fn, task = job
         try:
-            answer = (True, fn(task))
-        except Exception as e:  # the parent raises it
-            answer = (False, _portable(e))
+            if failed is not None:
+                raise failed
+            data = ForkingPickler.dumps((True, fn(task)))  # an answer that cannot pickle
+        except Exception as e:  # is an error too; the parent raises it
+            data = ForkingPickler.dumps((False, _portable(e)))
         try:
-            conn.send(answer)
+            conn.send_bytes(data)
         except (OSError, ValueError):  # the parent is gone
             return
 
 
 def _portable(e: Exception) -> Exception:
     """``e`` with the worker's traceback as a note, or a RuntimeError saying what it was
-    when ``e`` cannot be pickled."""
+    when ``e`` cannot be pickled and unpickled (an exception whose ``__init__`` wants
+    other arguments than its ``args`` pickles, and fails in the parent)."""
     text = "".join(traceback.format_exception(e)).rstrip()
     try:
-        e.add_note(f"in a worker process:\n{text}")
-        pickle.dumps(e)
-        return e
+        if not any(note.startswith("in a worker process:") for note in getattr(e, "__notes__", ())):
+            e.add_note(f"in a worker process:\n{text}")
+        return pickle.loads(pickle.dumps(e))
     except Exception:
         return RuntimeError(f"in a worker process:\n{text}")
 
@@ -80,10 +92,14 @@ class WorkerPool:
         if workers < 1:
             raise ValueError(f"a WorkerPool needs at least one worker, not {workers}")
         self._procs, self._conns = [], []
+        self._busy = False
+        fork = ctx.get_start_method() == "fork"
         try:
             for _ in range(workers):
                 mine, theirs = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=_serve, args=(theirs, initializer), daemon=True)
+                inherited = [*self._conns, mine] if fork else []
+                args = (theirs, initializer, inherited)
+                p = ctx.Process(target=_serve, args=args, daemon=True)
                 p.start()
                 theirs.close()
                 self._procs.append(p)
@@ -99,23 +115,39 @@ class WorkerPool:
     def imap(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
         """``fn(task)`` for each task, in a worker, yielded in task order. ``fn`` and the
         tasks must pickle (``fn`` a module-level function). An exception in ``fn`` is
-        raised here with the worker's traceback as a note."""
+        raised here with the worker's traceback as a note, and the pool is closed. At most
+        ``AHEAD`` tasks per worker are out or waiting to be yielded. One ``imap`` at a time
+        (another one, from this thread or another, raises RuntimeError)."""
         if not self._procs:
             raise ValueError("this WorkerPool is closed")
+        if self._busy:
+            raise RuntimeError("this WorkerPool is already running an imap")
+        self._busy = True
+        try:
+            yield from self._imap(fn, tasks)
+        finally:
+            self._busy = False
+
+    def _imap(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
         pending = iter(tasks)
         sent: list[deque[int]] = [deque() for _ in self._procs]  # task numbers, per worker
         results: dict[int, Any] = {}
+        idle: list[int] = []  # workers not fed: the results waiting to be yielded are many
         count = 0
         done = 0
+        limit = AHEAD * len(self._procs)  # tasks out or waiting to be yielded, at most
 
         def feed(w: int) -> bool:
             nonlocal count
+            if count - done >= limit:
+                idle.append(w)
+                return True
             task = next(pending, _END)
             if task is _END:
                 return False
-            self._send(w, (fn, task))
-            sent[w].append(count)
+            sent[w].append(count)  # first: a send cut short (Ctrl-C) still closes the pool
             count += 1
+            self._send(w, (fn, task))
             return True
 
         try:
@@ -126,6 +158,8 @@ class WorkerPool:
                 while done in results:
                     yield results.pop(done)
                     done += 1
+                while idle and count - done < limit and feed(idle.pop(0)):
+                    pass
                 if done == count:
                     break
                 busy = [self._conns[w] for w in range(len(self._procs)) if sent[w]]
@@ -137,9 +171,13 @@ class WorkerPool:
                         raise value
                     results[number] = value
                     feed(w)
-        finally:
-            if any(sent):  # stopped mid-way (an error, a signal, the caller closed it):
-                self.close()  # the answers still to come would answer the next imap
+        except GeneratorExit:  # the caller stopped early: answers still to come would
+            if any(sent):  # answer the next imap
+                self.close()
+            raise
+        except BaseException:  # an error in a task, a dead worker, a signal
+            self.close()
+            raise
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
         return list(self.imap(fn, tasks))

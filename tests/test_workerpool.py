@@ -94,3 +94,99 @@ def _zombie(pid: int) -> bool:
             return "zombie" in f.read()
     except OSError:
         return True
+
+
+class _NeedsTwo(Exception):
+    def __init__(self, a, b):  # pickles (args = ("a b",)), cannot be rebuilt from it
+        super().__init__(f"{a} {b}")
+
+
+def _raise_needs_two(_: object) -> None:
+    raise _NeedsTwo("left", "right")
+
+
+def _unpicklable(_: object):
+    return lambda: None
+
+
+def _failing_init() -> None:
+    raise OSError("no decoder here")
+
+
+def _slow_first(x: int) -> int:
+    if x == 0:
+        time.sleep(1.0)
+    return x
+
+
+def test_what_cannot_cross_the_pipe_is_an_error_not_a_dead_worker(ctx):
+    with WorkerPool(ctx, 2) as pool, pytest.raises(RuntimeError, match="_NeedsTwo: left right"):
+        pool.map(_raise_needs_two, range(3))
+    with WorkerPool(ctx, 2) as pool, pytest.raises(Exception, match="lambda") as info:
+        pool.map(_unpicklable, range(3))
+    assert not isinstance(info.value, WorkerDied)
+    with WorkerPool(ctx, 2, _failing_init) as pool, pytest.raises(OSError, match="no decoder"):
+        pool.map(_square, range(3))
+
+
+def test_one_slow_task_does_not_let_answers_pile_up(ctx):
+    """Answers wait for the slow task 0 in order; the tasks taken from the iterable stay
+    within AHEAD per worker meanwhile, not the whole input."""
+    taken = []
+
+    def tasks():
+        for x in range(200):
+            taken.append(x)
+            yield x
+
+    with WorkerPool(ctx, 2) as pool:
+        results = pool.imap(_slow_first, tasks())
+        assert next(results) == 0
+        assert len(taken) <= 2 * 2 + 1  # AHEAD x workers out, and the one pulled to see the end
+        assert list(results) == list(range(1, 200))
+
+
+def test_a_second_imap_while_one_runs_is_refused(ctx):
+    with WorkerPool(ctx, 2) as pool:
+        first = pool.imap(_square, range(10))
+        assert next(first) == 0
+        with pytest.raises(RuntimeError, match="already running"):
+            pool.map(_square, range(3))
+        assert list(first) == [x * x for x in range(1, 10)]
+        assert pool.map(_square, range(3)) == [0, 1, 4]  # free again once it ended
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_end_when_their_parent_is_killed(tmp_path, method):
+    """A forked worker inherits the parent's ends of the pipes: closed in the worker, the
+    parent's death ends the worker's pipe, and the worker exits."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, os, signal, sys, time\n"
+        "from mmcli.workerpool import WorkerPool\n"
+        "if __name__ == '__main__':\n"
+        f"    pool = WorkerPool(mp.get_context({method!r}), 2)\n"
+        "    print(*pool.pids, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    alive = [p for p in pids if _running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

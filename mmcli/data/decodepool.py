@@ -30,6 +30,7 @@ from mmcli.workerpool import WorkerPool
 
 def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
     tune_malloc()  # a forkserver's worker does not inherit the command's setting
 
 
