@@ -210,8 +210,8 @@ def test_preprocess_like_hf_and_timm_write_their_transforms_pixels(pipe, tmp_pat
     from PIL import Image
 
     from mmcli.data.image import preprocess_image_options
+    from mmcli.data.like import like as like_settings
     from mmcli.formats.tensorfile import TensorSet
-    from mmcli.models.adapters.like import like as like_settings
     from mmcli.preprocess import PreprocessConfig, preprocess
 
     if like == "hf":

@@ -246,8 +246,10 @@ def preprocess(
         from mmcli.preprocess import preprocess as run
 
         settings = None
-        if like:
-            settings = _like(like)
+        if like:  # plain open_clip:ARCH without torch; other specs import the model's library
+            from mmcli.data.like import like as like_settings
+
+            settings = like_settings(like)
         image = preprocess_image_options(settings, image_size=image_size, resize_mode=resize_mode,
                                          interpolation=interpolation, resize_size=resize_size)  # fmt: skip
         if like:
@@ -304,19 +306,3 @@ def _image_line(o: dict) -> str:
         f"{resize}, {o.get('interpolation', 'bicubic')}, {o['image_size']} px "
         f"({o.get('image_backend', 'mmcli')})"
     )
-
-
-def _like(spec: str) -> dict:
-    """--like's image settings. A built-in open_clip architecture is read from open_clip's
-    files without importing mmcli.models (which imports torch: 1 s here, and a preprocess
-    pool that is then a forkserver instead of a fork); anything else asks the adapters."""
-    from mmcli.data.model_transforms import open_clip_files_like
-
-    lib, _, arch = spec.strip().partition(":")
-    if lib == "open_clip" and arch and "," not in arch:
-        settings = open_clip_files_like(arch.strip())
-        if settings is not None:
-            return settings
-    from mmcli.models.adapters.like import like
-
-    return like(spec)

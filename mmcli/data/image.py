@@ -270,7 +270,7 @@ def image_options_of(config: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 def preprocess_image_options(like: dict[str, Any] | None = None, **given: Any) -> dict[str, Any]:
     """``PreprocessConfig`` image fields from a model's settings (``preprocess --like``,
-    :func:`mmcli.models.adapters.like.like`) and the flags given explicitly
+    :func:`mmcli.data.like.like`) and the flags given explicitly
     (``image_size``, ``resize_mode``, ``interpolation``, ``resize_size``; None = not given),
     which override the model's. Without ``like``: mmcli's own resize, unless a flag asks
     for what it does not do (then torchvision's, on PIL images)."""

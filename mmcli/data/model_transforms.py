@@ -1,5 +1,5 @@
 """A pretrained model's image transform config as mmcli image settings (``preprocess --like``,
-:func:`mmcli.models.adapters.like.like`).
+by spec: :func:`mmcli.data.like.like`).
 
     open_clip_like(preprocess_cfg)   # {"image_size": 224, "resize_mode": "shortest",
                                      #  "interpolation": "bicubic", "backend": "torchvision-pil", ...}

@@ -72,7 +72,7 @@ def test_like_open_clip_reads_its_files_the_same_as_importing_it():
     assert open_clip_files_like("no-such-arch") is None
     assert open_clip_files_like("../model_configs/ViT-B-32") is None  # names only, no paths
     code = (
-        "import sys; from mmcli.models.adapters.like import like; "
+        "import sys; from mmcli.data.like import like; "
         "print(like('open_clip:ViT-B-32')['image_size'], 'open_clip' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -88,7 +88,7 @@ def test_preprocess_like_open_clip_imports_no_torch(tmp_path):
 
     from PIL import Image
 
-    from mmcli.models.adapters.like import like
+    from mmcli.data.like import like
 
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "a.jpg")
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "image": "a.jpg"}) + "\n")
