@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import queue
+import signal
 import threading
 import traceback
 from collections import deque
@@ -38,9 +39,13 @@ class WorkerDied(RunFailure):
 def _serve(conn: Any, initializer: Callable[[], None] | None, inherited: list) -> None:
     """A worker: run ``(fn, task)`` jobs from ``conn`` in order, answer ``(ok, value)``.
     ``inherited``: (fork) the parent's ends of the pipes, closed first, or the parent's
-    death would never reach the reader as the end of its pipe."""
+    death would never reach the reader as the end of its pipe. Signals are the parent's:
+    Ctrl-C reaches the whole process group and the parent stops the pool, and SIGTERM (the
+    pool's close) ends the worker even when it forked from a command with a handler."""
     for c in inherited:
         c.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     failed = None  # an initializer that raised: every job is answered with its error
     try:
         if initializer is not None:
@@ -59,10 +64,9 @@ def _serve(conn: Any, initializer: Callable[[], None] | None, inherited: list) -
     while (job := inbox.get()) is not None:
         fn, task = job
         try:
-            if failed is not None:
-                raise failed
-            data = ForkingPickler.dumps((True, fn(task)))  # an answer that cannot pickle
-        except Exception as e:  # is an error too; the parent raises it
+            answer = (True, fn(task)) if failed is None else (False, failed)
+            data = ForkingPickler.dumps(answer)  # an answer that cannot pickle is an
+        except Exception as e:  # error too; the parent raises it
             data = ForkingPickler.dumps((False, _portable(e)))
         try:
             conn.send_bytes(data)
@@ -76,8 +80,7 @@ def _portable(e: Exception) -> Exception:
     other arguments than its ``args`` pickles, and fails in the parent)."""
     text = "".join(traceback.format_exception(e)).rstrip()
     try:
-        if not any(note.startswith("in a worker process:") for note in getattr(e, "__notes__", ())):
-            e.add_note(f"in a worker process:\n{text}")
+        e.add_note(f"in a worker process:\n{text}")
         return pickle.loads(pickle.dumps(e))
     except Exception:
         return RuntimeError(f"in a worker process:\n{text}")

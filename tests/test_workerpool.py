@@ -190,3 +190,22 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_take_signals_as_the_pool_sets_them():
+    """A forked worker inherits the parent's handlers: a SIGTERM handler that raises (the
+    command line's) would turn close()'s SIGTERM into a traceback in the worker; the pool
+    restores the default, so close() ends each worker by the signal itself."""
+
+    def raising(signum, frame):
+        raise RuntimeError("the command line's handler")
+
+    before = signal.signal(signal.SIGTERM, raising)
+    try:
+        pool = WorkerPool(mp.get_context("fork"), 2)
+        assert pool.map(_square, range(4)) == [0, 1, 4, 9]
+        procs = list(pool._procs)
+        pool.close()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert [p.exitcode for p in procs] == [-signal.SIGTERM] * 2

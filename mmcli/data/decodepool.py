@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
@@ -26,13 +25,6 @@ from mmcli.cpu import tune_malloc
 from mmcli.data.encoded import decode_batch, transform_of
 from mmcli.runtime import worker_context
 from mmcli.workerpool import WorkerPool
-
-
-def _init_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
-    tune_malloc()  # a forkserver's worker does not inherit the command's setting
-
 
 _ATTACHED: dict[str, Any] = {}  # in a worker: the Decoder's output buffer, by name
 
@@ -86,7 +78,8 @@ class Decoder:
         # the workers share this process's tracker of the shared buffer (one of their own
         # would unlink it, as leaked, when a worker exits)
         resource_tracker.ensure_running()
-        return WorkerPool(ctx, self.workers, initializer=_init_worker)
+        # a forkserver's worker does not inherit the command's allocator setting
+        return WorkerPool(ctx, self.workers, initializer=tune_malloc)
 
     def _start_in_background(self, ctx) -> None:
         with contextlib.suppress(Exception):  # (if it fails, _pool_or_none retries and raises)

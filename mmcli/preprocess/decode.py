@@ -127,8 +127,6 @@ def _die_with_parent() -> None:
 
 def init_worker() -> None:
     """Pool initializer (see the module docstring)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
     video.DECODE_THREADS = 1  # the pool is the parallelism
     tune_malloc()  # a forkserver's worker does not inherit the command's setting
     _die_with_parent()
