@@ -147,16 +147,13 @@ class ScoringPass:
         time here (no fresh tensor per chunk, and torch's direct float16 -> bfloat16 copy
         is not vectorised)."""
         n, d = x.shape
-        if self.bbuf is None or self.bbuf.shape[0] < n or self.bbuf.shape[1] != d:
-            self.bbuf = torch.empty((n, d), dtype=torch.bfloat16)
-        out = self.bbuf[:n]
+        out = self._reused("bbuf", n, d, torch.bfloat16)
         if x.dtype == torch.float32:
             return out.copy_(x)
-        if self.buf is None or self.buf.shape[0] < PIECE or self.buf.shape[1] != d:
-            self.buf = torch.empty((PIECE, d), dtype=torch.float32)
+        scratch = self._reused("buf", PIECE, d, torch.float32)
         for start in range(0, n, PIECE):
             stop = min(start + PIECE, n)
-            out[start:stop].copy_(self.buf[: stop - start].copy_(x[start:stop]))
+            out[start:stop].copy_(scratch[: stop - start].copy_(x[start:stop]))
         return out
 
     def _float32(self, x):
@@ -164,11 +161,16 @@ class ScoringPass:
         float32 tensor per chunk costs several times the copy (page faults)."""
         if x.dtype == torch.float32:
             return x
-        if self.buf is None or self.buf.shape[0] < x.shape[0] or self.buf.shape[1] != x.shape[1]:
-            self.buf = torch.empty(x.shape, dtype=torch.float32)
-        out = self.buf[: x.shape[0]]
-        out.copy_(x)
-        return out
+        return self._reused("buf", *x.shape, torch.float32).copy_(x)
+
+    def _reused(self, attr: str, rows: int, dim: int, dtype):
+        """The first ``rows`` rows of the CPU buffer ``self.<attr>``, grown when too small
+        (a pass is of one mode: its buffers keep one use)."""
+        buf = getattr(self, attr)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != dim:
+            buf = torch.empty((rows, dim), dtype=dtype)
+            setattr(self, attr, buf)
+        return buf[:rows]
 
 
 # ------------------------------------------------------------------- the bounds
