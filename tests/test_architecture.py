@@ -28,7 +28,7 @@ MAX_FUNCTION_LINES = 80
 # the packages (and top-level modules) of mmcli by layer, bottom first ("mmcli": the
 # package's own __init__, its version)
 LAYERS: list[set[str]] = [
-    {"mmcli", "errors", "modalities", "progress", "runtime", "cpu", "workerpool"},
+    {"mmcli", "errors", "modalities", "progress", "runtime", "cpu", "onednn", "workerpool"},
     {"formats"},
     {"data", "models", "plots"},
     {"preprocess", "extract", "train", "evaluate", "search", "overview", "generate"},

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmcli import onednn
 from mmcli.errors import BadInput
 from mmcli.formats.manifest import load_manifest_index, locate_manifest
 from mmcli.formats.tensorfile import TensorSet, open_tensors, where_paths
@@ -105,13 +106,14 @@ class Captioner:
         """Caption source rows ``x`` (as the shards store them), in batches."""
         out: list[Generated] = []
         enc = self.model.encoders[self.source]
-        for start in range(0, len(x), self.batch_size):
-            rows = x[start : start + self.batch_size].to(self.device)
-            if self.decoder.config.kind == "attention":
-                memory = self.decoder.memory(*enc.forward_tokens(rows))
-            else:
-                memory = self.decoder.memory(enc(rows))
-            out.extend(generate(self.decoder, memory, self.opts))
+        with onednn.linear(self.device):  # fp32 CPU products through oneDNN (mmcli.onednn)
+            for start in range(0, len(x), self.batch_size):
+                rows = x[start : start + self.batch_size].to(self.device)
+                if self.decoder.config.kind == "attention":
+                    memory = self.decoder.memory(*enc.forward_tokens(rows))
+                else:
+                    memory = self.decoder.memory(enc(rows))
+                out.extend(generate(self.decoder, memory, self.opts))
         return out
 
     def text(self, g: Generated) -> str:

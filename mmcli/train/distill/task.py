@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcli import onednn
 from mmcli.errors import BadInput
 from mmcli.models.multimodal import MultimodalModel
 from mmcli.train import objectives as obj
@@ -95,7 +96,8 @@ class DistillTask(JointTask):
         """{m: raw projected embedding [K*B, D]}, {m: (tokens, mask)} (when fusion needs them)."""
         raw, toks = {}, {}
         t = self.teacher
-        with torch.no_grad():
+        dev = next(t.parameters()).device
+        with torch.no_grad(), onednn.linear(dev):  # (fp32 CPU products only, see mmcli.onednn)
             for m in modalities:
                 key = f"teacher.{m}"
                 if key in batch.data:
