@@ -18,10 +18,12 @@
    batch, the features saved with ``numpy.save``; timed in one process from model
    construction to the saved file.
 
-   The loop runs twice: as written, and at its best configuration, with the allocator
+   The loop runs three times: as written; at its best configuration, with the allocator
    setting mmcli's command line makes for itself (glibc's ``GLIBC_TUNABLES`` mmap and trim
-   thresholds at 1 GiB, what ``mmcli.cpu.tune_malloc`` sets with mallopt), so that the
-   ratio against the tuned loop counts only what the rest of mmcli does.
+   thresholds at 1 GiB, what ``mmcli.cpu.tune_malloc`` sets with mallopt); and tuned with
+   mmcli's float32 products as well (``mmcli.onednn.linear()`` around ``encode_image``:
+   oneDNN where it is measured faster than torch's BLAS), so that the ratio against that
+   last loop counts only what the rest of mmcli (its pipeline) does.
 
 Both at fp32, the same batch size, the same torch thread count; the order alternates over
 ``--repeats`` (median). Goal (issue 11): mmcli >= 1.0x the loop. Prints one JSON object
@@ -122,7 +124,13 @@ class Files(torch.utils.data.Dataset):
 
 loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=2)
 feats = []
-with torch.no_grad():
+if len(sys.argv) > 4:  # mmcli's oneDNN products for fp32 CPU linear layers (mmcli.onednn)
+    from mmcli import onednn
+    products = onednn.linear()
+else:
+    import contextlib
+    products = contextlib.nullcontext()
+with torch.no_grad(), products:
     for x in loader:
         feats.append(model.encode_image(x).numpy())
 np.save(out, np.concatenate(feats))
@@ -130,19 +138,28 @@ print(time.perf_counter() - start)
 """
 
 
+#: the tuned loop with mmcli's oneDNN products as well: what is left is the pipeline's share
+LOOP_ONEDNN = "loop_tuned_malloc_onednn"
+
 #: glibc's equivalent of mmcli.cpu.tune_malloc, for the loop at its best
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 
 
-def run_loop(photos: Path, work: Path, batch: int, tuned: bool = False) -> float:
-    """clip-retrieval's loop in a process of its own (as a user runs it)."""
+def run_loop(
+    photos: Path, work: Path, batch: int, tuned: bool = False, products: bool = False
+) -> float:
+    """clip-retrieval's loop in a process of its own (as a user runs it); ``tuned``: with
+    mmcli's allocator setting; ``products``: and with mmcli's oneDNN linear layers."""
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **({"GLIBC_TUNABLES": TUNED_MALLOC} if tuned else {})}
+    env["PYTHONPATH"] = str(ROOT)
     log("$ python -c <PIL + open_clip preprocess, DataLoader(num_workers=2), encode_image>"
-        + (f" with GLIBC_TUNABLES={TUNED_MALLOC}" if tuned else ""))  # fmt: skip
+        + (f" with GLIBC_TUNABLES={TUNED_MALLOC}" if tuned else "")
+        + (" and mmcli.onednn.linear()" if products else ""))  # fmt: skip
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", LOOP, str(photos), str(work / "feats.npy"), str(batch)],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    argv = [sys.executable, "-c", LOOP, str(photos), str(work / "feats.npy"), str(batch)]
+    r = subprocess.run(argv + (["onednn"] if products else []), capture_output=True, text=True,
+                       env=env)  # fmt: skip
     if r.returncode:
         sys.stderr.write(r.stderr)
         raise SystemExit("the open_clip loop failed")
@@ -164,14 +181,14 @@ def main() -> None:
         write_photos(tmp / "photos", args.images)
         log(f"  {time.perf_counter() - t0:.1f} s")
         stores = [s.strip() for s in args.store.split(",") if s.strip()]
-        names = [f"mmcli_{s}" for s in stores] + ["loop", "loop_tuned_malloc"]
+        names = [f"mmcli_{s}" for s in stores] + ["loop", "loop_tuned_malloc", LOOP_ONEDNN]
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.repeats):
             for name in names if r % 2 == 0 else names[::-1]:
                 if name.startswith("loop"):
-                    tuned = name == "loop_tuned_malloc"
+                    tuned, products = name != "loop", name == LOOP_ONEDNN
                     times[name].append(
-                        run_loop(tmp / "photos", tmp / "loop", args.batch_size, tuned)
+                        run_loop(tmp / "photos", tmp / "loop", args.batch_size, tuned, products)
                     )
                 else:
                     store = name.removeprefix("mmcli_")
@@ -187,12 +204,15 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "open_clip_dataloader_loop_images_per_s": round(rate["loop"], 2),
             "loop_tuned_malloc_images_per_s": round(rate["loop_tuned_malloc"], 2),
+            f"{LOOP_ONEDNN}_images_per_s": round(rate[LOOP_ONEDNN], 2),
         }
         for s in stores:
             out[f"mmcli_{s}_images_per_s"] = round(rate[f"mmcli_{s}"], 2)
             out[f"ratio_mmcli_{s}_vs_loop"] = round(rate[f"mmcli_{s}"] / rate["loop"], 2)
             best = rate[f"mmcli_{s}"] / rate["loop_tuned_malloc"]
             out[f"ratio_mmcli_{s}_vs_loop_tuned_malloc"] = round(best, 2)
+            same = rate[f"mmcli_{s}"] / rate[LOOP_ONEDNN]
+            out[f"ratio_mmcli_{s}_vs_{LOOP_ONEDNN}"] = round(same, 2)
         out["seconds"] = {k: [round(x, 1) for x in v] for k, v in times.items()}
         out["loop_features"] = list(a.shape)
         print(json.dumps(out, indent=2))
