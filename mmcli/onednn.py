@@ -19,8 +19,18 @@ torch call, paid only inside the context.
 When to use it is measured once per process (:func:`choice`): one 128x1024x1024 product
 each way, and oneDNN must be at least 1.25x faster and agree to float32 rounding. The
 ``MMCLI_CPU_LINEAR`` environment variable (``onednn``, ``blas``, ``auto``) overrides the
-measurement. Anything else runs as torch would: gradients, autocast, other dtypes and
-devices, and the attention variants it does not cover (need_weights, bias_k, ...).
+measurement. Anything else runs as torch would: gradients (but not forward-mode AD: a
+dual tensor's tangent is lost here, so use it outside this context), autocast, other dtypes, devices and layouts, a
+bias oneDNN cannot read (broadcast, strided), and the attention calls it does not cover
+(need_weights, bias_k, unbatched or empty inputs, shapes torch would refuse).
+
+Any TorchFunctionMode turns off torch's native "fast path" of ``nn.MultiheadAttention``
+and ``nn.TransformerEncoderLayer``, so inside the context those run torch's general path,
+whose results are the same (measured equal with the fast path disabled), except where the
+fast path differs from it by design: nested-tensor inputs (not accepted), padded positions
+of ``nn.TransformerEncoder(enable_nested_tensor=True)`` (0 on the fast path, computed
+values here; mmcli's encoders set it False), ``is_causal=True`` without a mask (an error
+here, as on torch's general path).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ def linear(device: Any = "cpu") -> contextlib.AbstractContextManager:
     """A context in which float32 CPU linear layers that need no gradient run through
     oneDNN, where :func:`choice` says it is faster; a null context otherwise (and on any
     device other than the CPU)."""
-    if getattr(device, "type", device) != "cpu" or not choice():
+    if str(getattr(device, "type", device)).split(":")[0] != "cpu" or not choice():
         return contextlib.nullcontext()
     return _OneDNN()
 
@@ -61,33 +71,37 @@ def _decide() -> bool:
     if wanted not in ("onednn", "auto"):
         log.warning("%s=%s: expected onednn, blas or auto; measuring (auto)", ENV, wanted)
         wanted = "auto"
-    try:
-        faster = _measure()
+    import torch
+
+    try:  # (measured in float32 whatever context the first call comes from)
+        with torch.autocast("cpu", enabled=False), torch.inference_mode():
+            return _measure(timed=wanted == "auto")
     except Exception as e:  # no oneDNN in this build of torch, or the op changed
         log.debug("oneDNN linear unavailable: %s", e)
         return False
-    return True if wanted == "onednn" else faster
 
 
-def _measure(m: int = 128, k: int = 1024, n: int = 1024, repeats: int = 5) -> bool:
-    """True when oneDNN's product agrees with torch's and is >= 1.25x faster (medians)."""
+def _measure(m: int = 128, k: int = 1024, n: int = 1024, repeats: int = 5, timed=True) -> bool:
+    """True when oneDNN's product agrees with torch's and (``timed``) is >= 1.25x faster
+    (medians)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen)
-    with torch.inference_mode():
-        ref = torch.nn.functional.linear(x, w, b)
-        got = _dnn(x, w, b)
-        if not torch.allclose(got, ref, rtol=1e-4, atol=1e-3):
-            log.debug("oneDNN linear disagrees with torch's: not used")
-            return False
-        times: dict[str, list[float]] = {"blas": [], "onednn": []}
-        for _ in range(repeats):  # interleaved: the host's noise falls on both
-            for name, f in (("blas", torch.nn.functional.linear), ("onednn", _dnn)):
-                t = time.perf_counter()
-                f(x, w, b)
-                times[name].append(time.perf_counter() - t)
+    ref = torch.nn.functional.linear(x, w, b)
+    got = _dnn(x, w, b)
+    if not torch.allclose(got, ref, rtol=1e-4, atol=1e-3):
+        log.debug("oneDNN linear disagrees with torch's: not used")
+        return False
+    if not timed:
+        return True
+    times: dict[str, list[float]] = {"blas": [], "onednn": []}
+    for _ in range(repeats):  # interleaved: the host's noise falls on both
+        for name, f in (("blas", torch.nn.functional.linear), ("onednn", _dnn)):
+            t = time.perf_counter()
+            f(x, w, b)
+            times[name].append(time.perf_counter() - t)
     blas, dnn = (sorted(times[s])[repeats // 2] for s in ("blas", "onednn"))
     log.debug("fp32 linear %dx%dx%d: torch %.2f ms, oneDNN %.2f ms", m, k, n, blas * 1e3, dnn * 1e3)
     return dnn * 1.25 <= blas
@@ -106,13 +120,17 @@ def _takes(x, w, b) -> bool:
     tensors = (x, w) if b is None else (x, w, b)
     if any(not isinstance(t, torch.Tensor) for t in tensors):
         return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided
+           or t.is_nested for t in tensors):  # fmt: skip
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    return w.dim() == 2 and w.is_contiguous() and x.dim() >= 1 and x.numel() > 0
+    if w.dim() != 2 or not w.is_contiguous() or x.dim() < 1 or x.numel() == 0:
+        return False
+    # oneDNN reads a bias as N packed floats: anything else (broadcast, strided) is torch's
+    return b is None or (b.dim() == 1 and b.shape[0] == w.shape[0] and b.is_contiguous())
 
 
 def _linear(input, weight, bias=None):  # F.linear's names: callers may pass them by keyword
@@ -129,7 +147,7 @@ def _mask(mask, dtype):
 
     if mask is None or mask.is_floating_point():
         return mask
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 def _attention(query, key, value, embed_dim, heads, in_w, in_b, bias_k, bias_v, zero_attn,
@@ -144,9 +162,10 @@ def _attention(query, key, value, embed_dim, heads, in_w, in_b, bias_k, bias_v, 
 
     if (need_weights or bias_k is not None or bias_v is not None or zero_attn
             or static_k is not None or static_v is not None or (training and dropout_p > 0)
-            or query.dim() != 3 or (is_causal and (attn_mask is None or key_padding_mask is not None))
-            or query.dtype != torch.float32):  # fmt: skip
-        return None
+            or (is_causal and (attn_mask is None or key_padding_mask is not None))
+            or query.dtype != torch.float32 or query.device.type != "cpu"
+            or not _well_formed(query, key, value, embed_dim, heads, key_padding_mask, attn_mask)):  # fmt: skip
+        return None  # torch's own path (which also raises torch's own errors)
     tgt, bsz, e = query.shape
     src, hd = key.shape[0], e // heads
     if use_separate_proj_weight:
@@ -173,6 +192,21 @@ def _attention(query, key, value, embed_dim, heads, in_w, in_b, bias_k, bias_v, 
     out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal and mask is None)
     out = out.permute(2, 0, 1, 3).reshape(tgt * bsz, e)
     return _linear(out, out_w, out_b).view(tgt, bsz, -1), None
+
+
+def _well_formed(query, key, value, embed_dim, heads, key_padding_mask, attn_mask) -> bool:
+    """Batched, non-empty, and every shape as torch's attention checks it."""
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3 or not isinstance(embed_dim, int):
+        return False
+    tgt, bsz, e = query.shape
+    src = key.shape[0]
+    if e != embed_dim or e % heads or key.shape[:2] != value.shape[:2] or key.shape[1] != bsz:
+        return False
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return False
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (bsz, src):
+        return False
+    return attn_mask is None or tuple(attn_mask.shape) in ((tgt, src), (bsz * heads, tgt, src))
 
 
 def _part(w, b, i: int, e: int):

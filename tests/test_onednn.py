@@ -51,9 +51,20 @@ def test_linear_layers_match_torch(calls):
     assert _rel(got_kw, x @ lin.weight.t()) < 1e-5
 
 
+def test_a_bias_onednn_cannot_read_is_torchs(calls):
+    torch.manual_seed(3)
+    x, w = torch.randn(5, 4), torch.randn(3, 4)
+    strided = torch.randn(3, 2)[:, 0]  # stride 2: oneDNN would read the wrong floats
+    with torch.inference_mode(), onednn.linear():
+        for b in (strided, torch.tensor(0.5), torch.randn(1), torch.randn(5, 3)):
+            assert _rel(F.linear(x, w, b), x @ w.t() + b) < 1e-6
+    assert calls[0] == 0
+
+
 def _attention_case(kind: str, batch_first: bool):
     kv_dim = 24 if kind == "separate" else None
-    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kv_dim, vdim=kv_dim).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kv_dim, vdim=kv_dim,
+                                bias=kind != "no_bias").eval()  # fmt: skip
     q = torch.randn(3, 10, 32)
     kv = {"cross": torch.randn(3, 12, 32), "separate": torch.randn(3, 12, 24)}.get(kind, q)
     if not batch_first:
@@ -64,8 +75,12 @@ def _attention_case(kind: str, batch_first: bool):
         kw["attn_mask"] = torch.full((L, S), float("-inf")).triu(1)
     if kind == "boolean":
         kw["attn_mask"] = torch.ones(L, S, dtype=torch.bool).triu(1)
-    if kind == "padding":
+    if kind in ("padding", "padding_and_mask"):
         kw["key_padding_mask"] = torch.tensor([[False] * 8 + [True] * 2] * 3)
+    if kind == "padding_and_mask":
+        kw["attn_mask"] = torch.ones(L, S, dtype=torch.bool).triu(1)
+    if kind == "per_head_mask":  # 3-D: one mask per batch row and head
+        kw["attn_mask"] = torch.randn(3 * 4, L, S)
     if kind == "is_causal":
         kw["attn_mask"], kw["is_causal"] = nn.Transformer.generate_square_subsequent_mask(L), True
     value = kv.clone() if kind == "cross" else kv  # key and value apart
@@ -74,8 +89,10 @@ def _attention_case(kind: str, batch_first: bool):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize(
-    "kind", ["self", "causal", "boolean", "padding", "is_causal", "cross", "separate"]
-)
+    "kind",
+    ["self", "causal", "boolean", "padding", "padding_and_mask", "per_head_mask", "is_causal",
+     "cross", "separate", "no_bias"],
+)  # fmt: skip
 def test_multihead_attention_matches_torch(calls, kind, batch_first):
     torch.manual_seed(1)
     mha, args, kw = _attention_case(kind, batch_first)
@@ -105,11 +122,31 @@ def test_what_it_does_not_cover_runs_as_torch_would(calls):
     assert weights is not None and out.shape == (1, 4, 16)
 
 
+def test_empty_and_malformed_attention_is_torchs(calls):
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        with onednn.linear():  # empty batch, empty sequence: torch's empty results
+            assert mha(x[:0], x[:0], x[:0], need_weights=False)[0].shape == (0, 5, 16)
+            assert mha(x[:, :0], x[:, :0], x[:, :0], need_weights=False)[0].shape == (2, 0, 16)
+        bad = [{"key_padding_mask": torch.zeros(5, 2, dtype=torch.bool)},  # (L, N): wrong
+               {"attn_mask": torch.zeros(1, 25)}]  # fmt: skip
+        for kw in bad:
+            with pytest.raises((RuntimeError, AssertionError)):
+                mha(x, x, x, need_weights=False, **kw)
+            with pytest.raises((RuntimeError, AssertionError)), onednn.linear():
+                mha(x, x, x, need_weights=False, **kw)  # refused as torch refuses it
+    assert calls[0] == 0
+
+
 def test_the_choice_follows_the_environment(monkeypatch):
     for value, want in (("blas", False), ("onednn", True)):
         monkeypatch.setattr(onednn, "_CHOICE", [])
         monkeypatch.setenv(onednn.ENV, value)
         assert onednn.choice() is want
+    monkeypatch.setattr(onednn, "_CHOICE", [])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # first asked under autocast
+        assert onednn.choice() is True
     monkeypatch.setattr(onednn, "_CHOICE", [])
     monkeypatch.setenv(onednn.ENV, "fast")
     assert onednn.choice() in (True, False)  # measured, with a warning
@@ -117,13 +154,13 @@ def test_the_choice_follows_the_environment(monkeypatch):
     assert not isinstance(onednn.linear(), onednn._OneDNN)
     monkeypatch.setattr(onednn, "_CHOICE", [True])
     assert not isinstance(onednn.linear(torch.device("cuda")), onednn._OneDNN)
+    assert isinstance(onednn.linear("cpu:0"), onednn._OneDNN)
 
 
 def test_an_open_clip_model_gives_the_same_embeddings(calls, tmp_path):
     pytest.importorskip("open_clip")
     import open_clip
-
-    from tests.pretrained_models import open_clip_model
+    from pretrained_models import open_clip_model
 
     open_clip_model(tmp_path)
     model = open_clip.create_model("tiny-clip").eval()

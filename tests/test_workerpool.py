@@ -205,6 +205,10 @@ def test_workers_take_signals_as_the_pool_sets_them():
         pool = WorkerPool(mp.get_context("fork"), 2)
         assert pool.map(_square, range(4)) == [0, 1, 4, 9]
         procs = list(pool._procs)
+        for p in procs:  # what close() sends (close() itself first closes the pipes, and
+            p.terminate()  # a worker may see their end and exit 0 before the signal lands)
+        for p in procs:
+            p.join(timeout=10)
         pool.close()
     finally:
         signal.signal(signal.SIGTERM, before)
