@@ -248,10 +248,19 @@ def distributed(device) -> Iterator[DistInfo]:
         owned = True
     try:
         yield info
-    finally:
+    except BaseException:
         if owned:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        raise
+    if owned:
+        # every rank tears the group down together: a rank that destroyed its gloo group
+        # while another still worked was seen to abort ("terminate called without an
+        # active exception", SIGABRT) in CI
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device=None) -> list[float]:
