@@ -193,3 +193,11 @@ def test_extract_enters_the_context(toy_tensors, tmp_path, calls):
     extract(toy_tensors, tmp_path / "f", encoders={"text": "transformer:width=64,depth=2"},
             device="cpu")  # fmt: skip
     assert calls[0] > 0
+
+
+def test_exact_searchs_float32_product(calls):
+    torch.manual_seed(4)
+    rows, queries = torch.randn(300, 64), torch.randn(7, 64)
+    got = onednn.product(rows, queries)
+    assert calls[0] == 1 and got.shape == (300, 7)
+    assert _rel(got, rows @ queries.T) < 1e-5
