@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_search import cpu_line  # noqa: E402  (this folder is on sys.path)
 
 from mmcli import onednn  # noqa: E402
 
@@ -140,16 +141,6 @@ def whole(names: list[str], batch: int, repeats: int) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -162,7 +153,7 @@ def main() -> None:
     log("whole models:")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     result = {
-        "cpu": cpu_name(),
+        "cpu": cpu_line(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "batch_size": args.batch_size,

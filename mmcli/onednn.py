@@ -53,7 +53,7 @@ def linear(device: Any = "cpu") -> contextlib.AbstractContextManager:
     device other than the CPU)."""
     if str(getattr(device, "type", device)).split(":")[0] != "cpu" or not choice():
         return contextlib.nullcontext()
-    return _OneDNN()
+    return _mode_class()()  # a TorchFunctionMode: a context of its own
 
 
 def choice() -> bool:
@@ -249,14 +249,3 @@ def _mode_class() -> type:
 
     _MODE.append(Mode)
     return Mode
-
-
-class _OneDNN:
-    """The context :func:`linear` returns."""
-
-    def __enter__(self):
-        self._mode = _mode_class()()
-        return self._mode.__enter__()
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)

@@ -168,11 +168,9 @@ def autocast(device, precision: str, training: bool = False):
     import torch
 
     if precision == "fp32":
-        if not training and getattr(device, "type", device) == "cpu":
-            from mmcli import onednn
+        from mmcli import onednn
 
-            return onednn.linear(device)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext() if training else onednn.linear(device)
     if device.type == "cuda":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
@@ -246,21 +244,20 @@ def distributed(device) -> Iterator[DistInfo]:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         owned = True
+    finished = False
     try:
         yield info
-    except BaseException:
+        finished = True
+    finally:
         if owned:
+            # on success every rank tears the group down together: a rank that destroyed
+            # its gloo group while another still worked was seen to abort ("terminate
+            # called without an active exception", SIGABRT) in CI; on an error at once
+            if finished:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-        raise
-    if owned:
-        # every rank tears the group down together: a rank that destroyed its gloo group
-        # while another still worked was seen to abort ("terminate called without an
-        # active exception", SIGABRT) in CI
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device=None) -> list[float]:
